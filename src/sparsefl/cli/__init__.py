@@ -1,0 +1,1 @@
+"""The ``sparsefl`` command line."""

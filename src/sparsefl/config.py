@@ -1,0 +1,363 @@
+"""Typed, frozen experiment configuration: TOML file + dotted ``--set`` overrides + validation.
+
+The configuration is a tree of frozen dataclasses. Each field's type is enforced and its range
+or allowed names come from the field's metadata (``ge``, ``gt``, ``le``, ``lt``) or from a
+``Literal`` type or a registry. The ``method`` section is polymorphic: ``method.name`` selects a
+registered method whose own config dataclass (a subclass of :class:`MethodConfig`) validates the
+rest of the section. Every problem raises :class:`~sparsefl.errors.ConfigError` naming the
+dotted key, the value and what is allowed, before any work starts.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import hashlib
+import json
+import tomllib
+import types
+import typing
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Union
+
+from sparsefl.errors import ConfigError
+from sparsefl.registry import CODECS, DATASETS, METHODS, MODELS, PARTITIONERS, Registry
+
+
+def opt(default: Any, help: str = "", **rules: Any) -> Any:
+    """A dataclass field with a default, a help text and validation rules.
+
+    Rules: ``ge``, ``gt``, ``le``, ``lt`` (numeric bounds), ``registry`` (a Registry whose names
+    are the allowed values), ``each`` (bounds applied to every element of a tuple).
+    """
+    if isinstance(default, (list, dict, set)):
+        raise TypeError("mutable defaults are not allowed; use a tuple")
+    return field(default=default, metadata={"help": help, **rules})
+
+
+# --------------------------------------------------------------------------------------------------
+# Sections
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class DataConfig:
+    """Where the data comes from and how it is split among clients."""
+
+    name: str = opt("digits", "dataset", registry=DATASETS)
+    partition: str = opt("dirichlet", "how samples are split among clients", registry=PARTITIONERS)
+    alpha: float = opt(0.5, "Dirichlet concentration (smaller = more skewed)", gt=0)
+    min_samples: int = opt(10, "Dirichlet: resample until every client has at least this many", ge=1)
+    shards_per_client: int = opt(2, "shards: label-sorted shards per client", ge=1)
+    dir: str | None = opt(None, "folder holding the dataset files (fashion-mnist, cifar, npz)")
+    val_fraction: float = opt(0.0, "fraction of each client's data kept as its validation split", ge=0, lt=1)
+    test_fraction: float = opt(
+        0.2, "held-out test fraction for datasets without a test split (digits, synthetic)", gt=0, lt=1
+    )
+    partition_seed: int | None = opt(None, "seed of the partition (default: the run seed)")
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """Which network; input shape and class count come from the data."""
+
+    name: str = opt("cnn", "model architecture", registry=MODELS)
+    width: float = opt(1.0, "channel-width multiplier", gt=0)
+
+
+@dataclass(frozen=True)
+class FederationConfig:
+    """The server round loop."""
+
+    num_clients: int = opt(20, "clients in the federation", ge=1)
+    clients_per_round: int = opt(10, "clients sampled each round", ge=1)
+    rounds: int = opt(30, "communication rounds", ge=1)
+    eval_every: int = opt(1, "evaluate the global model every k rounds (and after the last)", ge=1)
+    client_state: Literal["memory", "disk"] = opt("memory", "where per-client state lives between rounds")
+    min_clients: int = opt(1, "a round needs at least this many successful clients", ge=1)
+    client_timeout: float = opt(0.0, "seconds a client may take (0 = no limit)", ge=0)
+    max_round_retries: int = opt(3, "re-samples of a round that had too few successful clients", ge=0)
+
+
+@dataclass(frozen=True)
+class LocalConfig:
+    """The one local training loop (SGD)."""
+
+    epochs: int = opt(1, "local epochs per round (ignored when steps > 0)", ge=1)
+    steps: int = opt(0, "local SGD steps per round (0 = use epochs)", ge=0)
+    batch_size: int = opt(32, "local mini-batch size", ge=1)
+    lr: float = opt(0.05, "local learning rate (at round 1)", gt=0)
+    lr_end: float | None = opt(None, "learning rate at the last round; exponential decay (None = constant)", gt=0)
+    momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
+    precision: Literal["fp32", "bf16"] = opt("fp32", "local training precision (bf16 = autocast)")
+
+
+@dataclass(frozen=True)
+class CommConfig:
+    """Codecs for each link; every payload is encoded and its length is what is counted."""
+
+    up: str = opt("auto", "uplink codec", registry=CODECS)
+    down: str = opt("auto", "downlink codec", registry=CODECS)
+
+
+@dataclass(frozen=True)
+class MethodConfig:
+    """Options every method has. Methods subclass this with their own fields."""
+
+    name: str = opt("fedavg", "federated method", registry=METHODS)
+    sparsity: float = opt(0.0, "fraction of prunable weights removed", ge=0, lt=1)
+
+
+@dataclass(frozen=True)
+class ExperimentConfig:
+    """One experiment, fully resolved."""
+
+    seed: int = opt(0, "master seed; every random draw derives from it")
+    engine: Literal["embedded", "flower-sim", "flower-local"] = opt("embedded", "where clients run")
+    jobs: int = opt(1, "worker processes for client training (embedded engine)", ge=1)
+    data: DataConfig = field(default_factory=DataConfig)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    federation: FederationConfig = field(default_factory=FederationConfig)
+    local: LocalConfig = field(default_factory=LocalConfig)
+    method: MethodConfig = field(default_factory=MethodConfig)
+    comm: CommConfig = field(default_factory=CommConfig)
+
+    def __post_init__(self) -> None:
+        f = self.federation
+        if f.clients_per_round > f.num_clients:
+            raise ConfigError(
+                "federation.clients_per_round",
+                f.clients_per_round,
+                f"at most federation.num_clients ({f.num_clients})",
+            )
+        if f.min_clients > f.clients_per_round:
+            raise ConfigError(
+                "federation.min_clients",
+                f.min_clients,
+                f"at most federation.clients_per_round ({f.clients_per_round})",
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Building and validating
+# --------------------------------------------------------------------------------------------------
+
+
+def _type_name(tp: Any) -> str:
+    origin = typing.get_origin(tp)
+    if origin is Literal:
+        return "one of: " + ", ".join(str(a) for a in typing.get_args(tp))
+    if origin in (Union, types.UnionType):
+        args = [a for a in typing.get_args(tp) if a is not type(None)]
+        return " or ".join(_type_name(a) for a in args) + " (or unset)"
+    if origin is tuple:
+        return f"a list of {_type_name(typing.get_args(tp)[0])}"
+    return {int: "an integer", float: "a number", str: "a string", bool: "true or false"}.get(
+        tp, getattr(tp, "__name__", str(tp))
+    )
+
+
+def _coerce(key: str, value: Any, tp: Any) -> Any:
+    """Check ``value`` against the annotation ``tp``; return it converted (int -> float, list -> tuple)."""
+    origin = typing.get_origin(tp)
+    if origin in (Union, types.UnionType):
+        args = typing.get_args(tp)
+        if value is None and type(None) in args:
+            return None
+        for a in args:
+            if a is type(None):
+                continue
+            try:
+                return _coerce(key, value, a)
+            except ConfigError:
+                pass
+        raise ConfigError(key, value, _type_name(tp))
+    if origin is Literal:
+        if value not in typing.get_args(tp):
+            raise ConfigError(key, value, _type_name(tp))
+        return value
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)):
+            raise ConfigError(key, value, _type_name(tp))
+        (inner, *_) = typing.get_args(tp)
+        return tuple(_coerce(key, v, inner) for v in value)
+    if tp is bool:
+        if not isinstance(value, bool):
+            raise ConfigError(key, value, "true or false")
+        return value
+    if tp is int:
+        if isinstance(value, bool) or not isinstance(value, int):
+            raise ConfigError(key, value, "an integer")
+        return value
+    if tp is float:
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(key, value, "a number")
+        return float(value)
+    if tp is str:
+        if not isinstance(value, str):
+            raise ConfigError(key, value, "a string")
+        return value
+    raise TypeError(f"unsupported config type {tp!r} for {key}")
+
+
+def _check_rules(key: str, value: Any, meta: Mapping[str, Any]) -> None:
+    if value is None:
+        return
+    reg: Registry[Any] | None = meta.get("registry")
+    if reg is not None and value not in reg:
+        raise ConfigError(key, value, "one of: " + ", ".join(reg.names()))
+    values = value if isinstance(value, tuple) else (value,)
+    bounds = []
+    for op, fn, word in (
+        ("ge", lambda v, b: v >= b, ">="),
+        ("gt", lambda v, b: v > b, ">"),
+        ("le", lambda v, b: v <= b, "<="),
+        ("lt", lambda v, b: v < b, "<"),
+    ):
+        if op in meta:
+            bounds.append((fn, meta[op], word))
+    for v in values:
+        if isinstance(v, (int, float)) and not isinstance(v, bool):
+            if v != v:  # NaN
+                raise ConfigError(key, value, "a finite number")
+            for fn, b, word in bounds:
+                if not fn(v, b):
+                    words = " and ".join(f"{w} {bb}" for _, bb, w in bounds)
+                    raise ConfigError(key, value, f"a number {words}")
+
+
+def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
+    """Build the dataclass ``cls`` from a nested mapping, validating every key.
+
+    The ``method`` section is resolved through the method registry: its ``name`` picks the
+    config class that validates the remaining keys.
+    """
+    if not isinstance(data, Mapping):
+        raise ConfigError(prefix.rstrip(".") or "<root>", data, "a table of keys")
+    hints = typing.get_type_hints(cls)
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = [k for k in data if k not in fields]
+    if unknown:
+        raise ConfigError(
+            prefix + unknown[0], data[unknown[0]], "known keys here: " + ", ".join(fields)
+        )
+    kwargs: dict[str, Any] = {}
+    for name, f in fields.items():
+        key = prefix + name
+        tp = hints[name]
+        if dataclasses.is_dataclass(tp):
+            sub = data.get(name, {})
+            if tp is MethodConfig or (isinstance(tp, type) and issubclass(tp, MethodConfig)):
+                tp = method_config_class(sub.get("name", MethodConfig.name) if isinstance(sub, Mapping) else None)
+            kwargs[name] = build(tp, sub, key + ".")
+            continue
+        if name not in data:
+            continue
+        value = _coerce(key, data[name], tp)
+        _check_rules(key, value, f.metadata)
+        kwargs[name] = value
+    try:
+        return cls(**kwargs)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError) as e:  # a section's own __post_init__ check
+        raise ConfigError(prefix.rstrip(".") or "<root>", data, str(e)) from None
+
+
+def method_config_class(name: Any) -> type[MethodConfig]:
+    """The config dataclass registered for method ``name`` (ConfigError if unknown)."""
+    if not isinstance(name, str):
+        raise ConfigError("method.name", name, "one of: " + ", ".join(METHODS.names()))
+    entry = METHODS.entry(name)
+    return entry.config_cls or MethodConfig
+
+
+def parse_override(item: str) -> tuple[str, Any]:
+    """Parse one ``key=value`` override; the value is read as TOML, else taken as a string."""
+    if "=" not in item:
+        raise ConfigError(item, None, "an override of the form key=value (e.g. data.alpha=0.1)")
+    key, raw = item.split("=", 1)
+    key = key.strip()
+    if not key or any(not part for part in key.split(".")):
+        raise ConfigError(item, None, "a dotted key such as federation.rounds")
+    raw = raw.strip()
+    try:
+        value = tomllib.loads(f"v = {raw}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = raw
+    return key, value
+
+
+def merge_override(tree: dict[str, Any], key: str, value: Any) -> None:
+    """Set ``tree[a][b][c] = value`` for ``key = "a.b.c"``, creating tables as needed."""
+    parts = key.split(".")
+    node = tree
+    for i, p in enumerate(parts[:-1]):
+        nxt = node.setdefault(p, {})
+        if not isinstance(nxt, dict):
+            raise ConfigError(".".join(parts[: i + 1]), nxt, "a table (it has sub-keys)")
+        node = nxt
+    node[parts[-1]] = value
+
+
+def load_config(
+    path: str | Path | None = None,
+    overrides: list[str] | tuple[str, ...] = (),
+    base: Mapping[str, Any] | None = None,
+) -> ExperimentConfig:
+    """Read a TOML file (optional), apply ``key=value`` overrides, validate, return the config."""
+    tree: dict[str, Any] = json.loads(json.dumps(dict(base))) if base else {}
+    if path is not None:
+        p = Path(path)
+        if not p.is_file():
+            raise ConfigError("--config", str(p), "an existing TOML file")
+        try:
+            file_tree = tomllib.loads(p.read_text())
+        except tomllib.TOMLDecodeError as e:
+            raise ConfigError("--config", str(p), f"valid TOML ({e})") from None
+        for k, v in _flatten(file_tree):
+            merge_override(tree, k, v)
+    for item in overrides:
+        k, v = parse_override(item)
+        merge_override(tree, k, v)
+    return build(ExperimentConfig, tree)
+
+
+def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
+    out: list[tuple[str, Any]] = []
+    for k, v in tree.items():
+        if isinstance(v, Mapping):
+            out.extend(_flatten(v, f"{prefix}{k}."))
+        else:
+            out.append((f"{prefix}{k}", v))
+    return out
+
+
+def to_dict(cfg: Any) -> dict[str, Any]:
+    """The config as plain nested dicts (tuples as lists), ready for JSON or TOML."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(tree: Mapping[str, Any]) -> ExperimentConfig:
+    """Rebuild (and re-validate) a config from :func:`to_dict` output."""
+    return build(ExperimentConfig, tree)
+
+
+def config_hash(cfg: ExperimentConfig) -> str:
+    """SHA-256 of the canonical JSON of the resolved config (identifies a run)."""
+    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+
+
+def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
+    """(key, default, help) for every key of ``cls``; used by ``sparsefl list``."""
+    rows: list[tuple[str, str, str]] = []
+    hints = typing.get_type_hints(cls)
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if dataclasses.is_dataclass(tp):
+            rows.extend(describe(tp, prefix + f.name + "."))  # type: ignore[arg-type]
+        else:
+            rows.append((prefix + f.name, repr(f.default), f.metadata.get("help", "")))
+    return rows

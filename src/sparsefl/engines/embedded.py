@@ -1,0 +1,143 @@
+"""The embedded engine: clients run in this process, or in worker processes with ``jobs > 1``.
+
+Per-client state lives between rounds in memory or on disk (one safetensors file per client);
+only the sampled clients' models exist at any time. Results do not depend on ``jobs``: each
+client's randomness is derived from (seed, client, round), and aggregation happens in client-id
+order on the server.
+"""
+
+from __future__ import annotations
+
+import multiprocessing as mp
+import traceback
+from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+
+import torch
+
+from sparsefl.data import ClientSplit
+from sparsefl.fl.client import run_client
+from sparsefl.fl.messages import ClientResult, ClientState, ClientTask
+from sparsefl.fl.server import ClientFailure
+from sparsefl.methods.base import Method
+
+
+class ClientStateStore:
+    """Per-client state between rounds: a dict in memory, or safetensors files in a folder."""
+
+    def __init__(self, folder: Path | None = None) -> None:
+        self.folder = folder
+        self._mem: dict[int, ClientState] = {}
+        if folder is not None:
+            folder.mkdir(parents=True, exist_ok=True)
+
+    def get(self, cid: int) -> ClientState:
+        if self.folder is None:
+            return dict(self._mem.get(cid, {}))
+        path = self.folder / f"client-{cid}.safetensors"
+        if not path.exists():
+            return {}
+        from safetensors.torch import load_file
+
+        return load_file(str(path))
+
+    def put(self, cid: int, state: ClientState) -> None:
+        if self.folder is None:
+            self._mem[cid] = dict(state)
+            return
+        from safetensors.torch import save
+
+        from sparsefl.state import atomic_write_bytes
+
+        atomic_write_bytes(self.folder / f"client-{cid}.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+
+    def snapshot(self) -> dict[int, ClientState]:
+        """All in-memory states (for checkpoints); empty when states live on disk."""
+        return {c: dict(s) for c, s in self._mem.items()}
+
+    def restore(self, states: dict[int, ClientState]) -> None:
+        for c, s in states.items():
+            self.put(c, s)
+
+
+# -- worker-process plumbing --------------------------------------------------------------------------
+_W: dict[str, object] = {}
+
+
+def _worker_init(method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int) -> None:
+    torch.set_num_threads(1)
+    _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
+
+
+def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+    idx = torch.from_numpy(split.train[cid])
+    return x[idx], y[idx]
+
+
+def _execute(
+    method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int,
+    task: ClientTask, state: ClientState,
+) -> ClientResult | ClientFailure:
+    try:
+        cx, cy = _client_data(x, y, split, task.client_id)
+        return run_client(task, method, cx, cy, state, comm_up, seed)
+    except Exception as e:  # noqa: BLE001 - a failing client must not stop the federation
+        tb = traceback.format_exception_only(type(e), e)[-1].strip()
+        return ClientFailure(task.client_id, f"raised {tb}")
+
+
+def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
+    return _execute(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
+
+
+class EmbeddedEngine:
+    """Runs client tasks in-process (``jobs == 1``) or in a pool of worker processes."""
+
+    def __init__(
+        self,
+        method: Method,
+        x_train: torch.Tensor,
+        y_train: torch.Tensor,
+        split: ClientSplit,
+        comm_up: str,
+        seed: int,
+        jobs: int = 1,
+        store: ClientStateStore | None = None,
+    ) -> None:
+        self.method = method
+        self.x, self.y, self.split = x_train, y_train, split
+        self.comm_up, self.seed = comm_up, seed
+        self.jobs = jobs
+        self.store = store or ClientStateStore()
+        self._pool: ProcessPoolExecutor | None = None
+
+    def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
+        states = [self.store.get(t.client_id) for t in tasks]
+        if self.jobs == 1:
+            outs = [
+                _execute(self.method, self.x, self.y, self.split, self.comm_up, self.seed, t, s)
+                for t, s in zip(tasks, states)
+            ]
+        else:
+            pool = self._get_pool()
+            outs = list(pool.map(_worker_run, tasks, states))
+        for o in outs:
+            if isinstance(o, ClientResult):
+                self.store.put(o.client_id, o.state)
+        return outs
+
+    def _get_pool(self) -> ProcessPoolExecutor:
+        if self._pool is None:
+            self._pool = ProcessPoolExecutor(
+                max_workers=self.jobs,
+                mp_context=mp.get_context("spawn"),
+                initializer=_worker_init,
+                initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed),
+            )
+        return self._pool
+
+    def close(self) -> None:
+        if self._pool is not None:
+            self._pool.shutdown(cancel_futures=True)
+            self._pool = None

@@ -1,0 +1,1 @@
+"""Run folders, checkpoints, the experiment runner and the benchmark driver."""

@@ -1,0 +1,120 @@
+"""The run folder: a contract other tools and our benchmarks read.
+
+``config.json`` (resolved config), ``metrics.jsonl`` (one object per round), ``summary.json``,
+``model.safetensors`` and ``mask.safetensors`` (final global model and its mask),
+``checkpoint.pt`` (+ ``checkpoint.prev.pt``) for resuming, and PNG plots. Every file is written
+atomically (temporary file, fsync, rename).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import io
+import json
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from sparsefl.config import ExperimentConfig, config_hash, to_dict
+from sparsefl.errors import RunFolderError
+from sparsefl.state import atomic_write_bytes, atomic_write_text
+
+CHECKPOINT = "checkpoint.pt"
+PREV_CHECKPOINT = "checkpoint.prev.pt"
+_MAGIC = b"SFLCKPT1"
+
+
+class RunFolder:
+    """Reads and writes one run folder."""
+
+    def __init__(self, path: str | Path) -> None:
+        self.path = Path(path)
+
+    # -- config ownership -------------------------------------------------------------------------
+    def claim(self, cfg: ExperimentConfig) -> str:
+        """Create the folder for ``cfg`` or check that it already belongs to ``cfg``.
+
+        Returns ``"new"``, ``"resume"`` (a checkpoint exists) or ``"finished"``. A folder that
+        holds a different configuration is refused.
+        """
+        self.path.mkdir(parents=True, exist_ok=True)
+        cfg_file = self.path / "config.json"
+        if cfg_file.exists():
+            try:
+                old = json.loads(cfg_file.read_text())
+            except json.JSONDecodeError:
+                raise RunFolderError(f"{cfg_file} is not valid JSON; remove the folder or choose another --out") from None
+            if old.get("_config_hash") != config_hash(cfg):
+                raise RunFolderError(
+                    f"{self.path} holds a run with a different configuration; "
+                    "choose another --out, or pass --force to overwrite it"
+                )
+            if (self.path / "summary.json").exists():
+                return "finished"
+            return "resume" if self.latest_checkpoint() is not None else "new"
+        atomic_write_text(cfg_file, json.dumps({**to_dict(cfg), "_config_hash": config_hash(cfg)}, indent=2))
+        return "new"
+
+    def reset(self) -> None:
+        """Remove a previous run's files (``--force``)."""
+        for name in ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CHECKPOINT,
+                     "model.safetensors", "mask.safetensors", "accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+            (self.path / name).unlink(missing_ok=True)
+
+    # -- metrics ----------------------------------------------------------------------------------
+    def write_metrics(self, records: list[dict[str, Any]]) -> None:
+        """Rewrite ``metrics.jsonl`` with every round so far (atomic, so never a half line)."""
+        atomic_write_text(self.path / "metrics.jsonl", "".join(json.dumps(r) + "\n" for r in records))
+
+    def read_metrics(self) -> list[dict[str, Any]]:
+        p = self.path / "metrics.jsonl"
+        if not p.exists():
+            return []
+        return [json.loads(line) for line in p.read_text().splitlines() if line.strip()]
+
+    def write_summary(self, summary: dict[str, Any]) -> None:
+        atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))
+
+    def read_summary(self) -> dict[str, Any] | None:
+        p = self.path / "summary.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    def read_config(self) -> dict[str, Any] | None:
+        p = self.path / "config.json"
+        return json.loads(p.read_text()) if p.exists() else None
+
+    # -- checkpoints ------------------------------------------------------------------------------
+    def save_checkpoint(self, payload: dict[str, Any]) -> None:
+        """Atomically write a checkpoint, keeping the previous one as a fallback.
+
+        Layout: 8-byte magic, 32-byte SHA-256 of the body, body (``torch.save`` of the dict).
+        """
+        buf = io.BytesIO()
+        torch.save(payload, buf)
+        body = buf.getvalue()
+        cur = self.path / CHECKPOINT
+        if cur.exists():
+            cur.replace(self.path / PREV_CHECKPOINT)
+        atomic_write_bytes(cur, _MAGIC + hashlib.sha256(body).digest() + body)
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+        if not path.exists():
+            return None
+        raw = path.read_bytes()
+        if len(raw) < 40 or raw[:8] != _MAGIC or hashlib.sha256(raw[40:]).digest() != raw[8:40]:
+            return None
+        return torch.load(io.BytesIO(raw[40:]), weights_only=True)
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint whose hash verifies (the previous one if the newest is damaged)."""
+        for name in (CHECKPOINT, PREV_CHECKPOINT):
+            ck = self._read_checkpoint(self.path / name)
+            if ck is not None:
+                return ck
+        return None
+
+    def damaged_checkpoints(self) -> list[str]:
+        """Names of checkpoint files present whose hash does not verify."""
+        return [n for n in (CHECKPOINT, PREV_CHECKPOINT)
+                if (self.path / n).exists() and self._read_checkpoint(self.path / n) is None]

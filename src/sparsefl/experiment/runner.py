@@ -1,0 +1,196 @@
+"""Build an experiment from its config and run it into a run folder.
+
+``build`` wires data -> partition -> model -> method -> engine; ``run_experiment`` drives the
+server loop, writing metrics and an atomic checkpoint after every round, and the summary,
+final model, mask and plots at the end. Re-running on an existing folder resumes from the last
+good checkpoint, or reports a finished run.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch import nn
+
+import sparsefl.methods  # noqa: F401  (fills the method registry)
+from sparsefl.accounting import profile_model
+from sparsefl.config import ExperimentConfig, config_hash
+from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
+from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine
+from sparsefl.errors import ConfigError
+from sparsefl.experiment.runfolder import RunFolder
+from sparsefl.fl.server import RoundRecord, Server
+from sparsefl.masks import Mask, default_scope
+from sparsefl.methods.base import Method, ModelSpec, ServerState
+from sparsefl.models import build_model
+from sparsefl.registry import METHODS
+from sparsefl.state import atomic_write_bytes, clone_state, state_sha256
+
+
+@dataclass
+class Built:
+    """The assembled pieces of one experiment."""
+
+    cfg: ExperimentConfig
+    data: Dataset
+    split: ClientSplit
+    spec: ModelSpec
+    method: Method
+
+
+def build(cfg: ExperimentConfig, model: nn.Module | None = None, data: Dataset | None = None) -> Built:
+    """Load data, partition it, build the model and the method (nothing runs yet)."""
+    data = data if data is not None else load_dataset(cfg.data, cfg.seed)
+    split = make_partition(data.y_train.numpy(), cfg.federation.num_clients, cfg.data, cfg.seed)
+    if model is None:
+        model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+    spec = ModelSpec(model, data.input_shape, data.num_classes)
+    profile = profile_model(spec.build(), data.input_shape)
+    method_cls = METHODS.get(cfg.method.name)
+    method = method_cls(cfg.method, cfg, spec, profile)
+    return Built(cfg, data, split, spec, method)
+
+
+def _prunable_density(model: nn.Module, params: dict[str, torch.Tensor]) -> float:
+    names = default_scope(model)
+    total = sum(params[n].numel() for n in names)
+    kept = sum(int((params[n] != 0).sum()) for n in names)
+    return kept / total if total else 1.0
+
+
+def _state_to_ckpt(state: ServerState) -> dict[str, Any]:
+    return {
+        "round": state.round,
+        "params": state.params,
+        "mask": None if state.mask is None else state.mask.to_dict(),
+        "extra": state.extra,
+    }
+
+
+def _state_from_ckpt(d: dict[str, Any]) -> ServerState:
+    return ServerState(
+        round=int(d["round"]),
+        params=d["params"],
+        mask=None if d["mask"] is None else Mask(d["mask"]),
+        extra=d["extra"],
+    )
+
+
+ProgressFn = Callable[[RoundRecord, dict[str, Any]], None]
+
+
+def run_experiment(
+    cfg: ExperimentConfig,
+    out: str | Path,
+    *,
+    model: nn.Module | None = None,
+    force: bool = False,
+    progress: ProgressFn | None = None,
+) -> dict[str, Any]:
+    """Run ``cfg`` into the folder ``out`` and return the summary.
+
+    An existing folder with the same config resumes from its last good checkpoint (or returns
+    the finished run's summary, unless ``force``); a different config there is refused.
+    """
+    if cfg.engine != "embedded":
+        raise ConfigError("engine", cfg.engine, "embedded (the Flower engines need the sparsefl[flower] adapter)")
+    folder = RunFolder(out)
+    if force:
+        folder.reset()
+    status = folder.claim(cfg)
+    if status == "finished":
+        summary = folder.read_summary()
+        assert summary is not None
+        return {**summary, "status": "finished"}
+
+    t_start = time.perf_counter()
+    b = build(cfg, model)
+    method = b.method
+    store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
+    engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
+    server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
+
+    ckpt = folder.latest_checkpoint() if status == "resume" else None
+    records: list[dict[str, Any]]
+    if ckpt is not None:
+        state = _state_from_ckpt(ckpt["server"])
+        server.initialised = set(ckpt["initialised"])
+        store.restore({int(k): v for k, v in ckpt["clients"].items()})
+        records = list(ckpt["metrics"])
+        wall_before = float(ckpt["wall_seconds"])
+    else:
+        params = clone_state(b.spec.build().state_dict())
+        proxy = (b.data.x_train[:256], b.data.y_train[:256])
+        state = method.init_state(params, proxy)
+        records = []
+        wall_before = 0.0
+    folder.write_metrics(records)
+
+    try:
+        for rnd in range(state.round + 1, cfg.federation.rounds + 1):
+            state, record = server.run_round(state, rnd)
+            records.append(record.to_json())
+            folder.write_metrics(records)
+            folder.save_checkpoint(
+                {
+                    "config_hash": config_hash(cfg),
+                    "server": _state_to_ckpt(state),
+                    "initialised": sorted(server.initialised),
+                    "clients": {str(k): v for k, v in store.snapshot().items()},
+                    "metrics": records,
+                    "wall_seconds": wall_before + time.perf_counter() - t_start,
+                }
+            )
+            if progress is not None:
+                progress(record, {"rounds": cfg.federation.rounds})
+    finally:
+        engine.close()
+
+    final = method.eval_params(state)
+    summary = summarise(cfg, records, final, b.spec.build(), wall_before + time.perf_counter() - t_start)
+    _write_artifacts(folder, state, final, b.spec.build(), records)
+    folder.write_summary(summary)
+    return {**summary, "status": "completed"}
+
+
+def summarise(
+    cfg: ExperimentConfig, records: list[dict[str, Any]], final: dict[str, torch.Tensor], model: nn.Module, wall: float
+) -> dict[str, Any]:
+    """The ``summary.json`` contents from the per-round records and the final global model."""
+    accs = [r["accuracy"] for r in records if r["accuracy"] is not None]
+    return {
+        "method": cfg.method.name,
+        "sparsity": cfg.method.sparsity,
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "final_loss": next((r["loss"] for r in reversed(records) if r["loss"] is not None), None),
+        "rounds": len(records),
+        "num_params": sum(v.numel() for k, v in final.items() if v.is_floating_point() and k in dict(model.named_parameters())),
+        "density": _prunable_density(model, final),
+        "uplink_bytes_total": sum(r["uplink_bytes"] for r in records),
+        "downlink_bytes_total": sum(r["downlink_bytes"] for r in records),
+        "train_flops_total": sum(r["train_flops"] for r in records),
+        "train_flops_dense_total": sum(r["train_flops_dense"] for r in records),
+        "client_seconds_total": sum(r["client_seconds"] for r in records),
+        "wall_seconds": wall,
+        "model_sha256": state_sha256(final),
+        "failures_total": sum(len(r["failures"]) for r in records),
+    }
+
+
+def _write_artifacts(
+    folder: RunFolder, state: ServerState, final: dict[str, torch.Tensor], model: nn.Module, records: list[dict[str, Any]]
+) -> None:
+    from safetensors.torch import save
+
+    atomic_write_bytes(folder.path / "model.safetensors", save({k: v.contiguous() for k, v in final.items()}))
+    mask = state.mask if state.mask is not None else Mask({n: final[n] != 0 for n in default_scope(model)})
+    mask.save(folder.path / "mask.safetensors")
+    from sparsefl.experiment.plots import plot_run
+
+    plot_run(folder.path, records)

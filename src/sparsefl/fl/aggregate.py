@@ -1,0 +1,79 @@
+"""Aggregation rules as pure functions over decoded updates.
+
+Each takes the clients' decoded :class:`~sparsefl.comm.Update` values, their sample counts, and
+(where needed) the current global tensors, and returns new tensors. The sparse rules differ in
+what an unsent coordinate means (METHODS.md section 0.1):
+
+* ``zero_as_value``: an unsent value counts as 0 in the sample-weighted mean (ZeroFL Top-K-W).
+* ``per_coordinate``: average each coordinate over the clients that sent it (weights
+  renormalised per coordinate); a coordinate nobody sent keeps the server's value.
+* ``delta``: updates are deltas; an unsent delta is "no change":
+  ``w + sum_k (n_k / n) d_k`` with ``n`` the total samples of the round's clients.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from sparsefl.comm import Update
+
+Tensors = dict[str, torch.Tensor]
+
+
+def _acc_dtype(t: torch.Tensor) -> torch.dtype:
+    return torch.float64 if t.is_floating_point() else t.dtype
+
+
+def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names: list[str]) -> Tensors:
+    """Sample-weighted mean of tensors every client sent (unsent coordinates count as 0).
+
+    Sums in float64 in client order, then casts back, so the result does not depend on how
+    floating-point additions are grouped elsewhere. Integer buffers (e.g. BatchNorm's
+    ``num_batches_tracked``) take the weighted mean rounded down.
+    """
+    total = float(sum(num_examples))
+    out: Tensors = {}
+    for name in names:
+        ref = next(u.values[name] for u in updates if name in u.values)
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for u, n in zip(updates, num_examples):
+            if name in u.values:
+                acc += u.values[name].to(torch.float64) * (n / total)
+        out[name] = acc.floor().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+    return out
+
+
+zero_as_value = weighted_mean
+
+
+def per_coordinate(
+    updates: Sequence[Update], num_examples: Sequence[int], current: Mapping[str, torch.Tensor], names: list[str]
+) -> Tensors:
+    """Average each coordinate over the clients that sent it; unsent by all -> current value."""
+    out: Tensors = {}
+    for name in names:
+        cur = current[name]
+        num = torch.zeros(cur.shape, dtype=torch.float64)
+        den = torch.zeros(cur.shape, dtype=torch.float64)
+        for u, n in zip(updates, num_examples):
+            if name not in u.values:
+                continue
+            sent = u.sent.get(name)
+            w = torch.full(cur.shape, float(n), dtype=torch.float64) if sent is None else sent.to(torch.float64) * n
+            num += u.values[name].to(torch.float64) * w
+            den += w
+        res = torch.where(den > 0, num / den.clamp_min(1e-300), cur.to(torch.float64))
+        out[name] = res.to(cur.dtype)
+    return out
+
+
+def delta(
+    updates: Sequence[Update], num_examples: Sequence[int], current: Mapping[str, torch.Tensor], names: list[str]
+) -> Tensors:
+    """``w + sum_k (n_k / n) d_k`` with unsent deltas counting as zero."""
+    mean = weighted_mean(updates, num_examples, names)
+    return {
+        n: (current[n].to(torch.float64) + mean[n].to(torch.float64)).to(current[n].dtype) for n in names
+    }

@@ -1,0 +1,129 @@
+"""The client runtime and the one local training loop (the same code on every engine)."""
+
+from __future__ import annotations
+
+import contextlib
+import time
+from dataclasses import dataclass
+
+import torch
+
+from sparsefl.accounting import FlopCount, ModelProfile, train_flops
+from sparsefl.comm import decode_update, encode_update
+from sparsefl.config import LocalConfig
+from sparsefl.fl.messages import ClientResult, ClientState, ClientTask
+from sparsefl.methods.base import LocalContext, LocalHooks, Method, iter_batches
+from sparsefl.rng import torch_gen
+
+
+@dataclass(frozen=True)
+class LocalStats:
+    """What one round of local training did."""
+
+    steps: int
+    samples: int
+    loss: float
+    flops: FlopCount
+
+
+def train_local(
+    hooks: LocalHooks,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    local: LocalConfig,
+    lr: float,
+    gen: torch.Generator,
+    profile: ModelProfile,
+) -> LocalStats:
+    """The one local training loop: SGD with momentum and weight decay for ``local.epochs``
+    epochs (or exactly ``local.steps`` steps), with the method's hooks around every step.
+
+    FLOPs are accumulated per step from the model profile and the densities the hooks report
+    for that step, so every method is counted by the same convention.
+    """
+    model = hooks.model
+    model.train()
+    params = hooks.parameters()
+    opt = torch.optim.SGD(params, lr=lr, momentum=local.momentum, weight_decay=local.weight_decay)
+    n = len(x)
+    bs = min(local.batch_size, n)
+    autocast = (
+        torch.autocast("cpu", dtype=torch.bfloat16) if local.precision == "bf16" else contextlib.nullcontext()
+    )
+    flops = FlopCount()
+    total_loss, seen, step = 0.0, 0, 0
+    max_steps = local.steps if local.steps > 0 else None
+    epoch = 0
+    while True:
+        for idx in iter_batches(n, bs, gen):
+            xb, yb = x[idx], y[idx]
+            with autocast:
+                logits = hooks.forward(xb)
+                loss = hooks.loss(logits, yb, xb)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            hooks.after_backward(step)
+            opt.step()
+            hooks.after_step(step)
+            flops = flops + train_flops(profile, len(idx), hooks.densities())
+            total_loss += float(loss.detach()) * len(idx)
+            seen += len(idx)
+            step += 1
+            if max_steps is not None and step >= max_steps:
+                break
+        epoch += 1
+        if (max_steps is not None and step >= max_steps) or (max_steps is None and epoch >= local.epochs):
+            break
+        if seen == 0:  # no usable batch (a single-sample client): nothing to train on
+            break
+    return LocalStats(steps=step, samples=seen, loss=total_loss / max(seen, 1), flops=flops)
+
+
+def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    """name -> (shape, dtype) of every state_dict entry: what a decoder must accept."""
+    return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
+
+
+def run_client(
+    task: ClientTask,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: ClientState,
+    comm_up: str,
+    seed: int,
+) -> ClientResult:
+    """One client's round: decode the downlink, train, encode the upload.
+
+    Randomness comes from a generator derived from ``(seed, "local", client, round)``, so the
+    result is the same wherever and in whatever order clients run.
+    """
+    t0 = time.perf_counter()
+    local = method.experiment.local
+    model = method.new_model()
+    spec = param_spec(model)
+    if task.setup is not None:
+        state = method.on_setup(decode_update(task.setup, spec), state)
+    known = method.client_known_masks(state)
+    down = decode_update(task.payload, spec, known=known)
+    state = method.receive(model, down, state)
+    ctx = LocalContext(task.client_id, task.round, task.lr, seed, local, len(x))
+    hooks = method.hooks(model, state, ctx)
+    try:
+        stats = train_local(hooks, x, y, local, task.lr, torch_gen(seed, "local", task.client_id, task.round), method.profile)
+    finally:
+        hooks.close()
+    update, state = method.upload(model, down, state, ctx)
+    payload = encode_update(update, comm_up, known=known)
+    return ClientResult(
+        round=task.round,
+        client_id=task.client_id,
+        payload=payload,
+        num_examples=len(x),
+        loss=stats.loss,
+        flops=float(stats.flops.total),
+        flops_dense=float(stats.flops.total_dense),
+        seconds=time.perf_counter() - t0,
+        state=state,
+        metrics={"steps": float(stats.steps)},
+    )

@@ -1,0 +1,207 @@
+"""The method interface: narrow hooks around the one server loop and the one local training loop.
+
+A federated method is a :class:`Method` subclass registered in ``sparsefl.registry.METHODS``
+with its own config dataclass (a subclass of :class:`sparsefl.config.MethodConfig`). The base
+class *is* dense FedAvg: every hook has the FedAvg behaviour as its default, so a method
+overrides only what it changes.
+
+Server side (pure functions of values, no client objects):
+    ``init_state`` -> ``downlink`` per sampled client -> ``aggregate`` the decoded uploads ->
+    ``eval_params`` for evaluation.
+Client side (inside :func:`sparsefl.fl.client.run_client`, the same code on every engine):
+    ``new_model`` -> ``receive`` the decoded downlink -> ``hooks`` around the training loop ->
+    ``upload`` what to send.
+"""
+
+from __future__ import annotations
+
+import copy
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass, field
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.comm import Update
+from sparsefl.config import ExperimentConfig, LocalConfig, MethodConfig
+from sparsefl.fl import aggregate as agg
+from sparsefl.fl.messages import ClientState
+from sparsefl.masks import Mask
+
+StateDict = dict[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a fresh copy of the model anywhere: a template module that is deep-copied.
+
+    Any user ``nn.Module`` works; registered models are built from the config.
+    """
+
+    template: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def build(self) -> nn.Module:
+        """A fresh, independent copy of the template."""
+        return copy.deepcopy(self.template)
+
+
+@dataclass(frozen=True)
+class ServerState:
+    """Everything the server knows between rounds (checkpointed every round).
+
+    ``params`` is the global state_dict; ``mask`` the global mask if the method has one;
+    ``extra`` holds method-owned tensors (server optimiser state, per-client skeletons, ...).
+    """
+
+    round: int
+    params: StateDict
+    mask: Mask | None = None
+    extra: StateDict = field(default_factory=dict)
+
+
+@dataclass(frozen=True)
+class LocalContext:
+    """What a client knows about its current round of local training."""
+
+    client_id: int
+    round: int
+    lr: float
+    seed: int
+    local: LocalConfig
+    num_examples: int
+
+
+@dataclass(frozen=True)
+class Received:
+    """A client's decoded upload, as the server's aggregation sees it."""
+
+    client_id: int
+    update: Update
+    num_examples: int
+
+
+class LocalHooks:
+    """Hooks a method places around the one local training loop; defaults are plain SGD.
+
+    A method returns an instance from :meth:`Method.hooks`; :meth:`close` removes anything it
+    installed on the model (temporary hooks only; the loop calls it in a ``finally``).
+    """
+
+    def __init__(self, model: nn.Module, profile: ModelProfile) -> None:
+        self.model = model
+        self.profile = profile
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The tensors the optimiser updates (default: every parameter requiring grad)."""
+        return [p for p in self.model.parameters() if p.requires_grad]
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Logits for a batch."""
+        return self.model(x)
+
+    def loss(self, logits: torch.Tensor, y: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        """Training loss of a batch (default: cross-entropy)."""
+        return F.cross_entropy(logits, y)
+
+    def after_backward(self, step: int) -> None:
+        """Called after ``loss.backward()``, before the optimiser step."""
+
+    def after_step(self, step: int) -> None:
+        """Called after the optimiser step."""
+
+    def densities(self) -> Mapping[str, LayerDensity]:
+        """Per-layer fractions of the dense FLOPs that really ran in the last step."""
+        return {}
+
+    def close(self) -> None:
+        """Remove whatever the hooks installed."""
+
+
+class Method:
+    """Dense FedAvg (McMahan et al. 2017); the base every method extends.
+
+    The server broadcasts the full global model; each client trains it with SGD and returns its
+    full weights; the server takes the sample-weighted mean of every tensor (float buffers such
+    as BatchNorm statistics included).
+    """
+
+    config_cls: type[MethodConfig] = MethodConfig
+
+    def __init__(self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile) -> None:
+        self.config = config
+        self.experiment = experiment
+        self.spec = spec
+        self.profile = profile
+
+    # ---------------------------------------------------------------------------------- server
+    def init_state(self, params: StateDict, proxy: tuple[torch.Tensor, torch.Tensor] | None = None) -> ServerState:
+        """The server state before round 1 from freshly initialised ``params``.
+
+        ``proxy`` is a small held-out batch the server may use (e.g. data-dependent pruning)."""
+        return ServerState(round=0, params=params)
+
+    def setup_payload(self, state: ServerState) -> Update | None:
+        """A one-time payload for a client's first participation (e.g. a shared mask), or None."""
+        return None
+
+    def downlink(self, state: ServerState, client_id: int) -> Update:
+        """What client ``client_id`` downloads this round. Returning the same object for every
+        client lets the engine encode it once (each client's copy is still counted)."""
+        return Update(values=state.params)
+
+    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
+        """The new server state from the round's decoded uploads."""
+        names = list(state.params)
+        new = agg.weighted_mean([r.update for r in received], [r.num_examples for r in received], names)
+        return ServerState(round=state.round + 1, params=new, mask=state.mask, extra=state.extra)
+
+    def eval_params(self, state: ServerState) -> StateDict:
+        """The state_dict the global test evaluation uses."""
+        return state.params
+
+    def known_masks(self, state: ServerState) -> dict[str, torch.Tensor]:
+        """Masks both sides share (sent once in the setup payload); lets codecs omit them."""
+        return {}
+
+    # ---------------------------------------------------------------------------------- client
+    def new_model(self) -> nn.Module:
+        """A fresh model for local training (methods that add modules wrap it here)."""
+        return self.spec.build()
+
+    def client_known_masks(self, client_state: ClientState) -> dict[str, torch.Tensor]:
+        """The client-side twin of :meth:`known_masks`, read from the client's state."""
+        return {}
+
+    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
+        """Store the one-time setup payload in the client's state."""
+        return client_state
+
+    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+        """Load the downlink into ``model``; return the (possibly updated) client state."""
+        model.load_state_dict(down.values, strict=True)
+        return client_state
+
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
+        """The hooks around local training."""
+        return LocalHooks(model, self.profile)
+
+    def upload(
+        self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
+    ) -> tuple[Update, ClientState]:
+        """What the client sends, and its state for next time."""
+        return Update(values={k: v.detach().clone() for k, v in model.state_dict().items()}), client_state
+
+
+def iter_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
+    """One epoch of shuffled index batches; a trailing batch of one sample is dropped when
+    n > 1 (BatchNorm cannot train on a single sample)."""
+    perm = torch.randperm(n, generator=gen)
+    for i in range(0, n, batch_size):
+        b = perm[i : i + batch_size]
+        if len(b) == 1 and n > 1:
+            continue
+        yield b

@@ -1,0 +1,61 @@
+"""Plain state-dict helpers: canonical hashing, copying and atomic file writes."""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from collections.abc import Mapping
+from pathlib import Path
+
+import torch
+
+StateDict = dict[str, torch.Tensor]
+
+
+def clone_state(state: Mapping[str, torch.Tensor]) -> StateDict:
+    """A detached CPU copy of a state dict."""
+    return {k: v.detach().to("cpu").clone() for k, v in state.items()}
+
+
+def state_sha256(state: Mapping[str, torch.Tensor]) -> str:
+    """SHA-256 of a state dict in a canonical byte order.
+
+    Names are sorted; for each tensor the hash takes its name, dtype, shape and its values as
+    contiguous little-endian bytes. Two state dicts hash equal exactly when they hold the same
+    names with bit-identical values.
+    """
+    h = hashlib.sha256()
+    for name in sorted(state):
+        t = state[name].detach().to("cpu").contiguous()
+        h.update(name.encode())
+        h.update(str(t.dtype).encode())
+        h.update(repr(tuple(t.shape)).encode())
+        if t.dtype == torch.bfloat16:
+            t = t.view(torch.int16)
+        h.update(t.numpy().astype(t.numpy().dtype.newbyteorder("<"), copy=False).tobytes())
+    return h.hexdigest()
+
+
+def atomic_write_bytes(path: str | Path, data: bytes) -> None:
+    """Write ``data`` to ``path`` so that a crash leaves either the old file or the new one.
+
+    The bytes go to a temporary file in the same folder, are fsync'ed, and the file is renamed
+    over ``path``; the folder is fsync'ed so the rename itself is durable.
+    """
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    with open(tmp, "wb") as f:
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    os.replace(tmp, path)
+    dir_fd = os.open(path.parent, os.O_RDONLY)
+    try:
+        os.fsync(dir_fd)
+    finally:
+        os.close(dir_fd)
+
+
+def atomic_write_text(path: str | Path, text: str) -> None:
+    """:func:`atomic_write_bytes` for UTF-8 text."""
+    atomic_write_bytes(path, text.encode("utf-8"))
