@@ -1,0 +1,48 @@
+"""sparsefl: sparse federated learning with honest byte and FLOP accounting.
+
+The curated public API; importing the package fills every registry (datasets, partitioners,
+models, methods, pruning criteria, codecs).
+"""
+
+from sparsefl import comm, data, methods, models  # noqa: F401  (fill the registries)
+from sparsefl.config import ExperimentConfig, load_config
+from sparsefl.errors import ConfigError, DataError, DecodeError, RunFolderError, SparseflError
+from sparsefl.masks import Mask, default_scope
+from sparsefl.methods.base import Method, ServerState
+from sparsefl.state import state_sha256
+
+try:  # the pruning library lands separately
+    from sparsefl import pruning  # noqa: F401
+    from sparsefl.pruning import prune
+except ImportError:  # pragma: no cover
+    pass
+
+
+def run(cfg: ExperimentConfig, out: str, *, model=None, force: bool = False) -> dict:  # type: ignore[no-untyped-def]
+    """Run an experiment into the folder ``out``; return its summary (see ``summary.json``).
+
+    ``model`` may be any ``nn.Module`` taking the dataset's input shape; by default the model
+    named in ``cfg.model`` is built.
+    """
+    from sparsefl.experiment.runner import run_experiment
+
+    return run_experiment(cfg, out, model=model, force=force)
+
+
+__all__ = [
+    "ConfigError",
+    "DataError",
+    "DecodeError",
+    "ExperimentConfig",
+    "Mask",
+    "Method",
+    "RunFolderError",
+    "ServerState",
+    "SparseflError",
+    "default_scope",
+    "load_config",
+    "prune",
+    "run",
+    "state_sha256",
+]
+__version__ = "0.1.0"

@@ -13,13 +13,14 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
-import tomllib
 import types
 import typing
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Union
+
+import tomllib
 
 from sparsefl.errors import ConfigError
 from sparsefl.registry import CODECS, DATASETS, METHODS, MODELS, PARTITIONERS, Registry
@@ -92,6 +93,12 @@ class LocalConfig:
     momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
     precision: Literal["fp32", "bf16"] = opt("fp32", "local training precision (bf16 = autocast)")
+    threads: int = opt(
+        1,
+        "intra-op CPU threads per client's training; floating-point results depend on it, so it is "
+        "part of the experiment (the same value gives the same bits with any federation engine or jobs)",
+        ge=1,
+    )
 
 
 @dataclass(frozen=True)
@@ -222,7 +229,7 @@ def _check_rules(key: str, value: Any, meta: Mapping[str, Any]) -> None:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
             if v != v:  # NaN
                 raise ConfigError(key, value, "a finite number")
-            for fn, b, word in bounds:
+            for fn, b, _word in bounds:
                 if not fn(v, b):
                     words = " and ".join(f"{w} {bb}" for _, bb, w in bounds)
                     raise ConfigError(key, value, f"a number {words}")
@@ -240,9 +247,7 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
     fields = {f.name: f for f in dataclasses.fields(cls)}
     unknown = [k for k in data if k not in fields]
     if unknown:
-        raise ConfigError(
-            prefix + unknown[0], data[unknown[0]], "known keys here: " + ", ".join(fields)
-        )
+        raise ConfigError(prefix + unknown[0], data[unknown[0]], "known keys here: " + ", ".join(fields))
     kwargs: dict[str, Any] = {}
     for name, f in fields.items():
         key = prefix + name

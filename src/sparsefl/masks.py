@@ -22,9 +22,7 @@ Tensor = torch.Tensor
 PRUNABLE_TYPES: tuple[type[nn.Module], ...] = (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)
 
 
-def default_scope(
-    model: nn.Module, *, keep_first: bool = False, keep_last: bool = False
-) -> list[str]:
+def default_scope(model: nn.Module, *, keep_first: bool = False, keep_last: bool = False) -> list[str]:
     """State_dict names of the prunable tensors: the weights of every Conv and Linear layer.
 
     Parameters
@@ -95,9 +93,7 @@ class Mask(Mapping[str, Tensor]):
         return cls({n: torch.ones(state[n].shape, dtype=torch.bool) for n in names})
 
     @classmethod
-    def for_model(
-        cls, model: nn.Module, names: Iterable[str] | None = None
-    ) -> Mask:
+    def for_model(cls, model: nn.Module, names: Iterable[str] | None = None) -> Mask:
         """A fully dense mask over ``names`` (default: :func:`default_scope`) of ``model``."""
         sd = model.state_dict()
         return cls.ones(sd, default_scope(model) if names is None else names)
@@ -150,9 +146,7 @@ class Mask(Mapping[str, Tensor]):
             if n not in state:
                 raise ValueError(f"mask names {n!r}, which the model does not have")
             if tuple(state[n].shape) != tuple(t.shape):
-                raise ValueError(
-                    f"mask {n!r} has shape {tuple(t.shape)}, tensor has {tuple(state[n].shape)}"
-                )
+                raise ValueError(f"mask {n!r} has shape {tuple(t.shape)}, tensor has {tuple(state[n].shape)}")
 
     def apply_(self, state: Mapping[str, Tensor]) -> None:
         """Zero, in place, the removed coordinates of the tensors in ``state`` (no autograd)."""
@@ -169,10 +163,7 @@ class Mask(Mapping[str, Tensor]):
     def applied(self, state: Mapping[str, Tensor]) -> dict[str, Tensor]:
         """A copy of ``state`` with the removed coordinates zeroed."""
         self.check(state)
-        return {
-            n: (t * self._m[n].to(t.dtype) if n in self._m else t.clone())
-            for n, t in state.items()
-        }
+        return {n: (t * self._m[n].to(t.dtype) if n in self._m else t.clone()) for n, t in state.items()}
 
     def to_dict(self) -> dict[str, Tensor]:
         """A plain ``dict`` copy."""

@@ -41,9 +41,7 @@ class Registry(Generic[T]):
         self.key = key or f"{kind}.name"
         self._entries: dict[str, Entry[T]] = {}
 
-    def register(
-        self, name: str, config_cls: type | None = None, summary: str | None = None
-    ) -> Callable[[T], T]:
+    def register(self, name: str, config_cls: type | None = None, summary: str | None = None) -> Callable[[T], T]:
         """Decorator registering ``obj`` under ``name``; the summary defaults to its docstring's first line."""
 
         def deco(obj: T) -> T:

@@ -15,8 +15,14 @@ from sparsefl.config import load_config
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run one experiment", description="Run one federated experiment.")
     p.add_argument("--config", type=Path, help="TOML file (sections: data, model, federation, local, method, comm)")
-    p.add_argument("--set", dest="overrides", action="append", default=[], metavar="KEY=VALUE",
-                   help="override a key, e.g. --set federation.rounds=10 (repeatable)")
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set federation.rounds=10 (repeatable)",
+    )
     p.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<config hash>)")
     p.add_argument("--force", action="store_true", help="rerun even if the folder holds a finished run")
     p.set_defaults(func=run)
@@ -34,8 +40,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
     out = args.out or Path("runs") / f"{cfg.method.name}-{config_hash(cfg)[:10]}"
     sent = {"up": 0, "down": 0}
     with Progress(
-        TextColumn("[bold]round"), MofNCompleteColumn(), BarColumn(),
-        TextColumn("{task.fields[info]}"), TimeElapsedColumn(), console=console, transient=False,
+        TextColumn("[bold]round"),
+        MofNCompleteColumn(),
+        BarColumn(),
+        TextColumn("{task.fields[info]}"),
+        TimeElapsedColumn(),
+        console=console,
+        transient=False,
     ) as bar:
         task = bar.add_task("rounds", total=cfg.federation.rounds, info="")
 
@@ -44,8 +55,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             sent["down"] += record.downlink_bytes
             acc = "-" if record.accuracy is None else f"{record.accuracy:.4f}"
             fails = f" failures {len(record.failures)}" if record.failures else ""
-            bar.update(task, completed=record.round,
-                       info=f"acc {acc}  up {_mb(sent['up'])}  down {_mb(sent['down'])}{fails}")
+            bar.update(
+                task, completed=record.round, info=f"acc {acc}  up {_mb(sent['up'])}  down {_mb(sent['down'])}{fails}"
+            )
 
         summary = run_experiment(cfg, out, force=args.force, progress=progress)
     if summary.get("status") == "finished":
@@ -59,15 +71,32 @@ def summary_table(summary: dict, title: str) -> Table:
     t.add_column("metric")
     t.add_column("value", justify="right")
     fmt = {
-        "final_accuracy": lambda v: f"{v:.4f}", "best_accuracy": lambda v: f"{v:.4f}",
-        "density": lambda v: f"{v:.4f}", "uplink_bytes_total": _mb, "downlink_bytes_total": _mb,
-        "train_flops_total": lambda v: f"{v / 1e9:.3f} GFLOP", "train_flops_dense_total": lambda v: f"{v / 1e9:.3f} GFLOP",
-        "client_seconds_total": lambda v: f"{v:.1f} s", "wall_seconds": lambda v: f"{v:.1f} s",
+        "final_accuracy": lambda v: f"{v:.4f}",
+        "best_accuracy": lambda v: f"{v:.4f}",
+        "density": lambda v: f"{v:.4f}",
+        "uplink_bytes_total": _mb,
+        "downlink_bytes_total": _mb,
+        "train_flops_total": lambda v: f"{v / 1e9:.3f} GFLOP",
+        "train_flops_dense_total": lambda v: f"{v / 1e9:.3f} GFLOP",
+        "client_seconds_total": lambda v: f"{v:.1f} s",
+        "wall_seconds": lambda v: f"{v:.1f} s",
         "model_sha256": lambda v: v[:16] + "...",
     }
-    for k in ("final_accuracy", "best_accuracy", "rounds", "num_params", "density", "uplink_bytes_total",
-              "downlink_bytes_total", "train_flops_total", "train_flops_dense_total", "client_seconds_total",
-              "wall_seconds", "failures_total", "model_sha256"):
+    for k in (
+        "final_accuracy",
+        "best_accuracy",
+        "rounds",
+        "num_params",
+        "density",
+        "uplink_bytes_total",
+        "downlink_bytes_total",
+        "train_flops_total",
+        "train_flops_dense_total",
+        "client_seconds_total",
+        "wall_seconds",
+        "failures_total",
+        "model_sha256",
+    ):
         if k in summary and summary[k] is not None:
             t.add_row(k, fmt.get(k, str)(summary[k]))
     return t

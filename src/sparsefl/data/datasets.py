@@ -62,9 +62,7 @@ def _finish(
     """Validate shapes and labels, normalise per channel, convert to tensors."""
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim not in (2, 3, 4):
-            raise DataError(
-                f"{name}: x_{split} has shape {x.shape}; expected N x D, N x H x W or N x C x H x W"
-            )
+            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected N x D, N x H x W or N x C x H x W")
         if y.ndim != 1 or len(y) != len(x):
             raise DataError(f"{name}: y_{split} has shape {y.shape}; expected ({len(x)},)")
         if len(x) == 0:
@@ -176,7 +174,9 @@ def load_fashion_mnist(cfg: DataConfig, seed: int) -> Dataset:
     if any(p is None for p in paths):
         missing = [s for s, p in zip(stems, paths) if p is None]
         raise DataError(
-            "fashion-mnist: missing " + ", ".join(missing) + " (optionally .gz) in "
+            "fashion-mnist: missing "
+            + ", ".join(missing)
+            + " (optionally .gz) in "
             + ", ".join(str(d) for d in dirs)
             + "; install Debian's dataset-fashion-mnist package or set data.dir"
         )
@@ -225,7 +225,9 @@ def _cifar(cfg: DataConfig, name: str, folder: str, train_files: list[str], test
 @DATASETS.register("cifar10")
 def load_cifar10(cfg: DataConfig, seed: int) -> Dataset:
     """CIFAR-10 from the standard python-pickle batches in data.dir (cifar-10-batches-py/)."""
-    return _cifar(cfg, "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels")
+    return _cifar(
+        cfg, "cifar10", "cifar-10-batches-py", [f"data_batch_{i}" for i in range(1, 6)], "test_batch", "labels"
+    )
 
 
 @DATASETS.register("cifar100")

@@ -50,7 +50,9 @@ class ClientStateStore:
 
         from sparsefl.state import atomic_write_bytes
 
-        atomic_write_bytes(self.folder / f"client-{cid}.safetensors", save({k: v.contiguous() for k, v in state.items()}))
+        atomic_write_bytes(
+            self.folder / f"client-{cid}.safetensors", save({k: v.contiguous() for k, v in state.items()})
+        )
 
     def snapshot(self) -> dict[int, ClientState]:
         """All in-memory states (for checkpoints); empty when states live on disk."""
@@ -66,7 +68,6 @@ _W: dict[str, object] = {}
 
 
 def _worker_init(method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int) -> None:
-    torch.set_num_threads(1)
     _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
 
 
@@ -76,8 +77,14 @@ def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int)
 
 
 def _execute(
-    method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int,
-    task: ClientTask, state: ClientState,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    split: ClientSplit,
+    comm_up: str,
+    seed: int,
+    task: ClientTask,
+    state: ClientState,
 ) -> ClientResult | ClientFailure:
     try:
         cx, cy = _client_data(x, y, split, task.client_id)

@@ -44,7 +44,9 @@ class RunFolder:
             try:
                 old = json.loads(cfg_file.read_text())
             except json.JSONDecodeError:
-                raise RunFolderError(f"{cfg_file} is not valid JSON; remove the folder or choose another --out") from None
+                raise RunFolderError(
+                    f"{cfg_file} is not valid JSON; remove the folder or choose another --out"
+                ) from None
             if old.get("_config_hash") != config_hash(cfg):
                 raise RunFolderError(
                     f"{self.path} holds a run with a different configuration; "
@@ -58,8 +60,17 @@ class RunFolder:
 
     def reset(self) -> None:
         """Remove a previous run's files (``--force``)."""
-        for name in ("config.json", "metrics.jsonl", "summary.json", CHECKPOINT, PREV_CHECKPOINT,
-                     "model.safetensors", "mask.safetensors", "accuracy_vs_round.png", "accuracy_vs_uplink.png"):
+        for name in (
+            "config.json",
+            "metrics.jsonl",
+            "summary.json",
+            CHECKPOINT,
+            PREV_CHECKPOINT,
+            "model.safetensors",
+            "mask.safetensors",
+            "accuracy_vs_round.png",
+            "accuracy_vs_uplink.png",
+        ):
             (self.path / name).unlink(missing_ok=True)
 
     # -- metrics ----------------------------------------------------------------------------------
@@ -116,5 +127,8 @@ class RunFolder:
 
     def damaged_checkpoints(self) -> list[str]:
         """Names of checkpoint files present whose hash does not verify."""
-        return [n for n in (CHECKPOINT, PREV_CHECKPOINT)
-                if (self.path / n).exists() and self._read_checkpoint(self.path / n) is None]
+        return [
+            n
+            for n in (CHECKPOINT, PREV_CHECKPOINT)
+            if (self.path / n).exists() and self._read_checkpoint(self.path / n) is None
+        ]

@@ -170,7 +170,9 @@ def summarise(
         "best_accuracy": max(accs) if accs else None,
         "final_loss": next((r["loss"] for r in reversed(records) if r["loss"] is not None), None),
         "rounds": len(records),
-        "num_params": sum(v.numel() for k, v in final.items() if v.is_floating_point() and k in dict(model.named_parameters())),
+        "num_params": sum(
+            v.numel() for k, v in final.items() if v.is_floating_point() and k in dict(model.named_parameters())
+        ),
         "density": _prunable_density(model, final),
         "uplink_bytes_total": sum(r["uplink_bytes"] for r in records),
         "downlink_bytes_total": sum(r["downlink_bytes"] for r in records),
@@ -184,7 +186,11 @@ def summarise(
 
 
 def _write_artifacts(
-    folder: RunFolder, state: ServerState, final: dict[str, torch.Tensor], model: nn.Module, records: list[dict[str, Any]]
+    folder: RunFolder,
+    state: ServerState,
+    final: dict[str, torch.Tensor],
+    model: nn.Module,
+    records: list[dict[str, Any]],
 ) -> None:
     from safetensors.torch import save
 

@@ -74,6 +74,4 @@ def delta(
 ) -> Tensors:
     """``w + sum_k (n_k / n) d_k`` with unsent deltas counting as zero."""
     mean = weighted_mean(updates, num_examples, names)
-    return {
-        n: (current[n].to(torch.float64) + mean[n].to(torch.float64)).to(current[n].dtype) for n in names
-    }
+    return {n: (current[n].to(torch.float64) + mean[n].to(torch.float64)).to(current[n].dtype) for n in names}

@@ -47,9 +47,7 @@ def train_local(
     opt = torch.optim.SGD(params, lr=lr, momentum=local.momentum, weight_decay=local.weight_decay)
     n = len(x)
     bs = min(local.batch_size, n)
-    autocast = (
-        torch.autocast("cpu", dtype=torch.bfloat16) if local.precision == "bf16" else contextlib.nullcontext()
-    )
+    autocast = torch.autocast("cpu", dtype=torch.bfloat16) if local.precision == "bf16" else contextlib.nullcontext()
     flops = FlopCount()
     total_loss, seen, step = 0.0, 0, 0
     max_steps = local.steps if local.steps > 0 else None
@@ -84,6 +82,17 @@ def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
     return {k: (tuple(v.shape), v.dtype) for k, v in model.state_dict().items()}
 
 
+@contextlib.contextmanager
+def torch_threads(n: int):  # type: ignore[no-untyped-def]
+    """Run a block with ``n`` intra-op threads, restoring the previous setting afterwards."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(n)
+    try:
+        yield
+    finally:
+        torch.set_num_threads(before)
+
+
 def run_client(
     task: ClientTask,
     method: Method,
@@ -95,9 +104,23 @@ def run_client(
 ) -> ClientResult:
     """One client's round: decode the downlink, train, encode the upload.
 
-    Randomness comes from a generator derived from ``(seed, "local", client, round)``, so the
-    result is the same wherever and in whatever order clients run.
+    Randomness comes from a generator derived from ``(seed, "local", client, round)`` and the
+    thread count is fixed by ``local.threads``, so the result is the same wherever and in
+    whatever order clients run.
     """
+    with torch_threads(method.experiment.local.threads):
+        return _run_client(task, method, x, y, state, comm_up, seed)
+
+
+def _run_client(
+    task: ClientTask,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    state: ClientState,
+    comm_up: str,
+    seed: int,
+) -> ClientResult:
     t0 = time.perf_counter()
     local = method.experiment.local
     model = method.new_model()
@@ -110,7 +133,9 @@ def run_client(
     ctx = LocalContext(task.client_id, task.round, task.lr, seed, local, len(x))
     hooks = method.hooks(model, state, ctx)
     try:
-        stats = train_local(hooks, x, y, local, task.lr, torch_gen(seed, "local", task.client_id, task.round), method.profile)
+        stats = train_local(
+            hooks, x, y, local, task.lr, torch_gen(seed, "local", task.client_id, task.round), method.profile
+        )
     finally:
         hooks.close()
     update, state = method.upload(model, down, state, ctx)

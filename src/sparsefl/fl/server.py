@@ -113,7 +113,7 @@ class Server:
             down += sum(t.downlink_bytes for t in tasks)
             outcomes = self.engine.run(tasks)
             ok: list[tuple[ClientResult, Received]] = []
-            for task, out in zip(tasks, outcomes):
+            for out in outcomes:
                 if isinstance(out, ClientFailure):
                     failures.append({"client": out.client_id, "attempt": attempt, "reason": out.reason})
                     continue

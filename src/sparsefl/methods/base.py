@@ -131,7 +131,9 @@ class Method:
 
     config_cls: type[MethodConfig] = MethodConfig
 
-    def __init__(self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile) -> None:
+    def __init__(
+        self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
+    ) -> None:
         self.config = config
         self.experiment = experiment
         self.spec = spec

@@ -15,9 +15,7 @@ from sparsefl.registry import MODELS
 from sparsefl.rng import seeded_torch
 
 
-def build_model(
-    cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int
-) -> nn.Module:
+def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int, seed: int) -> nn.Module:
     """Build ``cfg.name`` with weights initialised from ``seed`` (global RNG left untouched)."""
     builder = MODELS.get(cfg.name)
     with seeded_torch(seed, "model-init"):

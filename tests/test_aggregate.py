@@ -1,0 +1,61 @@
+"""Aggregation rules against hand-computed oracles."""
+
+from __future__ import annotations
+
+import torch
+
+from sparsefl.comm import Update
+from sparsefl.fl import aggregate as agg
+from sparsefl.fl.sampling import round_lr, sample_clients
+
+
+def _u(vals, sent=None):
+    v = {"w": torch.tensor(vals, dtype=torch.float32)}
+    s = {} if sent is None else {"w": torch.tensor(sent)}
+    return Update(v, s)
+
+
+def test_weighted_mean_oracle():
+    out = agg.weighted_mean([_u([1.0, 2.0]), _u([3.0, 6.0])], [1, 3], ["w"])
+    assert torch.allclose(out["w"], torch.tensor([2.5, 5.0]))
+
+
+def test_zero_as_value_counts_unsent_as_zero():
+    # client 2 did not send coordinate 0: it counts as 0 in a plain weighted mean
+    ups = [_u([4.0, 2.0], [True, True]), _u([0.0, 6.0], [False, True])]
+    out = agg.zero_as_value(ups, [1, 1], ["w"])
+    assert out["w"].tolist() == [2.0, 4.0]
+
+
+def test_per_coordinate_averages_over_senders_and_keeps_unsent():
+    cur = {"w": torch.tensor([9.0, 9.0, 9.0])}
+    ups = [_u([4.0, 2.0, 0.0], [True, True, False]), _u([0.0, 6.0, 0.0], [False, True, False])]
+    out = agg.per_coordinate(ups, [1, 3], cur, ["w"])
+    assert out["w"].tolist() == [4.0, (2.0 * 1 + 6.0 * 3) / 4, 9.0]
+
+
+def test_delta_rule_unsent_delta_is_no_change_divided_by_total_n():
+    cur = {"w": torch.tensor([1.0, 1.0])}
+    ups = [_u([0.5, 0.0], [True, False]), _u([0.5, 1.0], [True, True])]
+    out = agg.delta(ups, [1, 1], cur, ["w"])
+    assert out["w"].tolist() == [1.5, 1.5]
+
+
+def test_integer_buffers_are_averaged_and_keep_their_dtype():
+    ups = [Update({"n": torch.tensor(3)}), Update({"n": torch.tensor(4)})]
+    out = agg.weighted_mean(ups, [1, 1], ["n"])
+    assert out["n"].dtype == torch.int64 and int(out["n"]) == 3
+
+
+def test_sampling_is_seeded_per_round_and_distinct():
+    a = sample_clients(0, 5, 100, 10)
+    assert a == sample_clients(0, 5, 100, 10) and len(set(a)) == 10
+    assert a != sample_clients(0, 6, 100, 10)
+    assert a != sample_clients(0, 5, 100, 10, attempt=1)
+
+
+def test_exponential_lr_decay_hits_both_ends():
+    assert round_lr(0.1, 0.01, 1, 11) == 0.1
+    assert abs(round_lr(0.1, 0.01, 11, 11) - 0.01) < 1e-12
+    assert abs(round_lr(0.1, 0.01, 6, 11) - 0.1 * 0.1**0.5) < 1e-12
+    assert round_lr(0.1, None, 5, 11) == 0.1

@@ -1,0 +1,94 @@
+from __future__ import annotations
+
+import pytest
+
+from sparsefl.config import ExperimentConfig, config_hash, from_dict, load_config, parse_override, to_dict
+from sparsefl.errors import ConfigError
+
+
+def test_defaults_are_the_documented_default_experiment():
+    cfg = load_config()
+    assert cfg.data.name == "digits" and cfg.data.partition == "dirichlet" and cfg.data.alpha == 0.5
+    assert cfg.federation.num_clients == 20 and cfg.federation.clients_per_round == 10
+    assert cfg.federation.rounds == 30 and cfg.method.name == "fedavg" and cfg.model.name == "cnn"
+
+
+def test_overrides_are_typed_and_nested():
+    cfg = load_config(overrides=["data.alpha=0.1", "federation.rounds=7", "data.partition=iid", "local.lr_end=0.01"])
+    assert cfg.data.alpha == 0.1 and isinstance(cfg.data.alpha, float)
+    assert cfg.federation.rounds == 7 and cfg.data.partition == "iid" and cfg.local.lr_end == 0.01
+
+
+def test_int_accepted_for_float_but_not_float_for_int():
+    assert load_config(overrides=["local.lr=1"]).local.lr == 1.0
+    with pytest.raises(ConfigError, match="federation.rounds"):
+        load_config(overrides=["federation.rounds=2.5"])
+
+
+@pytest.mark.parametrize(
+    "override, key, allowed",
+    [
+        ("data.alpha=-1", "data.alpha", "> 0"),
+        ("method.sparsity=1.0", "method.sparsity", "< 1"),
+        ("data.partition=zipf", "data.partition", "dirichlet, iid, shards"),
+        ("model.name=alexnet", "model.name", "cnn"),
+        ("method.name=nope", "method.name", "fedavg"),
+        ("nosuch.key=1", "nosuch", "known keys"),
+        ("data.nosuch=1", "data.nosuch", "known keys here: name"),
+        ("federation.clients_per_round=21", "federation.clients_per_round", "at most federation.num_clients"),
+        ("local.precision=fp8", "local.precision", "fp32, bf16"),
+        ("seed=true", "seed", "an integer"),
+        ("local.lr=nan", "local.lr", "finite"),
+    ],
+)
+def test_bad_values_name_the_key_and_what_is_allowed(override, key, allowed):
+    with pytest.raises(ConfigError) as e:
+        load_config(overrides=[override])
+    assert e.value.key == key
+    assert allowed in str(e.value)
+    assert "\n" not in str(e.value)
+
+
+def test_fedavg_rejects_sparsity():
+    with pytest.raises(ConfigError, match="method.sparsity"):
+        load_config(overrides=["method.sparsity=0.5"])
+
+
+def test_toml_file_and_override_precedence(tmp_path):
+    p = tmp_path / "exp.toml"
+    p.write_text("seed = 3\n[data]\nalpha = 0.3\n[federation]\nrounds = 4\n")
+    cfg = load_config(p, ["federation.rounds=5"])
+    assert cfg.seed == 3 and cfg.data.alpha == 0.3 and cfg.federation.rounds == 5
+
+
+def test_missing_or_broken_toml_is_a_config_error(tmp_path):
+    with pytest.raises(ConfigError, match="--config"):
+        load_config(tmp_path / "none.toml")
+    bad = tmp_path / "bad.toml"
+    bad.write_text("[data\n")
+    with pytest.raises(ConfigError, match="valid TOML"):
+        load_config(bad)
+
+
+def test_override_syntax_errors():
+    with pytest.raises(ConfigError):
+        parse_override("noequals")
+    with pytest.raises(ConfigError):
+        parse_override("a..b=1")
+    assert parse_override("x=[1.0, 0.5]") == ("x", [1.0, 0.5])
+    assert parse_override("x=iid") == ("x", "iid")
+
+
+def test_round_trip_and_hash_are_stable():
+    cfg = load_config(overrides=["data.alpha=0.2"])
+    again = from_dict(to_dict(cfg))
+    assert again == cfg and config_hash(again) == config_hash(cfg)
+    assert config_hash(cfg) != config_hash(ExperimentConfig())
+
+
+def test_config_is_frozen():
+    cfg = load_config()
+    import dataclasses
+
+    with pytest.raises(dataclasses.FrozenInstanceError):
+        cfg.seed = 1  # type: ignore[misc]

@@ -1,0 +1,183 @@
+from __future__ import annotations
+
+import gzip
+import struct
+
+import numpy as np
+import pytest
+
+from sparsefl.config import DataConfig
+from sparsefl.data import load_dataset, make_partition
+from sparsefl.errors import DataError
+
+
+def test_digits_is_normalised_with_held_out_test_split():
+    d = load_dataset(DataConfig(), seed=0)
+    assert d.input_shape == (1, 8, 8) and d.num_classes == 10
+    assert len(d.x_train) + len(d.x_test) == 1797
+    assert abs(float(d.x_train.mean())) < 1e-4
+    assert set(d.y_test.tolist()) == set(range(10))
+
+
+@pytest.mark.parametrize("partition", ["iid", "dirichlet", "shards"])
+def test_partitions_are_disjoint_complete_and_seeded(partition):
+    labels = np.repeat(np.arange(10), 100)
+    cfg = DataConfig(partition=partition, alpha=0.5, shards_per_client=2, min_samples=5)
+    a = make_partition(labels, 20, cfg, seed=1)
+    b = make_partition(labels, 20, cfg, seed=1)
+    c = make_partition(labels, 20, cfg, seed=2)
+    allidx = np.concatenate(a.train)
+    assert len(allidx) == len(labels) == len(np.unique(allidx))
+    assert all(np.array_equal(x, y) for x, y in zip(a.train, b.train))
+    assert any(not np.array_equal(x, y) for x, y in zip(a.train, c.train))
+
+
+def test_iid_sizes_differ_by_at_most_one():
+    s = make_partition(np.zeros(1003, dtype=int), 10, DataConfig(partition="iid"), 0).sizes()
+    assert max(s) - min(s) <= 1
+
+
+def test_dirichlet_minimum_and_skew():
+    labels = np.repeat(np.arange(10), 100)
+    split = make_partition(labels, 10, DataConfig(partition="dirichlet", alpha=0.1, min_samples=20), 0)
+    assert min(split.sizes()) >= 20
+    hist = split.label_histogram(labels, 10)
+    # alpha=0.1 is severe skew: most clients are dominated by few classes
+    assert np.mean(hist.max(1) / hist.sum(1)) > 0.4
+
+
+def test_shards_give_few_classes_per_client():
+    labels = np.repeat(np.arange(10), 100)
+    split = make_partition(labels, 20, DataConfig(partition="shards", shards_per_client=2), 0)
+    hist = split.label_histogram(labels, 10)
+    assert all((row > 0).sum() <= 3 for row in hist)
+
+
+def test_validation_split():
+    labels = np.repeat(np.arange(10), 50)
+    split = make_partition(labels, 5, DataConfig(partition="iid", val_fraction=0.1), 0)
+    for tr, va in zip(split.train, split.val):
+        assert len(va) == 10 and not set(tr) & set(va)
+
+
+def test_too_few_samples_for_the_partition():
+    with pytest.raises(DataError, match="min_samples"):
+        make_partition(np.zeros(50, dtype=int), 10, DataConfig(min_samples=10), 0)
+    with pytest.raises(DataError, match="shards"):
+        make_partition(np.zeros(10, dtype=int), 10, DataConfig(partition="shards", shards_per_client=2), 0)
+    with pytest.raises(DataError, match="at least one sample"):
+        make_partition(np.zeros(5, dtype=int), 10, DataConfig(partition="iid"), 0)
+
+
+def test_fashion_mnist_missing_files_say_where_they_looked(tmp_path):
+    with pytest.raises(DataError, match=str(tmp_path)):
+        load_dataset(DataConfig(name="fashion-mnist", dir=str(tmp_path)), 0)
+
+
+def _idx(path, arr):
+    arr = np.asarray(arr, dtype=np.uint8)
+    header = bytes([0, 0, 8, arr.ndim]) + struct.pack(">" + "I" * arr.ndim, *arr.shape)
+    with gzip.open(path, "wb") as f:
+        f.write(header + arr.tobytes())
+
+
+def test_fashion_mnist_idx_reader(tmp_path):
+    rng = np.random.default_rng(0)
+    _idx(tmp_path / "train-images-idx3-ubyte.gz", rng.integers(0, 255, (20, 28, 28)))
+    _idx(tmp_path / "train-labels-idx1-ubyte.gz", np.arange(20) % 10)
+    _idx(tmp_path / "t10k-images-idx3-ubyte.gz", rng.integers(0, 255, (10, 28, 28)))
+    _idx(tmp_path / "t10k-labels-idx1-ubyte.gz", np.arange(10))
+    d = load_dataset(DataConfig(name="fashion-mnist", dir=str(tmp_path)), 0)
+    assert d.input_shape == (1, 28, 28) and len(d.x_train) == 20 and d.num_classes == 10
+    (tmp_path / "t10k-labels-idx1-ubyte.gz").write_bytes(
+        gzip.compress(b"\x00\x00\x08\x01\x00\x00\x00\x09" + b"\x00" * 3)
+    )
+    with pytest.raises(DataError, match="IDX body"):
+        load_dataset(DataConfig(name="fashion-mnist", dir=str(tmp_path)), 0)
+
+
+def test_npz_images_and_flat_features(tmp_path):
+    rng = np.random.default_rng(0)
+    p = tmp_path / "d.npz"
+    np.savez(
+        p,
+        x_train=rng.random((30, 3, 4, 4)),
+        y_train=np.arange(30) % 3,
+        x_test=rng.random((6, 3, 4, 4)),
+        y_test=np.arange(6) % 3,
+    )
+    d = load_dataset(DataConfig(name="npz", dir=str(p)), 0)
+    assert d.input_shape == (3, 4, 4) and d.num_classes == 3
+    np.savez(
+        p, x_train=rng.random((30, 5)), y_train=np.arange(30) % 3, x_test=rng.random((6, 5)), y_test=np.arange(6) % 3
+    )
+    assert load_dataset(DataConfig(name="npz", dir=str(p)), 0).input_shape == (5,)
+
+
+@pytest.mark.parametrize(
+    "arrays, match",
+    [
+        ({"x_train": np.zeros((3, 2))}, "lacks y_train"),
+        (
+            {
+                "x_train": np.zeros((3, 2)),
+                "y_train": np.array([0, 1, -1]),
+                "x_test": np.zeros((1, 2)),
+                "y_test": np.array([0]),
+            },
+            "labels",
+        ),
+        (
+            {
+                "x_train": np.zeros((3, 2)),
+                "y_train": np.array([0, 1]),
+                "x_test": np.zeros((1, 2)),
+                "y_test": np.array([0]),
+            },
+            "y_train has shape",
+        ),
+        (
+            {
+                "x_train": np.zeros((3, 2)),
+                "y_train": np.array([0, 1, 1]),
+                "x_test": np.zeros((1, 3)),
+                "y_test": np.array([0]),
+            },
+            "train samples",
+        ),
+        (
+            {
+                "x_train": np.full((3, 2), np.nan),
+                "y_train": np.array([0, 1, 1]),
+                "x_test": np.zeros((1, 2)),
+                "y_test": np.array([0]),
+            },
+            "NaN",
+        ),
+    ],
+)
+def test_npz_malformed(tmp_path, arrays, match):
+    p = tmp_path / "bad.npz"
+    np.savez(p, **arrays)
+    with pytest.raises(DataError, match=match):
+        load_dataset(DataConfig(name="npz", dir=str(p)), 0)
+
+
+def test_cifar_needs_a_folder(tmp_path):
+    with pytest.raises(DataError, match="data.dir"):
+        load_dataset(DataConfig(name="cifar10"), 0)
+    with pytest.raises(DataError, match="data_batch_1"):
+        load_dataset(DataConfig(name="cifar10", dir=str(tmp_path)), 0)
+
+
+def test_cifar_pickles(tmp_path):
+    import pickle
+
+    base = tmp_path / "cifar-10-batches-py"
+    base.mkdir()
+    rng = np.random.default_rng(0)
+    for name in [f"data_batch_{i}" for i in range(1, 6)] + ["test_batch"]:
+        with open(base / name, "wb") as f:
+            pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}, f)
+    d = load_dataset(DataConfig(name="cifar10", dir=str(tmp_path)), 0)
+    assert d.input_shape == (3, 32, 32) and len(d.x_train) == 20 and d.num_classes == 10

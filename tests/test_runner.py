@@ -1,0 +1,156 @@
+"""End-to-end runs on digits: the run-folder contract, determinism, byte accounting, resume."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from sparsefl.config import load_config
+from sparsefl.engines.embedded import EmbeddedEngine
+from sparsefl.errors import RunFolderError
+from sparsefl.experiment.runner import build, run_experiment
+from sparsefl.fl.server import Server
+
+TINY = [
+    "federation.num_clients=6",
+    "federation.clients_per_round=3",
+    "federation.rounds=3",
+    "data.min_samples=5",
+]
+
+SUMMARY_KEYS = {
+    "final_accuracy",
+    "best_accuracy",
+    "rounds",
+    "num_params",
+    "density",
+    "uplink_bytes_total",
+    "downlink_bytes_total",
+    "train_flops_total",
+    "train_flops_dense_total",
+    "client_seconds_total",
+    "wall_seconds",
+    "model_sha256",
+}
+ROUND_KEYS = {
+    "round",
+    "accuracy",
+    "loss",
+    "uplink_bytes",
+    "downlink_bytes",
+    "train_flops",
+    "train_flops_dense",
+    "client_seconds",
+    "clients",
+    "failures",
+}
+
+
+def test_run_folder_contract(tmp_path):
+    cfg = load_config(overrides=TINY)
+    s = run_experiment(cfg, tmp_path / "run")
+    d = tmp_path / "run"
+    for f in (
+        "config.json",
+        "metrics.jsonl",
+        "summary.json",
+        "model.safetensors",
+        "mask.safetensors",
+        "accuracy_vs_round.png",
+        "accuracy_vs_uplink.png",
+    ):
+        assert (d / f).is_file(), f
+    summary = json.loads((d / "summary.json").read_text())
+    assert SUMMARY_KEYS <= set(summary)
+    lines = [json.loads(x) for x in (d / "metrics.jsonl").read_text().splitlines()]
+    assert [r["round"] for r in lines] == [1, 2, 3]
+    assert all(ROUND_KEYS <= set(r) for r in lines)
+    assert len(lines[0]["clients"]) == 3
+    assert summary["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in lines) > 0
+    assert summary["density"] == 1.0 and summary["rounds"] == 3
+    assert summary["train_flops_total"] == summary["train_flops_dense_total"] > 0
+    assert json.loads((d / "config.json").read_text())["federation"]["rounds"] == 3
+    assert s["model_sha256"] == summary["model_sha256"]
+
+
+def test_same_seed_same_bits_different_seed_different_bits(tmp_path):
+    a = run_experiment(load_config(overrides=TINY), tmp_path / "a")
+    b = run_experiment(load_config(overrides=TINY), tmp_path / "b")
+    c = run_experiment(load_config(overrides=[*TINY, "seed=1"]), tmp_path / "c")
+    assert a["model_sha256"] == b["model_sha256"] != c["model_sha256"]
+    ma = (tmp_path / "a" / "metrics.jsonl").read_text().splitlines()
+    mb = (tmp_path / "b" / "metrics.jsonl").read_text().splitlines()
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "clients"}  # noqa: E731
+    assert [strip(x) for x in ma] == [strip(x) for x in mb]
+
+
+def test_uplink_and_downlink_bytes_are_the_real_payload_lengths():
+    cfg = load_config(overrides=TINY)
+    b = build(cfg)
+    seen = {"up": 0, "down": 0}
+
+    class Recording(EmbeddedEngine):
+        def run(self, tasks):
+            seen["down"] += sum(len(t.payload) for t in tasks)
+            outs = super().run(tasks)
+            seen["up"] += sum(len(o.payload) for o in outs)
+            return outs
+
+    eng = Recording(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed)
+    server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+    state = b.method.init_state(dict(b.spec.build().state_dict()))
+    _, rec = server.run_round(state, 1)
+    assert rec.uplink_bytes == seen["up"] > 0
+    assert rec.downlink_bytes == seen["down"] > 0
+    assert sum(c["uplink_bytes"] for c in rec.clients) == rec.uplink_bytes
+
+
+def test_finished_run_is_reported_and_other_config_refused(tmp_path):
+    cfg = load_config(overrides=TINY)
+    first = run_experiment(cfg, tmp_path / "r")
+    again = run_experiment(cfg, tmp_path / "r")
+    assert again["status"] == "finished" and again["model_sha256"] == first["model_sha256"]
+    with pytest.raises(RunFolderError, match="different configuration"):
+        run_experiment(load_config(overrides=[*TINY, "seed=9"]), tmp_path / "r")
+    forced = run_experiment(cfg, tmp_path / "r", force=True)
+    assert forced["status"] == "completed" and forced["model_sha256"] == first["model_sha256"]
+
+
+def test_interrupted_run_resumes_to_the_same_bits(tmp_path, monkeypatch):
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    whole = run_experiment(cfg, tmp_path / "whole")
+
+    real = Server.run_round
+
+    def crash_at_3(self, state, rnd):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return real(self, state, rnd)
+
+    monkeypatch.setattr(Server, "run_round", crash_at_3)
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "cut")
+    assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
+    monkeypatch.setattr(Server, "run_round", real)
+    resumed = run_experiment(cfg, tmp_path / "cut")
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    assert resumed["rounds"] == 4
+
+
+def test_client_state_on_disk_gives_the_same_result(tmp_path):
+    a = run_experiment(load_config(overrides=TINY), tmp_path / "mem")
+    b = run_experiment(load_config(overrides=[*TINY, "federation.client_state='disk'"]), tmp_path / "disk")
+    assert a["model_sha256"] == b["model_sha256"]
+
+
+def test_default_experiment_reaches_093(tmp_path):
+    """The README's default run: digits, 20 clients, alpha 0.5, cnn, FedAvg, 10/round, 30 rounds."""
+    s = run_experiment(load_config(), tmp_path / "default")
+    assert s["final_accuracy"] >= 0.93
+
+
+def test_worker_processes_give_the_same_bits(tmp_path):
+    a = run_experiment(load_config(overrides=TINY), tmp_path / "j1")
+    b = run_experiment(load_config(overrides=[*TINY, "jobs=2"]), tmp_path / "j2")
+    assert a["model_sha256"] == b["model_sha256"]
