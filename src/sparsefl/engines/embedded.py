@@ -18,7 +18,7 @@ import torch
 
 from sparsefl.data import ClientSplit
 from sparsefl.fl.client import run_client
-from sparsefl.fl.messages import ClientResult, ClientState, ClientTask
+from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
 from sparsefl.fl.server import ClientFailure
 from sparsefl.methods.base import Method
 
@@ -71,9 +71,10 @@ def _worker_init(method: Method, x: torch.Tensor, y: torch.Tensor, split: Client
     _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
 
 
-def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> tuple[torch.Tensor, torch.Tensor]:
+def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> ClientData:
     idx = torch.from_numpy(split.train[cid])
-    return x[idx], y[idx]
+    vidx = torch.from_numpy(split.val[cid])
+    return ClientData(x[idx], y[idx], x[vidx], y[vidx])
 
 
 def _execute(
@@ -87,8 +88,7 @@ def _execute(
     state: ClientState,
 ) -> ClientResult | ClientFailure:
     try:
-        cx, cy = _client_data(x, y, split, task.client_id)
-        return run_client(task, method, cx, cy, state, comm_up, seed)
+        return run_client(task, method, _client_data(x, y, split, task.client_id), state, comm_up, seed)
     except Exception as e:  # noqa: BLE001 - a failing client must not stop the federation
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         return ClientFailure(task.client_id, f"raised {tb}")

@@ -11,7 +11,8 @@ import torch
 from sparsefl.accounting import FlopCount, ModelProfile, train_flops
 from sparsefl.comm import decode_update, encode_update
 from sparsefl.config import LocalConfig
-from sparsefl.fl.messages import ClientResult, ClientState, ClientTask
+from sparsefl.fl.evaluate import evaluate
+from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, iter_batches
 from sparsefl.rng import torch_gen
 
@@ -96,8 +97,7 @@ def torch_threads(n: int):  # type: ignore[no-untyped-def]
 def run_client(
     task: ClientTask,
     method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: ClientData,
     state: ClientState,
     comm_up: str,
     seed: int,
@@ -109,19 +109,19 @@ def run_client(
     whatever order clients run.
     """
     with torch_threads(method.experiment.local.threads):
-        return _run_client(task, method, x, y, state, comm_up, seed)
+        return _run_client(task, method, data, state, comm_up, seed)
 
 
 def _run_client(
     task: ClientTask,
     method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
+    data: ClientData,
     state: ClientState,
     comm_up: str,
     seed: int,
 ) -> ClientResult:
     t0 = time.perf_counter()
+    x, y = data.x, data.y
     local = method.experiment.local
     model = method.new_model()
     spec = param_spec(model)
@@ -140,6 +140,12 @@ def _run_client(
         hooks.close()
     update, state = method.upload(model, down, state, ctx)
     payload = encode_update(update, comm_up, known=known)
+    metrics = {"steps": float(stats.steps)}
+    if data.x_val is not None and data.y_val is not None and len(data.x_val):
+        # the client's own model after local training (personalised where the method keeps
+        # personal state) on its validation split
+        acc, _ = evaluate(method.new_model(), method.personal_params(model, state), data.x_val, data.y_val)
+        metrics["val_accuracy"] = acc
     return ClientResult(
         round=task.round,
         client_id=task.client_id,
@@ -150,5 +156,5 @@ def _run_client(
         flops_dense=float(stats.flops.total_dense),
         seconds=time.perf_counter() - t0,
         state=state,
-        metrics={"steps": float(stats.steps)},
+        metrics=metrics,
     )

@@ -15,6 +15,16 @@ ClientState = dict[str, torch.Tensor]
 
 
 @dataclass(frozen=True)
+class ClientData:
+    """One client's local data: training tensors and an optional validation split."""
+
+    x: torch.Tensor
+    y: torch.Tensor
+    x_val: torch.Tensor | None = None
+    y_val: torch.Tensor | None = None
+
+
+@dataclass(frozen=True)
 class ClientTask:
     """What the server sends one client in one round.
 

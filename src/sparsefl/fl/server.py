@@ -52,6 +52,7 @@ class RoundRecord:
     client_seconds: float
     round_seconds: float
     lr: float
+    personal_accuracy: float | None = None
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -161,6 +162,8 @@ class Server:
             ],
             failures=failures,
         )
+        vals = [r.metrics["val_accuracy"] for r in results if "val_accuracy" in r.metrics]
+        record.personal_accuracy = sum(vals) / len(vals) if vals else None
         return new_state, record
 
 

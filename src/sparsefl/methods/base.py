@@ -191,6 +191,11 @@ class Method:
         """The hooks around local training."""
         return LocalHooks(model, self.profile)
 
+    def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
+        """The state_dict of the client's own model after local training, for its validation
+        accuracy (methods whose forward is reparameterised return the effective weights)."""
+        return model.state_dict()
+
     def upload(
         self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
     ) -> tuple[Update, ClientState]:
