@@ -79,6 +79,9 @@ class FederationConfig:
     min_clients: int = opt(1, "a round needs at least this many successful clients", ge=1)
     client_timeout: float = opt(0.0, "seconds a client may take (0 = no limit)", ge=0)
     max_round_retries: int = opt(3, "re-samples of a round that had too few successful clients", ge=0)
+    norm_reject_k: float = opt(
+        0.0, "robust aggregation: drop updates whose norm exceeds k x the round's median (0 = off)", ge=0
+    )
 
 
 @dataclass(frozen=True)
@@ -110,6 +113,24 @@ class CommConfig:
 
 
 @dataclass(frozen=True)
+class FaultsConfig:
+    """Seeded fault injection, for tests and robustness studies (every probability per client-round)."""
+
+    crash_prob: float = opt(0.0, "probability a client raises instead of training", ge=0, le=1)
+    nan_prob: float = opt(0.0, "probability a client's update carries NaN", ge=0, le=1)
+    corrupt_prob: float = opt(0.0, "probability a client's payload has flipped bytes", ge=0, le=1)
+    straggler_prob: float = opt(0.0, "probability a client is a straggler", ge=0, le=1)
+    straggler_seconds: float = opt(
+        3600.0, "simulated extra seconds a straggler takes (dropped if over federation.client_timeout)", ge=0
+    )
+
+    def __post_init__(self) -> None:
+        total = self.crash_prob + self.nan_prob + self.corrupt_prob + self.straggler_prob
+        if total > 1:
+            raise ConfigError("faults", total, "crash_prob + nan_prob + corrupt_prob + straggler_prob <= 1")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Options every method has. Methods subclass this with their own fields."""
 
@@ -130,6 +151,7 @@ class ExperimentConfig:
     local: LocalConfig = field(default_factory=LocalConfig)
     method: MethodConfig = field(default_factory=MethodConfig)
     comm: CommConfig = field(default_factory=CommConfig)
+    faults: FaultsConfig = field(default_factory=FaultsConfig)
 
     def __post_init__(self) -> None:
         f = self.federation

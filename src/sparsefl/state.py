@@ -45,6 +45,7 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     with open(tmp, "wb") as f:
+        _failpoint(path.name, f, data)
         f.write(data)
         f.flush()
         os.fsync(f.fileno())
@@ -54,6 +55,29 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.fsync(dir_fd)
     finally:
         os.close(dir_fd)
+
+
+_WRITES: dict[str, int] = {}
+
+
+def _failpoint(name: str, f, data: bytes) -> None:  # type: ignore[no-untyped-def]
+    """Test hook for crash safety: with ``SPARSEFL_KILL_DURING_WRITE=<file name>:<n>`` in the
+    environment, the n-th atomic write of that file writes half its bytes, syncs them, and the
+    process SIGKILLs itself, i.e. dies in the middle of the write."""
+    spec = os.environ.get("SPARSEFL_KILL_DURING_WRITE")
+    if not spec:
+        return
+    target, _, n = spec.rpartition(":")
+    if target != name:
+        return
+    _WRITES[name] = _WRITES.get(name, 0) + 1
+    if str(_WRITES[name]) == n:
+        import signal
+
+        f.write(data[: len(data) // 2])
+        f.flush()
+        os.fsync(f.fileno())
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 def atomic_write_text(path: str | Path, text: str) -> None:

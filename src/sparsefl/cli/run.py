@@ -59,7 +59,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 task, completed=record.round, info=f"acc {acc}  up {_mb(sent['up'])}  down {_mb(sent['down'])}{fails}"
             )
 
-        summary = run_experiment(cfg, out, force=args.force, progress=progress)
+        summary = run_experiment(
+            cfg, out, force=args.force, progress=progress, log=lambda msg: console.print(f"[yellow]{msg}[/]")
+        )
     if summary.get("status") == "finished":
         console.print(f"[yellow]{out} already holds this finished run (use --force to rerun)[/]")
     console.print(summary_table(summary, f"sparsefl run: {cfg.method.name} on {cfg.data.name} -> {out}"))

@@ -12,6 +12,7 @@ import multiprocessing as mp
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
 import torch
@@ -24,25 +25,35 @@ from sparsefl.methods.base import Method
 
 
 class ClientStateStore:
-    """Per-client state between rounds: a dict in memory, or safetensors files in a folder."""
+    """Per-client state between rounds: a dict in memory, or safetensors files in a folder.
+
+    On disk every state is written as ``client-<id>.r<round>.safetensors`` (atomically), so a
+    crash mid-round never overwrites the state a checkpoint refers to: resuming from round r
+    uses, for each client, its newest file of a round <= r and discards later ones.
+    In memory, the states travel inside the checkpoint (:meth:`snapshot` / :meth:`restore`).
+    """
 
     def __init__(self, folder: Path | None = None) -> None:
         self.folder = folder
         self._mem: dict[int, ClientState] = {}
+        self._version: dict[int, int] = {}
         if folder is not None:
             folder.mkdir(parents=True, exist_ok=True)
+
+    def _path(self, cid: int, rnd: int) -> Path:
+        assert self.folder is not None
+        return self.folder / f"client-{cid}.r{rnd}.safetensors"
 
     def get(self, cid: int) -> ClientState:
         if self.folder is None:
             return dict(self._mem.get(cid, {}))
-        path = self.folder / f"client-{cid}.safetensors"
-        if not path.exists():
+        if cid not in self._version:
             return {}
         from safetensors.torch import load_file
 
-        return load_file(str(path))
+        return load_file(str(self._path(cid, self._version[cid])))
 
-    def put(self, cid: int, state: ClientState) -> None:
+    def put(self, cid: int, state: ClientState, rnd: int) -> None:
         if self.folder is None:
             self._mem[cid] = dict(state)
             return
@@ -50,17 +61,40 @@ class ClientStateStore:
 
         from sparsefl.state import atomic_write_bytes
 
-        atomic_write_bytes(
-            self.folder / f"client-{cid}.safetensors", save({k: v.contiguous() for k, v in state.items()})
-        )
+        atomic_write_bytes(self._path(cid, rnd), save({k: v.contiguous() for k, v in state.items()}))
+        self._version[cid] = rnd
+
+    def commit(self, rnd: int) -> None:
+        """A checkpoint of round ``rnd`` is durable: drop older files of the clients it covers."""
+        if self.folder is None:
+            return
+        for p in self.folder.glob("client-*.r*.safetensors"):
+            cid, r = _parse(p.name)
+            if r < self._version.get(cid, -1) and r <= rnd:
+                p.unlink(missing_ok=True)
 
     def snapshot(self) -> dict[int, ClientState]:
         """All in-memory states (for checkpoints); empty when states live on disk."""
         return {c: dict(s) for c, s in self._mem.items()}
 
-    def restore(self, states: dict[int, ClientState]) -> None:
-        for c, s in states.items():
-            self.put(c, s)
+    def restore(self, states: dict[int, ClientState], upto_round: int) -> None:
+        """Back to the state of the checkpoint of round ``upto_round``."""
+        if self.folder is None:
+            self._mem = {c: dict(s) for c, s in states.items()}
+            return
+        self._version = {}
+        for p in sorted(self.folder.glob("client-*.r*.safetensors")):
+            cid, r = _parse(p.name)
+            if r > upto_round:
+                p.unlink(missing_ok=True)  # written by a round that never completed
+            elif r > self._version.get(cid, -1):
+                self._version[cid] = r
+
+
+def _parse(name: str) -> tuple[int, int]:
+    stem = name[len("client-") : -len(".safetensors")]
+    cid, r = stem.split(".r")
+    return int(cid), int(r)
 
 
 # -- worker-process plumbing --------------------------------------------------------------------------
@@ -127,11 +161,27 @@ class EmbeddedEngine:
                 for t, s in zip(tasks, states)
             ]
         else:
-            pool = self._get_pool()
-            outs = list(pool.map(_worker_run, tasks, states))
+            outs = self._run_pool(tasks, states)
         for o in outs:
             if isinstance(o, ClientResult):
-                self.store.put(o.client_id, o.state)
+                self.store.put(o.client_id, o.state, o.round)
+        return outs
+
+    def _run_pool(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
+        """Run tasks in the worker pool; a worker that dies fails only its own tasks (the pool
+        is rebuilt for the next round)."""
+        pool = self._get_pool()
+        futures = [pool.submit(_worker_run, t, s) for t, s in zip(tasks, states)]
+        outs: list[ClientResult | ClientFailure] = []
+        broken = False
+        for t, f in zip(tasks, futures):
+            try:
+                outs.append(f.result())
+            except BrokenProcessPool:
+                broken = True
+                outs.append(ClientFailure(t.client_id, "worker process died"))
+        if broken:
+            self.close()
         return outs
 
     def _get_pool(self) -> ProcessPoolExecutor:

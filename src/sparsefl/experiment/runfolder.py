@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -39,6 +40,8 @@ class RunFolder:
         holds a different configuration is refused.
         """
         self.path.mkdir(parents=True, exist_ok=True)
+        for stale in self.path.glob(".*.tmp-*"):  # left by a write that was killed midway
+            stale.unlink(missing_ok=True)
         cfg_file = self.path / "config.json"
         if cfg_file.exists():
             try:
@@ -54,7 +57,8 @@ class RunFolder:
                 )
             if (self.path / "summary.json").exists():
                 return "finished"
-            return "resume" if self.latest_checkpoint() is not None else "new"
+            has_ckpt = any((self.path / n).exists() for n in (CHECKPOINT, PREV_CHECKPOINT))
+            return "resume" if has_ckpt else "new"
         atomic_write_text(cfg_file, json.dumps({**to_dict(cfg), "_config_hash": config_hash(cfg)}, indent=2))
         return "new"
 
@@ -72,6 +76,7 @@ class RunFolder:
             "accuracy_vs_uplink.png",
         ):
             (self.path / name).unlink(missing_ok=True)
+        shutil.rmtree(self.path / "clients", ignore_errors=True)
 
     # -- metrics ----------------------------------------------------------------------------------
     def write_metrics(self, records: list[dict[str, Any]]) -> None:

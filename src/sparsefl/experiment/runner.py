@@ -91,6 +91,7 @@ def run_experiment(
     model: nn.Module | None = None,
     force: bool = False,
     progress: ProgressFn | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` into the folder ``out`` and return the summary.
 
@@ -116,11 +117,18 @@ def run_experiment(
     server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
     ckpt = folder.latest_checkpoint() if status == "resume" else None
+    if status == "resume" and log is not None:
+        for name in folder.damaged_checkpoints():
+            log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
+        if ckpt is not None:
+            log(f"resuming {folder.path} after round {ckpt['server']['round']}")
+        else:
+            log(f"{folder.path}: no usable checkpoint; starting again from round 1")
     records: list[dict[str, Any]]
     if ckpt is not None:
         state = _state_from_ckpt(ckpt["server"])
         server.initialised = set(ckpt["initialised"])
-        store.restore({int(k): v for k, v in ckpt["clients"].items()})
+        store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
         records = list(ckpt["metrics"])
         wall_before = float(ckpt["wall_seconds"])
     else:
@@ -129,6 +137,7 @@ def run_experiment(
         state = method.init_state(params, proxy)
         records = []
         wall_before = 0.0
+        store.restore({}, 0)
     folder.write_metrics(records)
 
     try:
@@ -146,6 +155,7 @@ def run_experiment(
                     "wall_seconds": wall_before + time.perf_counter() - t_start,
                 }
             )
+            store.commit(rnd)
             if progress is not None:
                 progress(record, {"rounds": cfg.federation.rounds})
     finally:

@@ -9,9 +9,10 @@ from dataclasses import dataclass
 import torch
 
 from sparsefl.accounting import FlopCount, ModelProfile, train_flops
-from sparsefl.comm import decode_update, encode_update
+from sparsefl.comm import Update, decode_update, encode_update
 from sparsefl.config import LocalConfig
 from sparsefl.fl.evaluate import evaluate
+from sparsefl.fl.faults import InjectedFault, corrupt, poison
 from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, iter_batches
 from sparsefl.rng import torch_gen
@@ -121,8 +122,11 @@ def _run_client(
     seed: int,
 ) -> ClientResult:
     t0 = time.perf_counter()
+    if task.fault == "crash":
+        raise InjectedFault(f"client {task.client_id} crashed (injected, round {task.round})")
     x, y = data.x, data.y
     local = method.experiment.local
+    faults = method.experiment.faults
     model = method.new_model()
     spec = param_spec(model)
     if task.setup is not None:
@@ -139,7 +143,11 @@ def _run_client(
     finally:
         hooks.close()
     update, state = method.upload(model, down, state, ctx)
+    if task.fault == "nan":
+        update = Update(values=poison(update.values), sent=update.sent)
     payload = encode_update(update, comm_up, known=known)
+    if task.fault == "corrupt":
+        payload = corrupt(payload, seed, task.round, task.client_id)
     metrics = {"steps": float(stats.steps)}
     if data.x_val is not None and data.y_val is not None and len(data.x_val):
         # the client's own model after local training (personalised where the method keeps
@@ -154,7 +162,7 @@ def _run_client(
         loss=stats.loss,
         flops=float(stats.flops.total),
         flops_dense=float(stats.flops.total_dense),
-        seconds=time.perf_counter() - t0,
+        seconds=time.perf_counter() - t0 + (faults.straggler_seconds if task.fault == "straggler" else 0.0),
         state=state,
         metrics=metrics,
     )

@@ -30,7 +30,9 @@ class ClientTask:
 
     ``payload`` is the encoded downlink (its length is the downlink bytes); ``setup`` is a
     one-time payload (e.g. a shared mask) sent only on the client's first participation.
-    ``lr`` is the round's learning rate (the schedule lives on the server).
+    ``lr`` is the round's learning rate (the schedule lives on the server). ``fault`` names an
+    injected fault the client must simulate (``crash``, ``nan``, ``corrupt``, ``straggler``;
+    see :mod:`sparsefl.fl.faults`), decided by the server so every engine injects the same.
     """
 
     round: int
@@ -38,6 +40,7 @@ class ClientTask:
     payload: bytes
     lr: float
     setup: bytes | None = None
+    fault: str | None = None
 
     @property
     def downlink_bytes(self) -> int:

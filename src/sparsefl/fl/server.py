@@ -19,6 +19,7 @@ from sparsefl.config import ExperimentConfig
 from sparsefl.errors import DecodeError, SparseflError
 from sparsefl.fl.client import param_spec
 from sparsefl.fl.evaluate import evaluate
+from sparsefl.fl.faults import draw_fault
 from sparsefl.fl.messages import ClientResult, ClientTask
 from sparsefl.fl.sampling import round_lr, sample_clients
 from sparsefl.methods.base import Method, Received, ServerState
@@ -79,27 +80,42 @@ class Server:
         self._eval_model = self.method.new_model()
         self._spec = param_spec(self._eval_model)
 
-    def make_tasks(self, state: ServerState, rnd: int, clients: list[int]) -> list[ClientTask]:
-        """Encode each sampled client's downlink (an object shared by all clients is encoded once)."""
+    def make_tasks(self, state: ServerState, rnd: int, clients: list[int], attempt: int = 0) -> list[ClientTask]:
+        """Encode each sampled client's downlink (an object shared by all clients is encoded once)
+        and draw its injected fault, if any."""
         cfg = self.cfg
         lr = round_lr(cfg.local.lr, cfg.local.lr_end, rnd, cfg.federation.rounds)
         cache: dict[int, bytes] = {}
         setup_update = self.method.setup_payload(state)
         setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
+        known = self.method.known_masks(state)
         tasks = []
         for cid in clients:
             down: Update = self.method.downlink(state, cid)
             key = id(down)
             if key not in cache:
-                cache[key] = encode_update(down, cfg.comm.down, known=self.method.known_masks(state))
+                cache[key] = encode_update(down, cfg.comm.down, known=known)
             first = cid not in self.initialised
-            tasks.append(ClientTask(rnd, cid, cache[key], lr, setup if first else None))
+            fault = draw_fault(cfg.faults, cfg.seed, rnd, attempt, cid)
+            tasks.append(ClientTask(rnd, cid, cache[key], lr, setup if first else None, fault))
         return tasks
 
     def decode(self, state: ServerState, result: ClientResult) -> Received:
-        """Strictly decode one upload (DecodeError on anything malformed)."""
+        """Strictly decode one upload (DecodeError on anything malformed, NaN or Inf included)."""
         upd = decode_update(result.payload, self._spec, known=self.method.known_masks(state))
         return Received(result.client_id, upd, result.num_examples)
+
+    def _screen(self, state: ServerState, task: ClientTask, out: ClientResult | ClientFailure) -> Received | str:
+        """The decoded upload, or the reason the client is dropped this round."""
+        if isinstance(out, ClientFailure):
+            return out.reason
+        timeout = self.cfg.federation.client_timeout
+        if timeout > 0 and out.seconds > timeout:
+            return f"timeout: took {out.seconds:.1f} s > federation.client_timeout={timeout:g} s"
+        try:
+            return self.decode(state, out)
+        except DecodeError as e:
+            return f"decode: {e}"
 
     def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
         """Run round ``rnd`` (1-based) from ``state``; re-sample when too few clients succeed."""
@@ -110,27 +126,31 @@ class Server:
         up = down = 0
         for attempt in range(fed.max_round_retries + 1):
             clients = sample_clients(cfg.seed, rnd, fed.num_clients, fed.clients_per_round, attempt)
-            tasks = self.make_tasks(state, rnd, clients)
+            tasks = self.make_tasks(state, rnd, clients, attempt)
             down += sum(t.downlink_bytes for t in tasks)
             outcomes = self.engine.run(tasks)
             ok: list[tuple[ClientResult, Received]] = []
-            for out in outcomes:
-                if isinstance(out, ClientFailure):
-                    failures.append({"client": out.client_id, "attempt": attempt, "reason": out.reason})
+            for task, out in zip(tasks, outcomes, strict=True):
+                if isinstance(out, ClientResult):
+                    up += out.uplink_bytes
+                verdict = self._screen(state, task, out)
+                if isinstance(verdict, str):
+                    failures.append(
+                        {"client": task.client_id, "attempt": attempt, "reason": verdict, "injected": task.fault}
+                    )
                     continue
-                up += out.uplink_bytes
-                try:
-                    ok.append((out, self.decode(state, out)))
-                except DecodeError as e:
-                    failures.append({"client": out.client_id, "attempt": attempt, "reason": f"decode: {e}"})
-            for task in tasks:
+                assert isinstance(out, ClientResult)
+                ok.append((out, verdict))
                 self.initialised.add(task.client_id)
+            ok = self._reject_outliers(state, ok, attempt, failures)
             if len(ok) >= fed.min_clients:
                 break
         else:
             raise RoundFailed(
                 f"round {rnd}: fewer than federation.min_clients={fed.min_clients} clients succeeded "
-                f"after {fed.max_round_retries + 1} attempts; failures: {failures[-3:]}"
+                f"in {fed.max_round_retries + 1} attempts (last failures: "
+                + "; ".join(f"client {f['client']}: {f['reason']}" for f in failures[-3:])
+                + "); the run folder holds the last complete round: fix the cause and rerun to resume"
             )
         new_state = self.method.aggregate(state, [r for _, r in ok])
         acc = loss = None
@@ -165,6 +185,34 @@ class Server:
         vals = [r.metrics["val_accuracy"] for r in results if "val_accuracy" in r.metrics]
         record.personal_accuracy = sum(vals) / len(vals) if vals else None
         return new_state, record
+
+    def _reject_outliers(
+        self, state: ServerState, ok: list[tuple[ClientResult, Received]], attempt: int, failures: list[dict[str, Any]]
+    ) -> list[tuple[ClientResult, Received]]:
+        """Robust aggregation: drop updates whose norm exceeds ``norm_reject_k`` x the median."""
+        k = self.cfg.federation.norm_reject_k
+        if k <= 0 or len(ok) < 3:
+            return ok
+        norms = [self.method.update_norm(state, r) for _, r in ok]
+        med = (
+            float(sorted(norms)[len(norms) // 2])
+            if len(norms) % 2
+            else float(sum(sorted(norms)[len(norms) // 2 - 1 : len(norms) // 2 + 1]) / 2)
+        )
+        kept = []
+        for (res, rec), nrm in zip(ok, norms, strict=True):
+            if med > 0 and nrm > k * med:
+                failures.append(
+                    {
+                        "client": res.client_id,
+                        "attempt": attempt,
+                        "injected": None,
+                        "reason": f"norm {nrm:.4g} > {k:g} x median {med:.4g} (federation.norm_reject_k)",
+                    }
+                )
+            else:
+                kept.append((res, rec))
+        return kept
 
 
 RoundCallback = Callable[[ServerState, RoundRecord], None]

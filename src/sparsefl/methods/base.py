@@ -161,6 +161,22 @@ class Method:
         new = agg.weighted_mean([r.update for r in received], [r.num_examples for r in received], names)
         return ServerState(round=state.round + 1, params=new, mask=state.mask, extra=state.extra)
 
+    def update_norm(self, state: ServerState, received: Received) -> float:
+        """Size of one client's update, for robust aggregation: the L2 norm of its change to the
+        global float tensors over the coordinates it sent (methods whose uploads are not
+        weights override this)."""
+        total = 0.0
+        for name, v in received.update.values.items():
+            cur = state.params.get(name)
+            if cur is None or not cur.is_floating_point():
+                continue
+            d = v.to(torch.float64) - cur.to(torch.float64)
+            sent = received.update.sent.get(name)
+            if sent is not None:
+                d = d * sent
+            total += float((d * d).sum())
+        return total**0.5
+
     def eval_params(self, state: ServerState) -> StateDict:
         """The state_dict the global test evaluation uses."""
         return state.params
