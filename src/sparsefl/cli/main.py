@@ -17,7 +17,7 @@ from rich.console import Console
 
 from sparsefl.errors import SparseflError
 
-SUBCOMMANDS = ("run", "list", "show", "partition", "prune")
+SUBCOMMANDS = ("run", "list", "show", "partition", "prune", "bench", "flower")
 
 
 def make_parser() -> argparse.ArgumentParser:

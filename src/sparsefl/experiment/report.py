@@ -1,0 +1,277 @@
+"""The benchmark report: ``report.md`` and ``report.html`` with mean +- std over seeds, PNG plots,
+and a verdict for each literature claim the suite lists.
+
+A claim (``[[claims]]`` in the suite) compares two run labels on one metric:
+
+```toml
+[[claims]]
+text = "ZeroFL is more accurate than SWAT with dense uploads at the same sparsity"
+source = "ZeroFL (ICLR 2022), Table 1"
+a = "zerofl-r0.1"           # the label expected to win
+b = "swat-dense"            # the label it is compared with
+metric = "final_accuracy"   # any numeric results.csv column
+expect = "higher"           # or "lower" (e.g. uplink_bytes)
+```
+
+It is checked in every context (sparsity x partition x alpha) where both labels have results;
+the verdict says whether the means over seeds go the expected way, with the numbers.
+"""
+
+from __future__ import annotations
+
+import html
+import json
+import math
+import statistics
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+from sparsefl.state import atomic_write_text
+
+GroupKey = tuple[str, float, str, Any]
+
+
+def _key(r: dict[str, Any]) -> GroupKey:
+    return (r["label"], float(r["sparsity"]), r["partition"], r["alpha"])
+
+
+def _ctx(k: GroupKey) -> str:
+    _, sp, part, alpha = k
+    a = f" alpha={alpha}" if alpha not in ("", None) else ""
+    return f"sparsity={sp:g} {part}{a}"
+
+
+def _ms(values: list[float]) -> tuple[float, float]:
+    vals = [float(v) for v in values if v is not None]
+    if not vals:
+        return math.nan, math.nan
+    return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
+
+
+def group(rows: list[dict[str, Any]]) -> dict[GroupKey, list[dict[str, Any]]]:
+    """Rows grouped by (label, sparsity, partition, alpha), in first-seen order."""
+    g: dict[GroupKey, list[dict[str, Any]]] = defaultdict(list)
+    for r in rows:
+        g[_key(r)].append(r)
+    return dict(g)
+
+
+def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the main table (mean +- std over seeds)."""
+    head = ["label", "method", "sparsity", "partition", "seeds", "final acc", "best acc", "uplink MB",
+            "downlink MB", "train GFLOP (vs dense)", "client s", "wall s"]  # fmt: skip
+    out = []
+    for k, rs in group(rows).items():
+        fa, fs = _ms([r["final_accuracy"] for r in rs])
+        ba, bs = _ms([r["best_accuracy"] for r in rs])
+        up, _ = _ms([r["uplink_bytes"] for r in rs])
+        dn, _ = _ms([r["downlink_bytes"] for r in rs])
+        fl, _ = _ms([r["train_flops"] for r in rs])
+        fd, _ = _ms([r["train_flops_dense"] for r in rs])
+        cs, _ = _ms([r["client_seconds"] for r in rs])
+        ws, _ = _ms([r["wall_seconds"] for r in rs])
+        part = rs[0]["partition"] + (f" a={rs[0]['alpha']}" if rs[0]["alpha"] not in ("", None) else "")
+        out.append([
+            k[0], rs[0]["method"], f"{k[1]:g}", part, str(len(rs)), f"{fa:.4f} ± {fs:.4f}", f"{ba:.4f} ± {bs:.4f}",
+            f"{up / 1e6:.2f}", f"{dn / 1e6:.2f}", f"{fl / 1e9:.2f} ({fl / fd:.3f})" if fd else "-",
+            f"{cs:.1f}", f"{ws:.1f}",
+        ])  # fmt: skip
+    return head, out
+
+
+def check_claims(claims: tuple[dict[str, Any], ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Each claim's verdict per context where both labels ran."""
+    groups = group(rows)
+    verdicts = []
+    for c in claims:
+        metric, expect = c.get("metric", "final_accuracy"), c.get("expect", "higher")
+        found = []
+        for ka, ra in groups.items():
+            if ka[0] != c["a"]:
+                continue
+            for kb, rb in groups.items():
+                if kb[0] != c["b"]:
+                    continue
+                same_sp = c.get("same_sparsity", True)
+                if kb[2:] != ka[2:] or (same_sp and kb[1] != ka[1]):
+                    continue
+                ma, _ = _ms([r[metric] for r in ra])
+                mb, _ = _ms([r[metric] for r in rb])
+                ok = ma > mb if expect == "higher" else ma < mb
+                found.append({"context": _ctx(ka), "a": ma, "b": mb, "reproduced": ok})
+        verdicts.append({**c, "metric": metric, "expect": expect, "results": found})
+    return verdicts
+
+
+def _series(run_dir: str) -> list[dict[str, Any]]:
+    p = Path(run_dir) / "metrics.jsonl"
+    return [json.loads(x) for x in p.read_text().splitlines()] if p.exists() else []
+
+
+def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
+    """The report's PNG plots; returns (file name, caption) pairs."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    groups = group(rows)
+    made: list[tuple[str, str]] = []
+
+    def curves(xkey: str) -> dict[str, tuple[list[float], list[float]]]:
+        res = {}
+        for k, rs in groups.items():
+            per_seed = []
+            for r in rs:
+                cum_up = cum_fl = 0.0
+                pts = []
+                for m in _series(r["run_dir"]):
+                    cum_up += m["uplink_bytes"]
+                    cum_fl += m["train_flops"]
+                    if m["accuracy"] is not None:
+                        x = {"round": m["round"], "uplink": cum_up / 1e6, "flops": cum_fl / 1e9}[xkey]
+                        pts.append((x, m["accuracy"]))
+                per_seed.append(pts)
+            n = min((len(p) for p in per_seed), default=0)
+            if n:
+                xs = [statistics.fmean(p[i][0] for p in per_seed) for i in range(n)]
+                ys = [statistics.fmean(p[i][1] for p in per_seed) for i in range(n)]
+                res[f"{k[0]} ({_ctx(k)})"] = (xs, ys)
+        return res
+
+    for name, xkey, xlabel, caption in (
+        ("accuracy_vs_round.png", "round", "round", "Global test accuracy per round (mean over seeds)"),
+        ("accuracy_vs_uplink.png", "uplink", "cumulative uplink (MB)", "Accuracy against cumulative uplink bytes"),
+        ("accuracy_vs_flops.png", "flops", "cumulative training GFLOP", "Accuracy against training FLOPs"),
+    ):
+        fig, ax = plt.subplots(figsize=(7, 4.2))
+        for lab, (xs, ys) in curves(xkey).items():
+            ax.plot(xs, ys, label=lab, lw=1.3)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel("test accuracy")
+        if xkey != "round":
+            ax.set_xscale("log")
+        ax.grid(alpha=0.3)
+        ax.legend(fontsize=6, loc="lower right")
+        fig.savefig(out / name, dpi=110, bbox_inches="tight")
+        plt.close(fig)
+        made.append((name, caption))
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
+    for k, rs in groups.items():
+        by_label[f"{k[0]} ({k[2]}{'' if k[3] in ('', None) else ' a=' + str(k[3])})"].append(
+            (k[1], _ms([r["final_accuracy"] for r in rs])[0])
+        )
+    for lab, pts in by_label.items():
+        pts.sort()
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+    ax.set_xlabel("sparsity")
+    ax.set_ylabel("final accuracy")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=6)
+    fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    made.append(("accuracy_vs_sparsity.png", "Final accuracy against sparsity"))
+
+    pts = [(_ms([r["uplink_bytes"] for r in rs])[0] / 1e6, _ms([r["final_accuracy"] for r in rs])[0], k)
+           for k, rs in groups.items()]  # fmt: skip
+    front = pareto_front([(p[0], p[1]) for p in pts])
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for x, y, k in pts:
+        ax.scatter(x, y, s=18)
+        ax.annotate(k[0], (x, y), fontsize=6)
+    if front:
+        ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, label="Pareto front")
+        ax.legend(fontsize=7)
+    ax.set_xscale("log")
+    ax.set_xlabel("total uplink (MB)")
+    ax.set_ylabel("final accuracy")
+    ax.grid(alpha=0.3)
+    fig.savefig(out / "pareto_uplink.png", dpi=110, bbox_inches="tight")
+    plt.close(fig)
+    made.append(("pareto_uplink.png", "Accuracy against uplink bytes: the Pareto front"))
+    return made
+
+
+def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
+    """Points not dominated by any other (less cost and at least as much accuracy), by cost."""
+    front: list[tuple[float, float]] = []
+    for x, y in sorted(points, key=lambda p: (p[0], -p[1])):
+        if not front or y > front[-1][1]:
+            front.append((x, y))
+    return front
+
+
+def _md_table(head: list[str], rows: list[list[str]]) -> str:
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def _html_table(head: list[str], rows: list[list[str]]) -> str:
+    th = "".join(f"<th>{html.escape(h)}</th>" for h in head)
+    trs = "".join("<tr>" + "".join(f"<td>{html.escape(c)}</td>" for c in r) + "</tr>" for r in rows)
+    return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
+
+
+def write_report(out: Path, suite: Any, rows: list[dict[str, Any]]) -> None:
+    """Write report.md, report.html and the plots into ``out``."""
+    import platform
+
+    import torch
+
+    head, table = summary_table(rows)
+    made = plots(out, rows) if rows else []
+    verdicts = check_claims(suite.claims, rows)
+    claim_head = ["claim", "source", "context", "metric", "expected", "a", "b", "reproduced?"]
+    claim_rows = []
+    for v in verdicts:
+        if not v["results"]:
+            claim_rows.append([v["text"], v.get("source", ""), "-", v["metric"], v["expect"], "-", "-",
+                               "not measured (labels missing)"])  # fmt: skip
+        for r in v["results"]:
+            claim_rows.append([
+                v["text"], v.get("source", ""), r["context"], v["metric"], f"{v['a']} {v['expect']} than {v['b']}",
+                f"{r['a']:.4g}", f"{r['b']:.4g}", "yes" if r["reproduced"] else "NO",
+            ])  # fmt: skip
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    md = [
+        f"# sparsefl benchmark: {suite.name}",
+        "",
+        suite.description.strip(),
+        "",
+        f"Machine: {machine}. Runs: {len(rows)}. Mean ± standard deviation over seeds.",
+        "",
+        _md_table(head, table),
+        "",
+        "## Claims from the literature, checked against these runs",
+        "",
+        _md_table(claim_head, claim_rows) if claim_rows else "(the suite lists no claims)",
+        "",
+        "## Plots",
+        "",
+        *[f"![{cap}]({name})\n\n{cap}\n" for name, cap in made],
+        "## Suite",
+        "",
+        "```toml",
+        suite.text.strip(),
+        "```",
+        "",
+    ]
+    atomic_write_text(out / "report.md", "\n".join(md))
+    css = "body{font-family:sans-serif;max-width:1200px;margin:auto}table{border-collapse:collapse;font-size:13px}" \
+          "td,th{border:1px solid #ccc;padding:3px 6px}img{max-width:100%}"  # fmt: skip
+    body = [
+        f"<h1>sparsefl benchmark: {html.escape(suite.name)}</h1>",
+        f"<p>{html.escape(suite.description.strip())}</p>",
+        f"<p>Machine: {html.escape(machine)}. Runs: {len(rows)}. Mean ± standard deviation over seeds.</p>",
+        _html_table(head, table),
+        "<h2>Claims from the literature, checked against these runs</h2>",
+        _html_table(claim_head, claim_rows) if claim_rows else "<p>(none)</p>",
+        "<h2>Plots</h2>",
+        *[f'<figure><img src="{name}"><figcaption>{html.escape(cap)}</figcaption></figure>' for name, cap in made],
+        f"<h2>Suite</h2><pre>{html.escape(suite.text)}</pre>",
+    ]
+    atomic_write_text(out / "report.html", f"<!doctype html><meta charset=utf-8><style>{css}</style>" + "".join(body))
