@@ -14,7 +14,7 @@ from typing import Any, Protocol
 
 import torch
 
-from sparsefl.comm import Update, decode_update, encode_update
+from sparsefl.comm import decode_update, encode_update
 from sparsefl.config import ExperimentConfig
 from sparsefl.errors import DecodeError, SparseflError
 from sparsefl.fl.client import param_spec
@@ -81,23 +81,26 @@ class Server:
         self._spec = param_spec(self._eval_model)
 
     def make_tasks(self, state: ServerState, rnd: int, clients: list[int], attempt: int = 0) -> list[ClientTask]:
-        """Encode each sampled client's downlink (an object shared by all clients is encoded once)
-        and draw its injected fault, if any."""
+        """Encode each sampled client's downlink (the broadcast is encoded once per round) and
+        draw its injected fault, if any."""
         cfg = self.cfg
         lr = round_lr(cfg.local.lr, cfg.local.lr_end, rnd, cfg.federation.rounds)
-        cache: dict[int, bytes] = {}
         setup_update = self.method.setup_payload(state)
         setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
         known = self.method.known_masks(state)
+        shared: bytes | None = None
         tasks = []
         for cid in clients:
-            down: Update = self.method.downlink(state, cid)
-            key = id(down)
-            if key not in cache:
-                cache[key] = encode_update(down, cfg.comm.down, known=known)
+            down = self.method.downlink(state, cid)
+            if down is not None:
+                payload = encode_update(down, cfg.comm.down, known=known)
+            else:
+                if shared is None:
+                    shared = encode_update(self.method.broadcast(state), cfg.comm.down, known=known)
+                payload = shared
             first = cid not in self.initialised
             fault = draw_fault(cfg.faults, cfg.seed, rnd, attempt, cid)
-            tasks.append(ClientTask(rnd, cid, cache[key], lr, setup if first else None, fault))
+            tasks.append(ClientTask(rnd, cid, payload, lr, setup if first else None, fault))
         return tasks
 
     def decode(self, state: ServerState, result: ClientResult) -> Received:

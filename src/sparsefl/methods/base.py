@@ -150,10 +150,15 @@ class Method:
         """A one-time payload for a client's first participation (e.g. a shared mask), or None."""
         return None
 
-    def downlink(self, state: ServerState, client_id: int) -> Update:
-        """What client ``client_id`` downloads this round. Returning the same object for every
-        client lets the engine encode it once (each client's copy is still counted)."""
+    def broadcast(self, state: ServerState) -> Update:
+        """What every client downloads this round unless :meth:`downlink` personalises it.
+        The server encodes it once per round and counts it once per client that receives it."""
         return Update(values=state.params)
+
+    def downlink(self, state: ServerState, client_id: int) -> Update | None:
+        """A personalised downlink for ``client_id`` (e.g. only its skeleton), or None for the
+        :meth:`broadcast`."""
+        return None
 
     def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
         """The new server state from the round's decoded uploads."""
