@@ -130,7 +130,7 @@ def _run_client(
     model = method.new_model()
     spec = param_spec(model)
     if task.setup is not None:
-        state = method.on_setup(decode_update(task.setup, spec), state)
+        state = method.on_setup(decode_update(task.setup, method.setup_spec(spec)), state)
     known = method.client_known_masks(state)
     down = decode_update(task.payload, spec, known=known)
     state = method.receive(model, down, state)

@@ -23,7 +23,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.accounting import LayerDensity, ModelProfile, inference_flops
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, LocalConfig, MethodConfig
 from sparsefl.fl import aggregate as agg
@@ -186,6 +186,20 @@ class Method:
         """The state_dict the global test evaluation uses."""
         return state.params
 
+    def inference_flops_per_sample(self, params: Mapping[str, torch.Tensor], x: torch.Tensor) -> tuple[float, float]:
+        """``(effective, dense)`` forward FLOPs per sample of the global model ``params``.
+
+        Effective counts each Conv/Linear layer's forward at the fraction of its weights that are
+        nonzero (what a sparse kernel would compute; theoretical); methods with input-dependent
+        computation (gating) override this and measure on ``x``.
+        """
+        dens = {
+            layer.name: LayerDensity(forward=float((params[layer.name] != 0).float().mean()))
+            for layer in self.profile.layers
+            if layer.name in params and params[layer.name].numel()
+        }
+        return float(inference_flops(self.profile, 1, dens).forward), float(self.profile.dense_forward())
+
     def known_masks(self, state: ServerState) -> dict[str, torch.Tensor]:
         """Masks both sides share (sent once in the setup payload); lets codecs omit them."""
         return {}
@@ -198,6 +212,13 @@ class Method:
     def client_known_masks(self, client_state: ClientState) -> dict[str, torch.Tensor]:
         """The client-side twin of :meth:`known_masks`, read from the client's state."""
         return {}
+
+    def setup_spec(
+        self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """Names, shapes and dtypes the setup payload may carry (default: the model's own
+        tensors); a method that ships more (e.g. a distillation teacher) adds them here."""
+        return spec
 
     def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
         """Store the one-time setup payload in the client's state."""

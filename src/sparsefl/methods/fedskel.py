@@ -1,0 +1,474 @@
+"""FedSkel: federated training of per-client "skeleton" channels (Luo et al., CIKM 2021).
+
+Each client picks a *skeleton*: for every convolution, the output channels whose feature maps
+had the largest accumulated L1 norm over a short full-backprop "SetSkel" phase. Afterwards
+("UpdateSkel") the backward pass runs only through the skeleton: the output gradient of every
+non-skeleton channel is zeroed, so non-skeleton filters get no weight gradient and the input
+gradient comes from skeleton channels only, while the forward stays dense. The client uploads
+only its skeleton filters, the server averages each filter over the clients that sent it, and a
+client takes the server's values for its skeleton filters only, keeping its own other filters
+(personalisation). Reference code: BUAA-CI-LAB/FedSkel (``acc-pytorch/sconv.py``,
+``speedup-caffe/base_conv_layer.cpp``); the algorithm as pinned from the code is in METHODS.md
+sections 2 and 14.4.
+
+Choices and departures (every one is a config key where it is a choice)
+-----------------------------------------------------------------------
+* **Importance** ``m_c = sum over SetSkel steps and over n, h, w of |Y[n, c, h, w]|`` with ``Y``
+  the conv output (before BatchNorm), the paper's activation criterion (``cut_based="act"``).
+  Computed on the device inside a forward hook, with no NumPy round-trips.
+* **Skeleton size** per layer ``k = max(1, floor(ratio * C_out + 0.5))`` channels, the top-k by
+  ``m_c`` (ties to the lower channel index). ``ratio`` is the fraction of each layer's output
+  channels *in* the skeleton (the reference's ``skel_rate``/``cut_percent`` is the fraction cut,
+  ``1 - ratio``; its threshold rule keeps about the same number of channels).
+* **SetSkel length** ``method.setskel_steps`` (default 5; the paper does not give it): the first
+  that many local steps of the selecting round run full backprop while the importance
+  accumulates, then the skeleton is chosen and the rest of the round is skeleton-only. A round
+  with fewer steps selects at its end from what it saw. Selection happens at a client's first
+  participation, as in the reference code (whose ``skel_index`` is filled once), or again every
+  ``method.reselect_every`` rounds of the client's own clock (0 = never, the default).
+* **Per-client ratios** ``method.tiers``: when given, client ``c`` gets the ratio
+  ``tiers[p(c) mod len(tiers)]`` where ``p`` is a permutation of the client ids drawn from
+  ``rng.np_rng(seed, "fedskel", "tiers")``: the tiers get equal shares (up to one client) of the
+  federation, and the assignment depends only on the seed and the federation size.
+* **BatchNorm** (``method.bn``): FedSkel masks ``dL/dY`` of the conv only, so the BatchNorm after
+  it still trains its affine parameters for *every* channel (``bn="train"``, default, the
+  reference's behaviour: BN is sent densely and loaded with a plain state-dict load).
+  ``bn="skeleton"`` also zeroes the gradient at the BN output, freezes ``gamma, beta`` of
+  non-skeleton channels and treats them like the filters (sent and downloaded for skeleton
+  channels only, kept personal otherwise). Running statistics follow the dense forward and are
+  sent densely. Measured on digits (20 clients, 10 per round, 30 rounds, alpha 0.5, ratio 0.25)
+  both reach 0.972 global test accuracy (dense FedAvg 0.983).
+* **Frozen means bit-identical.** Zeroed gradients alone do not stop SGD weight decay (and
+  momentum carried over from the SetSkel steps) from moving a frozen filter, so after every
+  skeleton-only step the frozen rows (and the bias entries and, with ``bn="skeleton"``, the BN
+  affine entries of frozen channels) are restored from a copy taken when the skeleton became
+  active.
+* **Scope**: convolutions only (the reference's ``sconv``); linear layers train densely.
+  ``method.skeleton_linear=true`` (a departure, off by default) also skeletonises every hidden
+  linear layer by output feature (the classifier, the last linear layer, stays dense), which
+  matters for models whose parameters sit mostly in a hidden linear layer (the digits CNN).
+* **Uplink** (``aggregation="per_filter"``): the full-shape weight with a ``sent`` mask of the
+  skeleton rows for each skeletonised layer; everything else (biases, BatchNorm, dense linear
+  layers, buffers) densely. The server learns each client's skeleton from these masks and keeps
+  it in ``ServerState.extra["skel/{client}/{weight name}"]`` (a bool vector over output
+  channels). **Downlink**: the full model at a client's first participation (the server does
+  not know its skeleton yet), afterwards only that client's skeleton rows of the skeletonised
+  tensors plus the dense rest.
+* **Aggregation**: ``per_filter`` (default) averages each coordinate sample-weighted over the
+  clients that sent it (:func:`sparsefl.fl.aggregate.per_coordinate`); a filter nobody sent
+  keeps the server's value. ``mean_full`` is the reference code's ``Fed.py``: the unweighted
+  mean of full state dicts; clients then upload (and download) full models, so it saves no
+  traffic, only backward compute; the client still keeps its own non-skeleton filters on
+  download.
+* **Personalisation** is the client's state: its skeleton, the round it was chosen, and its own
+  copy of every skeletonised tensor (``personal_params`` is simply its trained model).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from torch import nn
+from torch.utils.hooks import RemovableHandle
+
+from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.comm import Update
+from sparsefl.config import MethodConfig, opt
+from sparsefl.errors import ConfigError
+from sparsefl.fl import aggregate as agg
+from sparsefl.fl.messages import ClientState
+from sparsefl.methods.base import LocalContext, LocalHooks, Method, Received, ServerState
+from sparsefl.registry import METHODS
+from sparsefl.rng import np_rng
+
+_CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+@dataclass(frozen=True)
+class FedSkelConfig(MethodConfig):
+    """Options of FedSkel (see the module docstring for what each choice means)."""
+
+    skeleton_ratio: float = opt(
+        0.25, "fraction of each conv layer's output channels in a client's skeleton", gt=0, le=1
+    )
+    tiers: tuple[float, ...] = opt(
+        (), "per-client skeleton ratios (device tiers), assigned by a seeded balanced rule; empty = skeleton_ratio",
+        gt=0, le=1,
+    )
+    setskel_steps: int = opt(5, "local steps of full backprop that accumulate the channel importance", ge=1)
+    reselect_every: int = opt(0, "re-select a client's skeleton every k of its rounds (0 = never)", ge=0)
+    aggregation: Literal["per_filter", "mean_full"] = opt(
+        "per_filter", "per_filter: average each filter over its senders; mean_full: reference's mean of full models"
+    )
+    bn: Literal["train", "skeleton"] = opt(
+        "train", "BatchNorm after a conv: train all channels (reference, default) or only skeleton channels"
+    )
+    skeleton_linear: bool = opt(False, "also skeletonise hidden linear layers by output feature (departure)")
+
+    def __post_init__(self) -> None:
+        if self.sparsity != 0:
+            raise ConfigError("method.sparsity", self.sparsity, "0 for fedskel (it prunes no weights)")
+
+
+# ------------------------------------------------------------------------------------------------
+# Pure helpers
+# ------------------------------------------------------------------------------------------------
+
+
+def skeleton_size(channels: int, ratio: float) -> int:
+    """Channels kept of ``channels`` at skeleton ratio ``ratio``: ``max(1, floor(ratio*C + 0.5))``."""
+    return max(1, min(channels, int(math.floor(ratio * channels + 0.5))))
+
+
+def select_skeleton(importance: torch.Tensor, ratio: float) -> torch.Tensor:
+    """Bool mask over channels: the ``skeleton_size`` channels with the largest importance.
+
+    Ties go to the lower channel index (stable sort), so the choice is deterministic.
+    """
+    k = skeleton_size(importance.numel(), ratio)
+    order = torch.sort(importance.detach().to(torch.float64).cpu(), descending=True, stable=True).indices
+    mask = torch.zeros(importance.numel(), dtype=torch.bool)
+    mask[order[:k]] = True
+    return mask
+
+
+def channel_importance(y: torch.Tensor, linear: bool = False) -> torch.Tensor:
+    """``sum over every dim but the channel dim of |y|`` (channel dim 1 for conv, last for linear)."""
+    dim = y.dim() - 1 if linear else 1
+    dims = [d for d in range(y.dim()) if d != dim]
+    return y.detach().abs().sum(dim=dims, dtype=torch.float64) if dims else y.detach().abs().to(torch.float64)
+
+
+def assign_tiers(seed: int, num_clients: int, tiers: tuple[float, ...]) -> list[float]:
+    """Skeleton ratio of every client: ``tiers[p(c) mod len(tiers)]`` for a seeded permutation ``p``.
+
+    Balanced (each tier gets ``num_clients / len(tiers)`` clients, up to one) and a pure function
+    of ``(seed, num_clients, tiers)``.
+    """
+    perm = np_rng(seed, "fedskel", "tiers").permutation(num_clients)
+    pos = [0] * num_clients
+    for p, c in enumerate(perm):
+        pos[int(c)] = p
+    return [tiers[pos[c] % len(tiers)] for c in range(num_clients)]
+
+
+def rows_mask(channels: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> torch.Tensor:
+    """Expand a channel mask (dim 0) to a full-shape bool mask of a tensor of ``shape``."""
+    return channels.view(-1, *([1] * (len(shape) - 1))).expand(*shape).clone()
+
+
+@dataclass(frozen=True)
+class SkelLayer:
+    """One skeletonised layer: its weight name, module name, whether linear, and the tensors that
+    belong to each of its output channels (``personal``: sent for skeleton rows only and kept
+    personal otherwise; ``frozen``: restored for non-skeleton rows after every masked step)."""
+
+    name: str
+    module: str
+    linear: bool
+    bn_module: str | None
+    personal: tuple[str, ...]
+    frozen: tuple[str, ...]
+
+
+def skeleton_layers(model: nn.Module, skeleton_linear: bool, bn_mode: str) -> list[SkelLayer]:
+    """The skeletonised layers of ``model`` in registration (forward) order.
+
+    A conv's BatchNorm is the next BatchNorm module registered after it with ``num_features ==
+    out_channels`` and no other conv/linear in between (the convention every model here follows).
+    """
+    mods = list(model.named_modules())
+    linears = [n for n, m in mods if isinstance(m, nn.Linear)]
+    out: list[SkelLayer] = []
+    for i, (name, mod) in enumerate(mods):
+        is_conv = isinstance(mod, _CONV)
+        is_lin = isinstance(mod, nn.Linear) and skeleton_linear and name != linears[-1]
+        if not (is_conv or is_lin):
+            continue
+        bn_name = None
+        for n2, m2 in mods[i + 1 :]:
+            if isinstance(m2, (*_CONV, nn.Linear)):
+                break
+            if isinstance(m2, _BN) and m2.num_features == (mod.out_channels if is_conv else mod.out_features):
+                bn_name = n2
+                break
+        prefix = f"{name}." if name else ""
+        personal = [f"{prefix}weight"]
+        frozen = [f"{prefix}weight"] + ([f"{prefix}bias"] if getattr(mod, "bias", None) is not None else [])
+        if bn_mode == "skeleton" and bn_name is not None:
+            bn_mod = dict(mods)[bn_name]
+            affine = [f"{bn_name}.weight", f"{bn_name}.bias"] if bn_mod.affine else []
+            personal += affine
+            frozen += affine
+        out.append(SkelLayer(f"{prefix}weight", name, not is_conv, bn_name, tuple(personal), tuple(frozen)))
+    return out
+
+
+# ------------------------------------------------------------------------------------------------
+# Local hooks
+# ------------------------------------------------------------------------------------------------
+
+
+class SkeletonHooks(LocalHooks):
+    """SetSkel then UpdateSkel around the local training loop.
+
+    ``skeleton`` is the client's current skeleton (weight name -> bool channel mask) or None to
+    run a SetSkel phase of ``setskel_steps`` full-backprop steps first. The chosen skeleton is
+    written into ``client_state`` (this round's copy, made by :meth:`FedSkel.receive`) so that
+    :meth:`FedSkel.upload` sees it; a round shorter than the SetSkel phase selects in
+    :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        profile: ModelProfile,
+        layers: list[SkelLayer],
+        ratio: float,
+        skeleton: dict[str, torch.Tensor] | None,
+        setskel_steps: int,
+        client_state: ClientState | None = None,
+        round: int = 0,
+        mask_bn_output: bool = False,
+    ) -> None:
+        super().__init__(model, profile)
+        self.layers = layers
+        self.ratio = ratio
+        self.setskel_steps = setskel_steps
+        self.client_state = client_state
+        self.round = round
+        self.skeleton: dict[str, torch.Tensor] | None = None
+        self.importance: dict[str, torch.Tensor] = {}
+        self._masked_step = False
+        self._frozen: dict[str, torch.Tensor] = {}
+        self._tensors = dict(model.named_parameters())
+        mods = dict(model.named_modules())
+        self._handles: list[RemovableHandle] = []
+        for layer in layers:
+            self._handles.append(mods[layer.module].register_forward_hook(self._make_hook(layer)))
+            if mask_bn_output and layer.bn_module is not None:
+                self._handles.append(mods[layer.bn_module].register_forward_hook(self._make_hook(layer, bn=True)))
+        if skeleton is not None:
+            self._activate(skeleton)
+
+    # -- hooks on the model
+    def _make_hook(self, layer: SkelLayer, bn: bool = False):  # type: ignore[no-untyped-def]
+        def hook(mod: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            if self.skeleton is None:
+                if not bn and mod.training and torch.is_grad_enabled():
+                    imp = channel_importance(out, layer.linear)
+                    prev = self.importance.get(layer.name)
+                    self.importance[layer.name] = imp if prev is None else prev + imp
+                return
+            if out.requires_grad:
+                keep = self._views[(layer.name, out.dim(), layer.linear and not bn)]
+                out.register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0))
+
+        return hook
+
+    def _activate(self, skeleton: dict[str, torch.Tensor]) -> None:
+        """Start skeleton-only backprop: snapshot the tensors frozen rows are restored from."""
+        self.skeleton = {k: v.clone() for k, v in skeleton.items()}
+        self._views: dict[tuple[str, int, bool], torch.Tensor] = {}
+        for layer in self.layers:
+            ch = self.skeleton[layer.name]
+            for nd in (2, 3, 4, 5):
+                # the channel dim is 1 for conv and BN outputs, the last dim for linear outputs
+                self._views[(layer.name, nd, False)] = ch.view(1, -1, *([1] * (nd - 2)))
+                self._views[(layer.name, nd, True)] = ch.view(*([1] * (nd - 1)), -1)
+            for t in layer.frozen:
+                self._frozen[t] = self._tensors[t].detach().clone()
+        if self.client_state is not None:
+            for layer in self.layers:
+                self.client_state[f"skel/{layer.name}"] = self.skeleton[layer.name].clone()
+            self.client_state["skel_round"] = torch.tensor(self.round, dtype=torch.int64)
+
+    def _select(self) -> None:
+        skel = {}
+        for layer in self.layers:
+            imp = self.importance.get(layer.name)
+            if imp is None:  # no training step saw this layer: rank all channels equal
+                w = self._tensors[layer.name]
+                imp = torch.zeros(w.shape[0], dtype=torch.float64)
+            skel[layer.name] = select_skeleton(imp, self.ratio)
+        self._activate(skel)
+
+    # -- LocalHooks interface
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        self._masked_step = self.skeleton is not None
+        return self.model(x)
+
+    def after_step(self, step: int) -> None:
+        if self.skeleton is None:
+            if step + 1 >= self.setskel_steps:
+                self._select()
+            return
+        with torch.no_grad():
+            for layer in self.layers:
+                frozen = ~self.skeleton[layer.name]
+                for t in layer.frozen:
+                    self._tensors[t][frozen] = self._frozen[t][frozen]
+
+    def densities(self) -> Mapping[str, LayerDensity]:
+        if not self._masked_step or self.skeleton is None:
+            return {}
+        out = {}
+        for layer in self.layers:
+            if layer.name in self.profile:
+                f = float(self.skeleton[layer.name].float().mean())
+                out[layer.name] = LayerDensity(forward=1.0, grad_input=f, grad_weight=f)
+        return out
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+        if self.skeleton is None:
+            self._select()
+
+
+# ------------------------------------------------------------------------------------------------
+# The method
+# ------------------------------------------------------------------------------------------------
+
+
+@METHODS.register("fedskel", FedSkelConfig, summary="FedSkel (Luo et al. 2021): per-client skeleton channels")
+class FedSkel(Method):
+    """FedSkel (Luo et al., CIKM 2021): skeleton-only backprop, upload and personalised download.
+
+    See the module docstring for the algorithm and every choice made.
+    """
+
+    config_cls = FedSkelConfig
+    config: FedSkelConfig
+
+    def __init__(self, *args, **kwargs) -> None:  # type: ignore[no-untyped-def]
+        super().__init__(*args, **kwargs)
+        c = self.config
+        self.layers = skeleton_layers(self.spec.build(), c.skeleton_linear, c.bn)
+        self._tier_ratios = (
+            assign_tiers(self.experiment.seed, self.experiment.federation.num_clients, c.tiers) if c.tiers else None
+        )
+
+    def ratio(self, client_id: int) -> float:
+        """Skeleton ratio of ``client_id``: its tier's, or ``method.skeleton_ratio``."""
+        if self._tier_ratios is not None and 0 <= client_id < len(self._tier_ratios):
+            return self._tier_ratios[client_id]
+        return self.config.skeleton_ratio
+
+    # ---------------------------------------------------------------------------------- server
+    def downlink(self, state: ServerState, client_id: int) -> Update | None:
+        """The broadcast (full model) until the server knows the client's skeleton, then its
+        skeleton rows of every personalised tensor plus the dense rest (``per_filter`` only)."""
+        if self.config.aggregation != "per_filter":
+            return None
+        sent = {}
+        for layer in self.layers:
+            ch = state.extra.get(f"skel/{client_id}/{layer.name}")
+            if ch is None:
+                return None
+            for t in layer.personal:
+                sent[t] = rows_mask(ch, state.params[t].shape)
+        return Update(values=state.params, sent=sent)
+
+    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
+        """``per_filter``: per-coordinate mean over senders; ``mean_full``: unweighted mean of
+        full models. Records each sender's skeleton (from its sent masks) in ``extra``."""
+        names = list(state.params)
+        ups = [r.update for r in received]
+        if self.config.aggregation == "mean_full":
+            new = agg.weighted_mean(ups, [1] * len(ups), names)
+            return ServerState(state.round + 1, new, state.mask, state.extra)
+        new = agg.per_coordinate(ups, [r.num_examples for r in received], state.params, names)
+        extra = dict(state.extra)
+        for r in received:
+            for layer in self.layers:
+                s = r.update.sent.get(layer.name)
+                if s is not None:
+                    extra[f"skel/{r.client_id}/{layer.name}"] = s.reshape(s.shape[0], -1).any(dim=1)
+        return ServerState(state.round + 1, new, state.mask, extra)
+
+    # ---------------------------------------------------------------------------------- client
+    def _skeleton(self, client_state: ClientState) -> dict[str, torch.Tensor] | None:
+        keys = [f"skel/{layer.name}" for layer in self.layers]
+        if not all(k in client_state for k in keys):
+            return None
+        return {layer.name: client_state[f"skel/{layer.name}"].bool() for layer in self.layers}
+
+    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+        """Load the downlink; for a client with a skeleton, take the server's values for its
+        skeleton rows only and keep its own values elsewhere (the reference's
+        ``update_skel_weight``). Returns a fresh copy of the state for this round."""
+        state = dict(client_state)
+        values = dict(down.values)
+        skel = self._skeleton(state)
+        if skel is not None:
+            for layer in self.layers:
+                ch = skel[layer.name]
+                for t in layer.personal:
+                    own = state.get(f"w/{t}")
+                    if own is None:
+                        raise ValueError(f"fedskel: client state has a skeleton but no personal copy of {t!r}")
+                    values[t] = torch.where(rows_mask(ch, own.shape), values[t], own)
+        model.load_state_dict(values, strict=True)
+        return state
+
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
+        """SetSkel at the first participation (or when re-selection is due), else skeleton-only."""
+        skel = self._skeleton(client_state)
+        every = self.config.reselect_every
+        if skel is not None and every > 0 and "skel_round" in client_state:
+            if ctx.round - int(client_state["skel_round"]) >= every:
+                skel = None
+        return SkeletonHooks(
+            model,
+            self.profile,
+            self.layers,
+            self.ratio(ctx.client_id),
+            skel,
+            self.config.setskel_steps,
+            client_state,
+            ctx.round,
+            mask_bn_output=self.config.bn == "skeleton",
+        )
+
+    def upload(
+        self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
+    ) -> tuple[Update, ClientState]:
+        """Skeleton rows of each personalised tensor (sent masks) plus the dense rest; keep the
+        client's own copy of every personalised tensor in its state."""
+        values = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        state = dict(client_state)
+        skel = self._skeleton(state)
+        if skel is None:  # cannot happen: the hooks select at the latest in close()
+            raise RuntimeError("fedskel: no skeleton after local training")
+        sent = {}
+        for layer in self.layers:
+            for t in layer.personal:
+                state[f"w/{t}"] = values[t].clone()
+                sent[t] = rows_mask(skel[layer.name], values[t].shape)
+        if self.config.aggregation == "mean_full":
+            sent = {}
+        return Update(values=values, sent=sent), state
+
+
+def personal_tensors(method: FedSkel) -> list[str]:
+    """Names of every tensor FedSkel sends for skeleton rows only (for tests and reports)."""
+    return [t for layer in method.layers for t in layer.personal]
+
+
+__all__ = [
+    "FedSkel",
+    "FedSkelConfig",
+    "SkeletonHooks",
+    "assign_tiers",
+    "channel_importance",
+    "select_skeleton",
+    "skeleton_layers",
+    "skeleton_size",
+]

@@ -1,0 +1,615 @@
+"""HideNseek: server-side SynFlow pruning at initialisation and a collectively learned sign supermask.
+
+**A labelled reconstruction.** HideNseek (Vallapuram, Zhou, Kwon, Lee, Xu, Hui; "HideNseek:
+Federated Lottery Ticket via Server-side Pruning and Sign Supermask", arXiv 2206.04385) has no
+public code and its full text was not available; only the abstract and the thesis abstract are
+(METHODS.md sections 3 and 14.2). What they state: the server prunes a *randomly initialised*
+model once, data-free, by synaptic saliency; clients then "collectively learn a sign supermask"
+in {-1, +1} that multiplies the unpruned weights, which stay frozen. Everything else below is a
+choice made here, and each one is an option. No accuracy, traffic or time number of the paper is
+reproduced or claimed. Registered as ``method.name=hidenseek``.
+
+The round
+---------
+1. **Server initialisation** (:meth:`HideNseek.init_state`, once): every Conv/Linear weight is
+   re-drawn (``method.weight_init``), then SynFlow (Tanaka et al. 2020,
+   :mod:`sparsefl.pruning.criteria.synflow`) prunes the pruning scope to ``method.sparsity`` in
+   ``method.synflow_iterations`` iterations (100, as the SynFlow reference), data-free (an
+   all-ones input of the data's shape), with the global allocation and SynFlow's per-layer
+   minimum (1 weight, raise with ``method.min_keep_fraction``) against layer collapse
+   (Synaptic-Flow#7). The pruned weights ``W0 = M * W_init`` are then **frozen for good**:
+   ``state.params`` holds them bit for bit in every round.
+2. **Setup payload** (once per client, at its first participation): the frozen tensors, the
+   scope weights with ``sent = M`` so that the mask travels with them. Afterwards both sides know
+   ``M`` (:meth:`known_masks`), so sign tensors cost one bit per kept weight.
+3. **Downlink** (every round): the global signs ``g`` (+-1 on the kept positions, sent with the
+   known mask: 1 bit per kept weight), plus the BatchNorm running statistics and, with
+   ``method.train_bn``, the BatchNorm affine parameters and the Conv/Linear biases.
+4. **Local training** (:class:`SignSupermaskHooks`): the client learns a real score tensor ``s``
+   per sign-scope weight; the forward pass uses the effective weights
+
+   ``W_eff = M * W0 * sign(s)``,  with ``sign(s) = +1 for s >= 0, -1 for s < 0``,
+
+   so ``s > 0`` everywhere reproduces ``W0`` and only signs, never magnitudes, change. Scores
+   start each round as ``g * s0`` with ``s0 > 0`` (``method.score_init``), i.e. from the global
+   signs. The sign is trained with a straight-through estimator (:class:`SignSTE`):
+
+   ``dL/ds = dL/dsign(s) = (dL/dW_eff) * M * W0``  (``ste=identity``), times ``1[|s| <= ste_clip]``
+   (``ste=clipped``, the default, clip 1).
+
+   The reparameterisation is functional (``torch.func.functional_call`` with the effective
+   weights on every forward): the user's model, its parameters and classes are never modified;
+   the frozen parameters get ``requires_grad=False`` for the duration of local training only.
+5. **Uplink**: ``sign(s)`` as +-1 on the kept positions with ``sent = M`` (the known mask), one
+   bit per kept weight with the ``auto`` (default) or ``sign`` codec, plus the BatchNorm running
+   statistics and, with ``method.train_bn``, the trained BatchNorm affine parameters and biases
+   (float32). Nothing else.
+6. **Aggregation** (:func:`sign_vote`): one shared sign mask by majority vote,
+   ``v = sum_k w_k * sign(u_k)`` with ``w_k = n_k`` (samples, ``vote=weighted``, default) or
+   ``1`` (``vote=unweighted``), and ``g_new = sign(v)``; **a tie (v = 0) keeps the previous sign**
+   (METHODS.md 12.3). The votes are summed in int64, so ties are exact. A client's vote is the
+   sign of whatever it sent (a crafted magnitude cannot weigh more). BatchNorm statistics and
+   trained tensors take the sample-weighted mean (FedAvg).
+7. **Evaluation**: the global model ``M * W0 * g`` (:meth:`eval_params`).
+
+Choices (each an option; ``[paper]`` = stated in the abstracts, else chosen here)
+-------------------------------------------------------------------------------
+* ``method.sparsity=0.9``: fraction of the pruning scope removed by SynFlow [paper: "same
+  compression rates as state-of-the-art", value unknown]. ``0`` keeps every weight (signs only).
+* ``method.synflow_iterations=100`` (SynFlow's ``--prune-epochs``); ``method.min_keep_fraction=0``
+  (MT rule; SynFlow's ``min_keep=1`` always applies).
+* ``method.prune_first=true``, ``method.prune_classifier=true``: the pruning scope is every
+  Conv/Linear weight (one global SynFlow). Layers left out stay dense but are still sign-trained:
+  the *sign scope* is always every Conv/Linear weight.
+* ``method.weight_init=kaiming_normal``: ``N(0, 2 / fan_in)`` per Conv/Linear weight (METHODS.md
+  3.1's example); ``signed_constant`` draws ``+-sqrt(2 / fan_in)`` (Ramanujan et al.'s signed
+  Kaiming constant: every magnitude equal within a layer); ``model`` keeps the model's own
+  initialisation. Draws come from ``rng.torch_gen(seed, "hidenseek", "init", name)``. Biases keep
+  the model's initialisation.
+* ``method.rescale=false``: with ``true``, the kept weights of each layer are multiplied by
+  ``1 / sqrt(layer density)`` after pruning (keeps the forward scale of a sparse layer, as
+  Ramanujan et al.'s scaled fan-in); part of ``W0``, so still frozen.
+* ``method.score_init=abs_normal`` with ``method.score_scale=0.5``: ``s0 = 0.5 * |N(0, 1)|`` drawn
+  from ``rng.torch_gen(seed, "hidenseek", "scores", client, round, name)`` (about 5% start outside
+  the clip and cannot flip that round); ``constant`` sets ``s0 = score_scale``, which with the
+  clipped STE must lie inside the clip (validated). Random magnitudes make each client's flips
+  a noisy threshold of its gradient, which the vote then averages; on digits (30 rounds, 20
+  clients, alpha 0.5, 90%) this beat a constant 0.5 (final accuracy 0.44 vs 0.30 at the
+  default rates).
+* ``method.ste=clipped``, ``method.ste_clip=1.0`` (METHODS.md 14.2's default); ``identity`` passes
+  the gradient everywhere.
+* ``method.score_lr=5.0``: the learning rate of the scores at round 1 (they follow the same
+  schedule as ``local.lr``). Implemented by scaling the score gradients by ``score_lr / local.lr``
+  after the backward pass, which is exactly a per-tensor learning rate for SGD with momentum;
+  ``local.weight_decay`` acts on the scores at the round's ``local.lr``. The default was chosen
+  on digits (the STE gradient ``dL/dW_eff * W0`` is small, so a score of size 0.5 needs a large
+  rate to flip within a round's few steps; 10 with scale 1 and ``ste=identity`` did better there,
+  0.51, and 25 with scale 1 diverged to chance).
+* ``method.train_bn=false``: the purest reading of the abstract, where clients learn only signs;
+  the BatchNorm affine parameters and the Conv/Linear biases stay at their initialisation (sent
+  once). With ``true`` they are trained with ``local.lr`` and sent as float32 each round. In
+  both cases the BatchNorm *running statistics* travel each way and are averaged: they are not
+  learned weights, but the global model cannot be evaluated without them.
+* ``method.vote=weighted`` (sample-weighted majority), ``unweighted`` (one client, one vote).
+* ``method.personalize=false`` [paper: "collectively" suggests one global mask]. With ``true`` a
+  client keeps its scores in its state across rounds: its first participation starts from the
+  global signs, later ones continue from its own scores (local fine-tuning); it still votes
+  for the global mask each round, and its validation accuracy (``data.val_fraction > 0``) uses
+  its own effective weights (:meth:`personal_params`). Without it, the scores of the last local
+  training are kept only for that validation accuracy and restart from the global signs next
+  time.
+* Scores are stored full-shape (dense), their pruned entries unused (the STE gradient is zero
+  there because ``W0`` is).
+* Codecs: the method cannot force the uplink codec (the runtime encodes with ``comm.up``). Use the
+  default ``comm.up=auto``, which picks sign bits for the +-1 tensors (1 bit per kept weight +
+  a 4-byte mask fingerprint) and the smallest lossless encoding for the rest. ``comm.up=sign``
+  fails on the float BatchNorm tensors; ``float32`` sends 32 bits per coordinate.
+* ``update_norm`` (robust aggregation) is the fraction of kept weights whose sign the client
+  flipped against the global signs (signs are not weights, so a weight-space norm is
+  meaningless).
+
+FLOPs
+-----
+Per sign-scope layer of density ``d`` (kept / all weights; 1 for layers left out of pruning):
+``LayerDensity(forward=d, grad_input=d, grad_weight=d)``. The forward and input-gradient products
+use ``W_eff`` (density ``d``). There is no weight gradient of the frozen ``W0``, but the score
+gradient ``dL/ds = dL/dW_eff * W0`` needs ``dL/dW_eff`` on the kept positions, a product of the
+same size as a masked weight gradient, so it is counted at ``d``. These are **theoretical**:
+the products run densely here (masked tensors).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+from torch import nn
+from torch.func import functional_call
+
+from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.comm import Update
+from sparsefl.config import ExperimentConfig, MethodConfig, opt
+from sparsefl.errors import ConfigError
+from sparsefl.fl import aggregate as agg
+from sparsefl.fl.messages import ClientState
+from sparsefl.masks import Mask, default_scope
+from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.pruning import prune
+from sparsefl.registry import METHODS
+from sparsefl.rng import derive_seed, torch_gen
+
+Tensor = torch.Tensor
+_BN = nn.modules.batchnorm._BatchNorm
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class HideNseekConfig(MethodConfig):
+    """Options of HideNseek (see the module docstring for what each one means and why)."""
+
+    sparsity: float = opt(0.9, "fraction of the pruning scope removed by SynFlow at initialisation", ge=0, lt=1)
+    synflow_iterations: int = opt(100, "SynFlow iterations n (exponential schedule rho**(j/n))", ge=1)
+    min_keep_fraction: float = opt(0.0, "SynFlow MT rule: fraction of the scope every layer keeps at least", ge=0, lt=1)
+    prune_first: bool = opt(True, "SynFlow may prune the input layer (else it stays dense, still sign-trained)")
+    prune_classifier: bool = opt(True, "SynFlow may prune the classifier (else dense, still sign-trained)")
+    weight_init: Literal["kaiming_normal", "signed_constant", "model"] = opt(
+        "kaiming_normal", "random W0 of every Conv/Linear weight: N(0, 2/fan_in), +-sqrt(2/fan_in), or the model's"
+    )
+    rescale: bool = opt(False, "multiply each layer's kept weights by 1/sqrt(layer density) after pruning")
+    score_init: Literal["constant", "abs_normal"] = opt(
+        "abs_normal", "score magnitude at the start of local training: score_scale, or score_scale*|N(0,1)|"
+    )
+    score_scale: float = opt(0.5, "the constant initial |score|, or the scale of |N(0,1)|", gt=0)
+    ste: Literal["clipped", "identity"] = opt(
+        "clipped", "straight-through estimator of sign(s): identity, or identity where |s| <= ste_clip"
+    )
+    ste_clip: float = opt(1.0, "clipped STE: the gradient passes where |s| <= ste_clip", gt=0)
+    score_lr: float = opt(5.0, "learning rate of the scores at round 1 (follows local.lr's schedule)", gt=0)
+    train_bn: bool = opt(False, "also train and send BatchNorm affine parameters and Conv/Linear biases")
+    vote: Literal["weighted", "unweighted"] = opt(
+        "weighted", "sign majority vote weighted by client samples, or one vote per client"
+    )
+    personalize: bool = opt(False, "clients keep their scores across rounds and are validated on their own signs")
+
+    def __post_init__(self) -> None:
+        if self.ste == "clipped" and self.score_init == "constant" and self.score_scale > self.ste_clip:
+            raise ConfigError(
+                "method.score_scale",
+                self.score_scale,
+                f"<= method.ste_clip={self.ste_clip:g} with ste=clipped and score_init=constant "
+                "(scores starting outside the clip never get a gradient)",
+            )
+
+
+# --------------------------------------------------------------------------------------------------
+# Sign straight-through estimator and the vote
+# --------------------------------------------------------------------------------------------------
+
+
+def hard_sign(s: Tensor) -> Tensor:
+    """``+1`` where ``s >= 0``, ``-1`` where ``s < 0`` (never 0), in ``s``'s dtype."""
+    return torch.where(s >= 0, torch.ones_like(s), -torch.ones_like(s))
+
+
+class SignSTE(torch.autograd.Function):
+    """``sign(s)`` forward (:func:`hard_sign`); straight-through backward.
+
+    ``forward(s, clip)``; backward returns ``grad`` (``clip is None``: identity) or
+    ``grad * 1[|s| <= clip]`` (clipped, as the hard-tanh STE of BinaryConnect / XNOR-Net).
+    """
+
+    @staticmethod
+    def forward(ctx: Any, s: Tensor, clip: float | None) -> Tensor:  # type: ignore[override]
+        ctx.clip = clip
+        if clip is not None:
+            ctx.save_for_backward(s)
+        return hard_sign(s)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor, None]:  # type: ignore[override]
+        if ctx.clip is None:
+            return grad, None
+        (s,) = ctx.saved_tensors
+        return grad * (s.abs() <= ctx.clip).to(grad.dtype), None
+
+
+def sign_ste(s: Tensor, clip: float | None) -> Tensor:
+    """Apply :class:`SignSTE` (``clip=None``: identity STE)."""
+    return SignSTE.apply(s, clip)
+
+
+def sign_vote(prev: Tensor, votes: Sequence[Tensor], weights: Sequence[int]) -> Tensor:
+    """Weighted majority of sign votes; a tie keeps ``prev``.
+
+    ``v = sum_k weights[k] * sign(votes[k])`` in int64 (exact), result ``sign(v)`` where
+    ``v != 0`` and ``prev`` where ``v == 0`` (ties, or no vote at a coordinate: a 0 in a vote
+    tensor, e.g. an unsent coordinate, casts no vote). Returned in ``prev``'s dtype.
+    """
+    v = torch.zeros(prev.shape, dtype=torch.int64)
+    for u, w in zip(votes, weights, strict=True):
+        v += torch.sign(u).to(torch.int64) * int(w)
+    one = torch.ones_like(prev)
+    return torch.where(v > 0, one, torch.where(v < 0, -one, prev))
+
+
+# --------------------------------------------------------------------------------------------------
+# Tensor roles
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Roles:
+    """Which state_dict entries play which part (all lists of state_dict names).
+
+    Attributes
+    ----------
+    scope:
+        Sign scope: every Conv/Linear weight (frozen magnitudes, learned signs).
+    prune_scope:
+        The part of ``scope`` SynFlow prunes.
+    trained:
+        Other parameters the clients train and send each round (``train_bn``: BatchNorm affine
+        parameters and Conv/Linear biases; else empty).
+    stats:
+        BatchNorm buffers (running statistics, counters): sent and averaged each round.
+    frozen:
+        Everything else, sent once in the setup payload, plus ``scope`` (``W0``).
+    """
+
+    scope: list[str]
+    prune_scope: list[str]
+    trained: list[str]
+    stats: list[str]
+    frozen: list[str]
+
+    @property
+    def per_round(self) -> list[str]:
+        """Non-sign tensors sent both ways every round."""
+        return self.trained + self.stats
+
+
+def tensor_roles(model: nn.Module, cfg: HideNseekConfig) -> Roles:
+    """The :class:`Roles` of ``model``'s tensors under ``cfg``."""
+    scope = default_scope(model)
+    if not scope:
+        raise ConfigError("model", type(model).__name__, "a model with at least one Conv or Linear weight (hidenseek)")
+    prune_scope = default_scope(model, keep_first=not cfg.prune_first, keep_last=not cfg.prune_classifier)
+    trained: list[str] = []
+    stats: list[str] = []
+    for mod_name, mod in model.named_modules():
+        prefix = f"{mod_name}." if mod_name else ""
+        if isinstance(mod, _BN):
+            stats += [prefix + n for n, b in mod.named_buffers(recurse=False) if b is not None]
+            if cfg.train_bn:
+                trained += [prefix + n for n, _ in mod.named_parameters(recurse=False)]
+        elif cfg.train_bn and isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d, nn.Linear)):
+            if getattr(mod, "bias", None) is not None:
+                trained.append(prefix + "bias")
+    sent = set(scope) | set(trained) | set(stats)
+    frozen = [k for k in model.state_dict() if k not in sent]
+    return Roles(scope, prune_scope, trained, stats, frozen)
+
+
+def effective_params(frozen: Mapping[str, Tensor], signs: Mapping[str, Tensor]) -> StateDict:
+    """``frozen`` with every tensor named in ``signs`` replaced by ``frozen * sign`` (the frozen
+    scope weights are already masked, so the result is ``M * W0 * sign``)."""
+    out = dict(frozen)
+    for k, g in signs.items():
+        out[k] = frozen[k] * g.to(frozen[k].dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Client hooks
+# --------------------------------------------------------------------------------------------------
+
+
+class SignSupermaskHooks(LocalHooks):
+    """Local training of the sign scores: the forward runs the model functionally with
+    ``W_eff = W0 * sign_ste(s)``; only the scores (and, with ``train_bn``, the trained tensors)
+    are optimised. Every other parameter gets ``requires_grad=False`` until :meth:`close`, which
+    restores the flags and writes the trained scores into ``state`` as ``score/{name}``.
+
+    Parameters
+    ----------
+    model:
+        The client's model, holding ``W0`` (already masked) in its scope weights.
+    scores:
+        Initial scores per scope name (copied into fresh leaf parameters).
+    state:
+        The round's working client state; receives the trained scores on :meth:`close`.
+    """
+
+    def __init__(
+        self,
+        model: nn.Module,
+        profile: ModelProfile,
+        roles: Roles,
+        cfg: HideNseekConfig,
+        scores: Mapping[str, Tensor],
+        grad_scale: float,
+        densities: Mapping[str, LayerDensity],
+        state: ClientState,
+    ) -> None:
+        super().__init__(model, profile)
+        self.cfg = cfg
+        self.roles = roles
+        self.state = state
+        self.grad_scale = grad_scale
+        self.clip = cfg.ste_clip if cfg.ste == "clipped" else None
+        self.scores = {k: nn.Parameter(v.detach().clone()) for k, v in scores.items()}
+        named = dict(model.named_parameters())
+        self.w0 = {k: named[k].detach() for k in roles.scope}
+        self._densities = dict(densities)
+        trained = set(roles.trained)
+        self._before = {n: p.requires_grad for n, p in named.items()}
+        for n, p in named.items():
+            p.requires_grad_(n in trained)
+        self._trained = [named[n] for n in roles.trained]
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The scores, then the trained tensors."""
+        return [*self.scores.values(), *self._trained]
+
+    def effective_weights(self) -> dict[str, Tensor]:
+        """``W0 * sign_ste(s)`` per scope name (differentiable in the scores)."""
+        return {k: self.w0[k] * sign_ste(s, self.clip).to(self.w0[k].dtype) for k, s in self.scores.items()}
+
+    def forward(self, x: Tensor) -> Tensor:
+        return functional_call(self.model, self.effective_weights(), (x,))
+
+    def after_backward(self, step: int) -> None:
+        # score_lr / local.lr: SGD (with momentum) is linear in the gradient, so this is exactly a
+        # per-tensor learning rate for the scores
+        if self.grad_scale != 1.0:
+            for s in self.scores.values():
+                if s.grad is not None:
+                    s.grad.mul_(self.grad_scale)
+
+    def densities(self) -> Mapping[str, LayerDensity]:
+        return self._densities
+
+    def close(self) -> None:
+        for n, p in self.model.named_parameters():
+            if n in self._before:
+                p.requires_grad_(self._before[n])
+        for k, s in self.scores.items():
+            self.state[f"score/{k}"] = s.detach().clone()
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+
+@METHODS.register(
+    "hidenseek", HideNseekConfig, summary="HideNseek (Vallapuram et al. 2022, reconstruction): SynFlow + sign supermask"
+)
+class HideNseek(Method):
+    """HideNseek (reconstruction): server-side SynFlow at init, frozen weights, a sign supermask
+    learned collectively by majority vote; see the module docstring for every choice."""
+
+    config_cls = HideNseekConfig
+    config: HideNseekConfig
+
+    def __init__(
+        self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
+    ) -> None:
+        if not isinstance(config, HideNseekConfig):
+            raise TypeError(f"hidenseek needs a HideNseekConfig, got {type(config).__name__}")
+        super().__init__(config, experiment, spec, profile)
+        self.roles = tensor_roles(spec.template, config)
+
+    # ---------------------------------------------------------------------------------- server
+    def _init_weight(self, name: str, w: Tensor) -> Tensor:
+        mode = self.config.weight_init
+        if mode == "model":
+            return w.clone()
+        std = math.sqrt(2.0 / max(1, w[0].numel()))  # fan_in = in_channels/groups * kernel
+        g = torch_gen(self.experiment.seed, "hidenseek", "init", name)
+        if mode == "kaiming_normal":
+            return (torch.randn(w.shape, generator=g, dtype=torch.float64) * std).to(w.dtype)
+        signs = torch.randint(0, 2, w.shape, generator=g).to(torch.float64) * 2 - 1
+        return (signs * std).to(w.dtype)
+
+    def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
+        """Random ``W_init``, SynFlow to ``method.sparsity``, frozen ``W0 = M * W_init``; global
+        signs all +1 (so the initial global model is ``W0``)."""
+        cfg = self.config
+        params = dict(params)
+        for k in self.roles.scope:
+            params[k] = self._init_weight(k, params[k])
+        masks = {k: torch.ones(params[k].shape, dtype=torch.bool) for k in self.roles.scope}
+        if cfg.sparsity > 0 and self.roles.prune_scope:
+            model = self.spec.build()
+            model.load_state_dict(params, strict=True)
+            pruned = prune(
+                model,
+                "synflow",
+                cfg.sparsity,
+                scope=self.roles.prune_scope,
+                seed=derive_seed(self.experiment.seed, "hidenseek", "synflow"),
+                iterations=cfg.synflow_iterations,
+                input_shape=tuple(self.spec.input_shape),
+                min_keep_fraction=cfg.min_keep_fraction,
+            )
+            masks.update({k: pruned[k].clone() for k in pruned})
+        for k in self.roles.scope:
+            m = masks[k]
+            w = params[k] * m.to(params[k].dtype)
+            if cfg.rescale:
+                dens = float(m.float().mean())
+                w = w / math.sqrt(dens) if dens > 0 else w
+            params[k] = w
+        extra = {f"sign/{k}": torch.ones_like(params[k]) for k in self.roles.scope}
+        return ServerState(round=0, params=params, mask=Mask(masks), extra=extra)
+
+    def signs(self, state: ServerState) -> dict[str, Tensor]:
+        """The global sign mask: +-1 per scope weight (+1 on pruned positions, unused)."""
+        return {k: state.extra[f"sign/{k}"] for k in self.roles.scope}
+
+    def _mask(self, state: ServerState) -> Mask:
+        if state.mask is None:
+            raise ValueError("hidenseek: the server state has no mask (init_state was not run)")
+        return state.mask
+
+    def setup_payload(self, state: ServerState) -> Update | None:
+        """The frozen tensors, once per client: ``W0`` with ``sent = M`` (the mask travels with it),
+        and every tensor not sent each round."""
+        mask = self._mask(state)
+        names = self.roles.scope + self.roles.frozen
+        return Update(values={k: state.params[k] for k in names}, sent={k: mask[k] for k in self.roles.scope})
+
+    def broadcast(self, state: ServerState) -> Update:
+        """The global signs on the kept positions (known mask: 1 bit each) and the per-round
+        tensors."""
+        mask = self._mask(state)
+        values = {k: g * mask[k].to(g.dtype) for k, g in self.signs(state).items()}
+        values.update({k: state.params[k] for k in self.roles.per_round})
+        return Update(values=values, sent={k: mask[k] for k in self.roles.scope})
+
+    def known_masks(self, state: ServerState) -> dict[str, Tensor]:
+        """``M`` per scope weight: sign tensors are sent without their mask."""
+        mask = self._mask(state)
+        return {k: mask[k] for k in self.roles.scope}
+
+    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
+        """Sign majority vote (ties keep the previous sign); FedAvg on the per-round tensors; the
+        frozen tensors are carried over untouched."""
+        w = [r.num_examples if self.config.vote == "weighted" else 1 for r in received]
+        mask = self._mask(state)
+        extra = dict(state.extra)
+        for k, prev in self.signs(state).items():
+            votes = [
+                r.update.values[k] * mask[k].to(r.update.values[k].dtype) for r in received if k in r.update.values
+            ]
+            ws = [wi for wi, r in zip(w, received) if k in r.update.values]
+            extra[f"sign/{k}"] = sign_vote(prev, votes, ws)
+        params = dict(state.params)
+        if self.roles.per_round and received:
+            new = agg.weighted_mean(
+                [r.update for r in received], [r.num_examples for r in received], self.roles.per_round
+            )
+            params.update(new)
+        return ServerState(round=state.round + 1, params=params, mask=state.mask, extra=extra)
+
+    def update_norm(self, state: ServerState, received: Received) -> float:
+        """Fraction of the kept weights whose sign this client flipped against the global signs."""
+        mask = self._mask(state)
+        flipped = kept = 0
+        for k, g in self.signs(state).items():
+            u = received.update.values.get(k)
+            m = mask[k]
+            kept += int(m.sum())
+            if u is not None:
+                flipped += int(((torch.sign(u) != g) & m).sum())
+        return flipped / kept if kept else 0.0
+
+    def eval_params(self, state: ServerState) -> StateDict:
+        """The global model ``M * W0 * g``."""
+        return effective_params(state.params, self.signs(state))
+
+    # ---------------------------------------------------------------------------------- client
+    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
+        """Keep the frozen tensors (``frozen/{name}``) and the mask (``mask/{name}``)."""
+        state = dict(client_state)
+        for k in self.roles.scope + self.roles.frozen:
+            state[f"frozen/{k}"] = setup.values[k]
+        for k in self.roles.scope:
+            sent = setup.sent.get(k)
+            state[f"mask/{k}"] = sent if sent is not None else torch.ones(setup.values[k].shape, dtype=torch.bool)
+        return state
+
+    def client_known_masks(self, client_state: ClientState) -> dict[str, Tensor]:
+        return {k: client_state[f"mask/{k}"] for k in self.roles.scope if f"mask/{k}" in client_state}
+
+    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+        """Load ``W0`` and the frozen tensors from the client's state and the per-round tensors
+        from the downlink; keep the round's global signs as ``global_sign/{name}``."""
+        missing = [k for k in self.roles.scope + self.roles.frozen if f"frozen/{k}" not in client_state]
+        if missing:
+            raise ValueError(f"hidenseek: the client never received the frozen tensors (e.g. {missing[0]!r})")
+        values = {k: client_state[f"frozen/{k}"] for k in self.roles.scope + self.roles.frozen}
+        values.update({k: down.values[k] for k in self.roles.per_round})
+        model.load_state_dict(values, strict=True)
+        state = dict(client_state)
+        for k in self.roles.scope:
+            state[f"global_sign/{k}"] = down.values[k]
+        return state
+
+    def _initial_scores(self, client_state: ClientState, ctx: LocalContext) -> dict[str, Tensor]:
+        cfg = self.config
+        out: dict[str, Tensor] = {}
+        for k in self.roles.scope:
+            if cfg.personalize and f"score/{k}" in client_state:
+                out[k] = client_state[f"score/{k}"].clone()
+                continue
+            g = client_state[f"global_sign/{k}"]
+            if cfg.score_init == "constant":
+                s0 = torch.full(g.shape, cfg.score_scale, dtype=torch.float32)
+            else:
+                gen = torch_gen(ctx.seed, "hidenseek", "scores", ctx.client_id, ctx.round, k)
+                s0 = torch.randn(g.shape, generator=gen).abs() * cfg.score_scale
+            out[k] = s0 * torch.where(g < 0, -1.0, 1.0)  # pruned positions (g = 0): +s0, unused
+        return out
+
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> SignSupermaskHooks:
+        """Sign-supermask training for this round (scores from the global signs, or the client's
+        own with ``personalize``)."""
+        dens: dict[str, LayerDensity] = {}
+        for k in self.roles.scope:
+            if k in self.profile:
+                d = float(client_state[f"mask/{k}"].float().mean())
+                dens[k] = LayerDensity(forward=d, grad_input=d, grad_weight=d)
+        return SignSupermaskHooks(
+            model,
+            self.profile,
+            self.roles,
+            self.config,
+            self._initial_scores(client_state, ctx),
+            self.config.score_lr / self.experiment.local.lr,
+            dens,
+            client_state,
+        )
+
+    def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
+        """The client's own effective weights ``M * W0 * sign(s)`` with its last scores."""
+        sd = model.state_dict()
+        signs = {k: hard_sign(client_state[f"score/{k}"]) for k in self.roles.scope if f"score/{k}" in client_state}
+        return effective_params(sd, signs)
+
+    def upload(
+        self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
+    ) -> tuple[Update, ClientState]:
+        """``sign(s)`` on the kept positions (sent = the known mask) and the per-round tensors."""
+        values: StateDict = {}
+        sent: dict[str, Tensor] = {}
+        for k in self.roles.scope:
+            m = client_state[f"mask/{k}"]
+            values[k] = hard_sign(client_state[f"score/{k}"]) * m.to(torch.float32)
+            sent[k] = m
+        sd = model.state_dict()
+        values.update({k: sd[k].detach().clone() for k in self.roles.per_round})
+        state = {k: v for k, v in client_state.items() if not k.startswith("global_sign/")}
+        return Update(values=values, sent=sent), state
+
+
+__all__ = [
+    "HideNseek",
+    "HideNseekConfig",
+    "Roles",
+    "SignSTE",
+    "SignSupermaskHooks",
+    "effective_params",
+    "hard_sign",
+    "sign_ste",
+    "sign_vote",
+    "tensor_roles",
+]

@@ -1,0 +1,531 @@
+"""Knowledge distillation into a sparse student, composed with any registered method.
+
+Registered as ``method.name=kd``. The losses follow the KD study "Student Capacity Moderates
+Knowledge Distillation Effectiveness" (Yasar, arXiv 2605.31191; code umutonuryasar/kd-capacity-gap;
+METHODS.md sections 10 and 12.5), the logit loss Hinton, Vinyals & Dean (2015).
+
+Composition (DESIGN principle 6: compose and wrap)
+--------------------------------------------------
+KD is not a subclass per method. :class:`KD` holds a *student method* (any registered method:
+``fedavg``, ``static_mask``, ``zerofl``, ``fedskel``, ``dynamic``, ...) built from the nested
+config section ``method.student`` and delegates every server and client hook to it; only
+:meth:`KD.hooks` changes, wrapping the student's :class:`LocalHooks` in :class:`KDHooks`, which
+delegates everything to them and overrides ``loss`` (adds the distillation term),
+``parameters`` (adds the feature projections) and ``after_backward`` (the student's own hook,
+then gradient clipping over student **and** projection parameters). Config::
+
+    method.name = "kd"
+    method.kd = "logit"                    # logit | feature | none
+    method.kd_teacher = "runs/dense/model.safetensors"
+    method.student.name = "static_mask"    # the student method, with its own options:
+    method.student.sparsity = 0.95
+
+The student's options are validated by its own config class (errors name
+``method.student.<key>``). ``method.sparsity`` mirrors the student's (for the run summary); set
+explicitly it must equal it. A student's local round that trains nothing (e.g. the
+``static_mask`` scoring round, whose hooks optimise no model parameter) is left unwrapped.
+
+Losses
+------
+* **Logit** (``method.kd=logit``)::
+
+      L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * L_student
+
+  with ``KL`` averaged over the batch (``batchmean``), ``T = method.kd_temperature``,
+  ``alpha = method.kd_alpha``; the ``T^2`` keeps the soft-target gradients on the scale of the
+  hard ones (Hinton et al.). ``L_student`` is the student method's own loss (cross-entropy, plus
+  e.g. ``dynamic``'s L1 term).
+* **Feature** (``method.kd=feature``)::
+
+      L_feat = mean_l MSE(pool(P_l F_s,l), pool(F_t,l)) + beta * mean_l (1 - cos(GAP(P_l F_s,l), GAP(F_t,l)))
+      L      = alpha * L_feat + (1 - alpha) * L_student
+
+  ``P_l`` a 1x1 convolution from the student's width to the teacher's (Xavier-uniform, no
+  bias), ``pool`` adaptive average pooling of both maps to the smaller spatial size, ``GAP``
+  global average pooling, ``beta = method.kd_beta`` (0.5, the study's value).
+* **Clipping** (``method.kd_clip``, max-norm 1.0; 0 = off) over the union of the student's
+  optimised parameters and the projections: clipping only the student was the study's bug.
+
+Teacher
+-------
+A dense model loaded from ``method.kd_teacher`` (a ``model.safetensors``, e.g. the one a dense
+FedAvg run of the same config leaves in its run folder; a missing file or mismatched weights
+fail hard, METHODS.md 12.5), of the student's architecture or of ``method.kd_teacher_model``
+(+ ``method.kd_teacher_width``). It is frozen (``requires_grad=False``, eval mode, no-grad
+forward) and never updated. Feature layers (``method.kd_feature_layers``; default: the stages
+``layers.<i>`` of a ResNet, else every ``BatchNorm2d``) must exist in both models.
+
+Choices and departures
+----------------------
+* **Teacher transport.** The server loads the teacher from ``method.kd_teacher`` and sends it
+  once per client in the setup payload (as ``kd_teacher.*`` tensors, declared through
+  :meth:`KD.setup_spec`), so its bytes are in the run's downlink totals; each client keeps its
+  copy in its state and distils from that copy.
+* **Training the teacher in the same command** (``kd_teacher_rounds``) is not implemented: run
+  dense FedAvg first and pass its ``model.safetensors``.
+* **Projections are client-local**: kept in the client's state between its rounds (fresh,
+  seeded from ``(seed, "kd", "proj", client)``, on its first round), never uploaded or averaged.
+* The teacher's forward passes are not in the training FLOPs (the FLOP profile counts the
+  student's layers only); they cost one dense teacher inference per training sample.
+* Defaults ``alpha = 0.5`` and ``T = 4`` come from the study's grid (alpha in {0.3, 0.5, 0.7},
+  T in {2, 3, 4}).
+"""
+
+from __future__ import annotations
+
+import copy
+
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.comm import Update, encode_update
+from sparsefl.config import ExperimentConfig, MethodConfig, opt
+from sparsefl.errors import ConfigError
+from sparsefl.fl.messages import ClientState
+from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.registry import METHODS, MODELS
+from sparsefl.rng import seeded_torch
+
+Tensor = torch.Tensor
+KDMode = Literal["logit", "feature", "none"]
+
+# Client-state key prefix of the feature projections: + "<layer index>.weight".
+_PROJ = "kd.proj."
+_TEACHER = "kd_teacher."  # + the teacher's state_dict names: its copy in the setup payload and client state
+
+
+# --------------------------------------------------------------------------------------------------
+# Losses (pure functions)
+# --------------------------------------------------------------------------------------------------
+
+
+def logit_kd_loss(student_logits: Tensor, teacher_logits: Tensor, temperature: float) -> Tensor:
+    """``T^2 * KL(softmax(t/T) || softmax(s/T))``, averaged over the batch (Hinton et al. 2015)."""
+    t = temperature
+    log_p_s = F.log_softmax(student_logits.float() / t, dim=1)
+    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=1)
+    return F.kl_div(log_p_s, log_p_t, reduction="batchmean", log_target=True) * (t * t)
+
+
+def _align(s: Tensor, t: Tensor) -> tuple[Tensor, Tensor]:
+    """Adaptive-average-pool two (N, C, H, W) maps to the smaller spatial size."""
+    if s.dim() != 4:
+        return s, t
+    size = (min(s.shape[2], t.shape[2]), min(s.shape[3], t.shape[3]))
+    return F.adaptive_avg_pool2d(s, size), F.adaptive_avg_pool2d(t, size)
+
+
+def feature_kd_loss(student_feats: Sequence[Tensor], teacher_feats: Sequence[Tensor], beta: float = 0.5) -> Tensor:
+    """``mean_l MSE(F_s, F_t) + beta * mean_l (1 - cos(GAP F_s, GAP F_t))`` on (projected)
+    student features and teacher features of equal channel counts; spatial sizes aligned by
+    adaptive average pooling; the cosine is per sample, averaged over the batch."""
+    if len(student_feats) != len(teacher_feats) or not student_feats:
+        raise ValueError("feature_kd_loss: need the same non-zero number of student and teacher features")
+    mse, cos = [], []
+    for s, t in zip(student_feats, teacher_feats):
+        s, t = _align(s.float(), t.float())
+        mse.append(F.mse_loss(s, t))
+        gs = s.mean(dim=(2, 3)) if s.dim() == 4 else s.flatten(1)
+        gt = t.mean(dim=(2, 3)) if t.dim() == 4 else t.flatten(1)
+        cos.append((1 - F.cosine_similarity(gs, gt, dim=1)).mean())
+    return torch.stack(mse).mean() + beta * torch.stack(cos).mean()
+
+
+def default_feature_layers(model: nn.Module) -> list[str]:
+    """The stages ``layers.<i>`` of a ResNet-style model (a ``layers`` Sequential of
+    Sequentials), else every ``BatchNorm2d`` (its output: the pre-activation features)."""
+    layers = dict(model.named_children()).get("layers")
+    if isinstance(layers, nn.Sequential) and all(isinstance(c, nn.Sequential) for c in layers):
+        return [f"layers.{i}" for i in range(len(layers))]
+    return [n for n, m in model.named_modules() if isinstance(m, nn.BatchNorm2d)]
+
+
+@torch.no_grad()
+def feature_widths(model: nn.Module, names: Sequence[str], input_shape: tuple[int, ...]) -> list[int]:
+    """Channel count (dim 1) of each named module's output on one zero sample (eval pass)."""
+    mods = dict(model.named_modules())
+    out: dict[str, int] = {}
+    handles = [mods[n].register_forward_hook(lambda m, a, o, n=n: out.__setitem__(n, o.shape[1])) for n in names]
+    was = model.training
+    try:
+        model.eval()
+        model(torch.zeros(1, *input_shape))
+    finally:
+        model.train(was)
+        for h in handles:
+            h.remove()
+    return [out[n] for n in names]
+
+
+class _Capture:
+    """Temporary forward hooks that keep the outputs of named modules (removed by ``close``)."""
+
+    def __init__(self, model: nn.Module, names: Sequence[str]) -> None:
+        mods = dict(model.named_modules())
+        self.names = list(names)
+        self.out: dict[str, Tensor] = {}
+        self._handles = [mods[n].register_forward_hook(self._hook(n)) for n in self.names]
+
+    def _hook(self, name: str):  # type: ignore[no-untyped-def]
+        def hook(mod: nn.Module, args: tuple, out: Tensor) -> None:
+            self.out[name] = out
+
+        return hook
+
+    def features(self) -> list[Tensor]:
+        return [self.out[n] for n in self.names]
+
+    def close(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles = []
+
+
+def make_projections(student_widths: Sequence[int], teacher_widths: Sequence[int]) -> nn.ModuleList:
+    """1x1 convolutions (no bias, Xavier-uniform) from each student width to the teacher's."""
+    projs = nn.ModuleList()
+    for cs, ct in zip(student_widths, teacher_widths):
+        p = nn.Conv2d(cs, ct, 1, bias=False)
+        nn.init.xavier_uniform_(p.weight)
+        projs.append(p)
+    return projs
+
+
+# --------------------------------------------------------------------------------------------------
+# The hooks wrapper
+# --------------------------------------------------------------------------------------------------
+
+
+class KDHooks(LocalHooks):
+    """Wraps any method's :class:`LocalHooks`: everything is delegated, the loss gains the
+    distillation term, the optimiser gains the projections, and gradients are clipped over the
+    student's and the projections' parameters together.
+
+    Parameters
+    ----------
+    inner:
+        The student method's hooks.
+    teacher:
+        The frozen teacher (never updated; run in eval mode under ``no_grad``).
+    mode, alpha, temperature, beta, clip:
+        See the module docstring (``clip`` 0 = no clipping).
+    feature_layers:
+        Module names whose outputs are distilled (``mode="feature"``), in both models.
+    projections:
+        One 1x1 projection per feature layer (``mode="feature"``), optimised with the student.
+    state:
+        The client's state: after every step the projections' weights are written to it (keys
+        ``kd.proj.<i>.weight``), so they persist to the client's next round.
+    """
+
+    def __init__(
+        self,
+        inner: LocalHooks,
+        teacher: nn.Module,
+        mode: KDMode,
+        alpha: float,
+        temperature: float,
+        beta: float = 0.5,
+        clip: float = 1.0,
+        feature_layers: Sequence[str] = (),
+        projections: nn.ModuleList | None = None,
+        state: ClientState | None = None,
+    ) -> None:
+        super().__init__(inner.model, inner.profile)
+        self.inner = inner
+        self.teacher = teacher
+        self.mode = mode
+        self.alpha = alpha
+        self.temperature = temperature
+        self.beta = beta
+        self.clip = clip
+        self.projections = projections if projections is not None else nn.ModuleList()
+        self.feature_layers = list(feature_layers)
+        self._student_feats = _Capture(inner.model, self.feature_layers) if mode == "feature" else None
+        if mode == "feature" and len(self.projections) != len(self.feature_layers):
+            raise ValueError("KDHooks: one projection per feature layer is needed")
+        self._state = state
+        self.last_kd_loss: float = 0.0
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The student's optimised parameters, then the projections'."""
+        return [*self.inner.parameters(), *self.projections.parameters()]
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.inner.forward(x)
+
+    @torch.no_grad()
+    def teacher_outputs(self, x: Tensor) -> tuple[Tensor, list[Tensor]]:
+        """The teacher's logits (and features in feature mode) for ``x``."""
+        self.teacher.eval()
+        if self.mode != "feature":
+            return self.teacher(x), []
+        cap = _Capture(self.teacher, self.feature_layers)
+        try:
+            logits = self.teacher(x)
+            return logits, cap.features()
+        finally:
+            cap.close()
+
+    def loss(self, logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+        """``alpha * L_kd + (1 - alpha) * L_student`` (just ``L_student`` with ``mode=none``)."""
+        hard = self.inner.loss(logits, y, x)
+        if self.mode == "none":
+            return hard
+        t_logits, t_feats = self.teacher_outputs(x)
+        if self.mode == "logit":
+            soft = logit_kd_loss(logits, t_logits, self.temperature)
+        else:
+            assert self._student_feats is not None
+            s_feats = [p(f) for p, f in zip(self.projections, self._student_feats.features())]
+            soft = feature_kd_loss(s_feats, t_feats, self.beta)
+        self.last_kd_loss = float(soft.detach())
+        return self.alpha * soft + (1 - self.alpha) * hard
+
+    def after_backward(self, step: int) -> None:
+        """The student's own hook (e.g. gradient masking), then clipping over student and
+        projection parameters together."""
+        self.inner.after_backward(step)
+        if self.clip > 0:
+            torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip)
+
+    def after_step(self, step: int) -> None:
+        self.inner.after_step(step)
+        if self._state is not None:
+            for i, p in enumerate(self.projections):
+                self._state[f"{_PROJ}{i}.weight"] = p.weight.detach().clone()
+
+    def densities(self) -> Mapping[str, LayerDensity]:
+        return self.inner.densities()
+
+    def close(self) -> None:
+        if self._student_feats is not None:
+            self._student_feats.close()
+        self.inner.close()
+
+
+# --------------------------------------------------------------------------------------------------
+# Config and method
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class KDConfig(MethodConfig):
+    """Options of KD composed with a student method (see the module docstring)."""
+
+    student: MethodConfig = field(
+        default_factory=MethodConfig,
+        metadata={"help": "the student method: method.student.name and that method's own options"},
+    )
+    kd: KDMode = opt("logit", "distillation: logit (Hinton KL), feature (projected MSE + cosine), none")
+    kd_teacher: str | None = opt(None, "path of the dense teacher's model.safetensors (required unless kd=none)")
+    kd_teacher_model: str | None = opt(
+        None, "registered model name of the teacher (default: the student's)", registry=MODELS
+    )
+    kd_teacher_width: float = opt(1.0, "width multiplier of kd_teacher_model", gt=0)
+    kd_temperature: float = opt(4.0, "softmax temperature T of the logit loss", gt=0)
+    kd_alpha: float = opt(0.5, "weight of the distillation term (1 - alpha on the student's loss)", ge=0, le=1)
+    kd_beta: float = opt(0.5, "feature KD: weight of the (1 - cosine) term", ge=0)
+    kd_clip: float = opt(1.0, "max-norm gradient clipping over student + projections (0 = off)", ge=0)
+    kd_feature_layers: tuple[str, ...] = opt((), "feature KD: module names distilled (default: ResNet stages / BNs)")
+
+    def __post_init__(self) -> None:
+        if self.student.name == "kd":
+            raise ConfigError("method.student.name", "kd", "a method other than kd (one of the registered methods)")
+        if self.kd != "none" and not self.kd_teacher:
+            raise ConfigError(
+                "method.kd_teacher", self.kd_teacher, f"a teacher model.safetensors path with kd={self.kd}"
+            )
+        if self.sparsity == 0:
+            object.__setattr__(self, "sparsity", self.student.sparsity)
+        elif self.sparsity != self.student.sparsity:
+            raise ConfigError(
+                "method.sparsity",
+                self.sparsity,
+                f"unset or the student's (method.student.sparsity={self.student.sparsity})",
+            )
+
+
+@METHODS.register("kd", KDConfig, summary="Knowledge distillation from a dense teacher into any method's student")
+class KD(Method):
+    """KD wrapped around a student method (see the module docstring)."""
+
+    config_cls = KDConfig
+    config: KDConfig
+
+    def __init__(
+        self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
+    ) -> None:
+        if not isinstance(config, KDConfig):
+            raise TypeError(f"kd needs a KDConfig, got {type(config).__name__}")
+        super().__init__(config, experiment, spec, profile)
+        #: the student method every hook delegates to
+        self.student: Method = METHODS.get(config.student.name)(config.student, experiment, spec, profile)
+        self.teacher: nn.Module | None = None
+        self.feature_layers: list[str] = []
+        self._widths: tuple[list[int], list[int]] = ([], [])
+        if config.kd != "none":
+            self.teacher = self._load_teacher()
+        if config.kd == "feature":
+            assert self.teacher is not None
+            names = list(config.kd_feature_layers) or default_feature_layers(spec.template)
+            for model, who in ((spec.template, "student"), (self.teacher, "teacher")):
+                missing = [n for n in names if n not in dict(model.named_modules())]
+                if missing:
+                    raise ConfigError("method.kd_feature_layers", missing[0], f"a module name of the {who} model")
+            if not names:
+                raise ConfigError("method.kd_feature_layers", (), "module names (the model has no BatchNorm2d)")
+            self.feature_layers = names
+            self._widths = (
+                feature_widths(spec.build(), names, spec.input_shape),
+                feature_widths(self.teacher, names, spec.input_shape),
+            )
+
+    def _load_teacher(self) -> nn.Module:
+        from safetensors.torch import load_file
+
+        cfg = self.config
+        path = Path(str(cfg.kd_teacher))
+        if not path.is_file():
+            raise ConfigError("method.kd_teacher", cfg.kd_teacher, "an existing model.safetensors file")
+        if cfg.kd_teacher_model is None:
+            teacher = self.spec.build()
+        else:
+            build = MODELS.get(cfg.kd_teacher_model)
+            with seeded_torch(self.experiment.seed, "kd", "teacher"):
+                teacher = build(self.spec.input_shape, self.spec.num_classes, width=cfg.kd_teacher_width)
+        params = load_file(str(path))
+        own = teacher.state_dict()
+        params = {k: v for k, v in params.items() if k in own}  # e.g. a dynamic run's gates.* are dropped
+        try:
+            teacher.load_state_dict(params, strict=True)
+        except RuntimeError as e:
+            raise ConfigError(
+                "method.kd_teacher", cfg.kd_teacher, f"weights of the teacher architecture ({e})"
+            ) from None
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    def teacher_bytes(self) -> int:
+        """Bytes of the teacher's encoding with ``comm.down`` (it travels in the setup payload,
+        once per client, and is counted there)."""
+        if self.teacher is None:
+            return 0
+        return len(encode_update(Update(values=dict(self.teacher.state_dict())), self.experiment.comm.down))
+
+    def _teacher_from(self, client_state: ClientState) -> nn.Module:
+        """The client's copy of the teacher, rebuilt from the tensors it received at setup."""
+        assert self.teacher is not None
+        names = list(self.teacher.state_dict())
+        missing = [n for n in names if _TEACHER + n not in client_state]
+        if missing:
+            raise ValueError(f"kd: this client has not received the teacher (missing {_TEACHER + missing[0]})")
+        teacher = copy.deepcopy(self.teacher)
+        teacher.load_state_dict({n: client_state[_TEACHER + n] for n in names}, strict=True)
+        teacher.eval()
+        for p in teacher.parameters():
+            p.requires_grad_(False)
+        return teacher
+
+    # ---------------------------------------------------------------------------- server: delegate
+    def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
+        return self.student.init_state(params, proxy)
+
+    def setup_payload(self, state: ServerState) -> Update | None:
+        """The student's setup plus the teacher (``kd_teacher.*``), sent once per client."""
+        own = self.student.setup_payload(state)
+        if self.teacher is None:
+            return own
+        values = {_TEACHER + k: v for k, v in self.teacher.state_dict().items()}
+        if own is None:
+            return Update(values=values)
+        return Update(values={**own.values, **values}, sent=dict(own.sent))
+
+    def setup_spec(
+        self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]
+    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        out = dict(self.student.setup_spec(spec))
+        if self.teacher is not None:
+            out.update({_TEACHER + k: (tuple(v.shape), v.dtype) for k, v in self.teacher.state_dict().items()})
+        return out
+
+    def broadcast(self, state: ServerState) -> Update:
+        return self.student.broadcast(state)
+
+    def downlink(self, state: ServerState, client_id: int) -> Update | None:
+        return self.student.downlink(state, client_id)
+
+    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
+        return self.student.aggregate(state, received)
+
+    def update_norm(self, state: ServerState, received: Received) -> float:
+        return self.student.update_norm(state, received)
+
+    def eval_params(self, state: ServerState) -> StateDict:
+        return self.student.eval_params(state)
+
+    def known_masks(self, state: ServerState) -> dict[str, Tensor]:
+        return self.student.known_masks(state)
+
+    # ---------------------------------------------------------------------------- client
+    def new_model(self) -> nn.Module:
+        return self.student.new_model()
+
+    def client_known_masks(self, client_state: ClientState) -> dict[str, Tensor]:
+        return self.student.client_known_masks(client_state)
+
+    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
+        """Keep the teacher's tensors in the client's state; the rest is the student's setup."""
+        teacher = {k: v for k, v in setup.values.items() if k.startswith(_TEACHER)}
+        own = Update(
+            values={k: v for k, v in setup.values.items() if not k.startswith(_TEACHER)},
+            sent={k: v for k, v in setup.sent.items() if not k.startswith(_TEACHER)},
+        )
+        state = self.student.on_setup(own, client_state) if own.values else dict(client_state)
+        return {**state, **teacher}
+
+    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+        return self.student.receive(model, down, client_state)
+
+    def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
+        return self.student.personal_params(model, client_state)
+
+    def projections(self, client_state: ClientState, client_id: int) -> nn.ModuleList:
+        """The client's feature projections: from its state, or fresh (seeded) the first time."""
+        with seeded_torch(self.experiment.seed, "kd", "proj", client_id):
+            projs = make_projections(*self._widths)
+        if all(f"{_PROJ}{i}.weight" in client_state for i in range(len(projs))):
+            with torch.no_grad():
+                for i, p in enumerate(projs):
+                    p.weight.copy_(client_state[f"{_PROJ}{i}.weight"])
+        return projs
+
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
+        """The student's hooks wrapped in :class:`KDHooks` (left alone when they train nothing)."""
+        inner = self.student.hooks(model, client_state, ctx)
+        own = {id(p) for p in model.parameters()}
+        if self.teacher is None or not any(id(p) in own for p in inner.parameters()):
+            return inner
+        cfg = self.config
+        projs = self.projections(client_state, ctx.client_id) if cfg.kd == "feature" else None
+        return KDHooks(
+            inner, self._teacher_from(client_state), cfg.kd, cfg.kd_alpha, cfg.kd_temperature, cfg.kd_beta, cfg.kd_clip,
+            self.feature_layers, projs, client_state,
+        )  # fmt: skip
+
+    def upload(
+        self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
+    ) -> tuple[Update, ClientState]:
+        """The student's upload; the trained projections stay in the client's state."""
+        kept = {k: v for k, v in client_state.items() if k.startswith((_PROJ, _TEACHER))}
+        update, state = self.student.upload(model, down, client_state, ctx)
+        return update, {**state, **kept}

@@ -1,0 +1,562 @@
+"""ZeroFL: federated learning with SWAT local sparsity and sparse uploads.
+
+ZeroFL (Qiu, Fernandez-Marques, Gusmão, Gao, Parcollet, Lane; "ZeroFL: Efficient On-Device
+Training for Federated Learning with Local Sparsity", ICLR 2022, arXiv 2208.02507) runs SWAT
+(Raihan & Aamodt, "Sparse Weight Activation Training", NeurIPS 2020) on every client and uploads
+only the largest weights (or weight changes) of each sparsified layer. Registered as
+``method.name=zerofl``; the facts used here are pinned in METHODS.md sections 1.1 and 14.1.
+
+The round
+---------
+1. **Downlink**: the dense global model (the paper's aggregated model is not sparse).
+2. **Local training (SWAT-U)**, for every Conv/Linear layer in the *sparsified scope*:
+
+   * forward ``y = layer(x, W~)`` with ``W~ = TopK(W, keep 1 - sparsity)`` (per layer, by |w|);
+   * input gradient ``dL/dx = conv_input_grad(W~, dL/dy)`` (the sparse weights);
+   * weight gradient ``dL/dW = conv_weight_grad(X~, dL/dy)`` with
+     ``X~ = TopK(x, keep 1 - act_sparsity)`` (per layer, over the whole batch tensor); it is
+     **dense over every weight position**, and the optimiser updates the dense master weights, so
+     weights outside the top-k keep learning and can re-enter it (SWAT's implicit regrowth);
+   * the bias gradient is the usual dense ``sum(dL/dy)``.
+
+   This is a ``torch.autograd.Function`` per layer type (:class:`SwatConv`, :class:`SwatLinear`)
+   installed by :class:`ZeroFLHooks` by replacing the *instance's* ``forward`` for the duration of
+   local training only; :meth:`ZeroFLHooks.close` restores it (the user's classes and parameters
+   are never modified).
+3. **Upload** (``method.upload``), per sparsified layer, the top ``min(1, 1 - sparsity + mask_ratio)``
+   fraction of the layer (paper: sp 0.9, r_mask 0.1 -> top 20%; r_mask 0 -> exactly SWAT's active
+   set):
+
+   * ``topk_weights`` (Top-K-Weights): the weights at the top-|w| positions;
+   * ``diff_topk_weights`` (Diff. on Top-K-Weights): ``w_local - w_received`` at the top-|w| positions;
+   * ``topk_diff`` (Top-K-Weights Diff.): the top-|w_local - w_received| deltas;
+   * ``dense``: the full weights ("Full model" in the paper's tables: vanilla SWAT in FedAvg).
+
+   Every other tensor (the dense input layer, the classifier unless sparsified, BatchNorm weights,
+   biases and buffers) is sent dense as plain values, also under the diff policies (the paper does
+   not say how they are handled; they are small).
+4. **Aggregation** (``method.aggregation``):
+
+   * ``paper`` (Alg. 1): Top-K-Weights is plain sample-weighted FedAvg with unsent weights counted
+     as **zeros** (:func:`sparsefl.fl.aggregate.zero_as_value`); the diff policies use
+     ``w_{t+1} = w_t + sum_k (n_k / n) d_k`` with an unsent delta = no change
+     (:func:`sparsefl.fl.aggregate.delta`), ``n`` = the samples of the round's clients;
+   * ``per_coordinate``: each coordinate averaged over the clients that sent it (deltas likewise,
+     then added to ``w_t``); a coordinate nobody sent keeps the server value. **Not the paper's
+     rule**; offered for comparison.
+
+   Dense tensors (and float buffers such as BN running statistics, and ``num_batches_tracked``,
+   floored) are averaged exactly as FedAvg does.
+5. **Evaluation** uses the global model with every sparsified layer masked to its exact top-k
+   (the paper, §4.3: inference without the top-k collapses to chance). ``personal_params`` (the
+   client's validation accuracy) applies the same top-k to the client's model.
+
+Choices and departures (each an option)
+---------------------------------------
+* ``method.sparsify_first=False``: the input layer stays dense, as in the paper (A.6).
+* ``method.sparsify_classifier=False``: the classifier (the last Conv/Linear layer) stays dense, as
+  in the paper's FEMNIST CNN ("the final linear layer is dense"; the ResNet-18 setup sparsifies only
+  the 3x3 convolutions). Set it to true to sparsify it too.
+* ``method.act_sparsity=None``: the activation sparsity equals ``method.sparsity`` (SWAT-U; the paper
+  says "up to 95% sparse weights and activations").
+* ``method.topk_period=10``: SWAT's threshold caching (its config value). An exact top-k, and its
+  magnitude threshold ``tau`` (the k-th largest |v|), is recomputed on step 0 of each local
+  training, on every step ``< warmup_steps``, and every ``topk_period`` steps; in between an entry
+  is kept when ``|v| >= tau`` (``|v| > 0`` when ``tau == 0``), so the kept count may drift from k.
+  Steps count within one client's local training: each round starts from a new aggregated model,
+  so no threshold is carried across rounds.
+* ``method.warmup_steps=0``: the paper does not give SWAT's warm-up inside ZeroFL, and SWAT's
+  warm-up is an epoch boundary of centralised training; in FL the mandatory exact refresh at the
+  start of every round (from a freshly aggregated model) plays that role. Raise it to refresh on
+  every early step.
+* Exact top-k keeps exactly ``k = clip(round(keep * n), 1, n)`` entries; ties in |v| are broken
+  deterministically in favour of the lower flat index (a stable sort).
+* Activation top-k is taken over the whole input tensor of the layer (the batch included), as SWAT
+  does per mini-batch.
+* The learning-rate decay across rounds (``local.lr`` -> ``local.lr_end``, exponential) is done by
+  the server loop; the paper calls it "crucial", so set ``local.lr_end`` as the paper does
+  (CIFAR-10 0.1 -> 0.01, Speech Commands 0.01 -> 0.001, FEMNIST 0.004 -> 0.001). The default config
+  leaves it unset (constant rate).
+* Convolutions with ``padding_mode != "zeros"`` or string padding (``"same"``) are not supported in
+  the sparsified scope (a clear error); all registered models use integer zero padding.
+
+FLOPs
+-----
+:meth:`ZeroFLHooks.densities` reports, per sparsified layer and per step, ``LayerDensity(forward =
+weight density used, grad_input = weight density used, grad_weight = activation density used)``,
+measured from that step's masks. The resulting training FLOPs are **theoretical**: the products
+run densely here (masked tensors), and would only be that cheap with sparse kernels.
+"""
+
+from __future__ import annotations
+
+import types
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any, Literal
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from sparsefl.accounting import LayerDensity, ModelProfile
+from sparsefl.comm import Update
+from sparsefl.config import ExperimentConfig, MethodConfig, opt
+from sparsefl.errors import ConfigError
+from sparsefl.fl import aggregate as agg
+from sparsefl.fl.messages import ClientState
+from sparsefl.masks import default_scope
+from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.registry import METHODS
+
+Tensor = torch.Tensor
+UploadPolicy = Literal["topk_weights", "diff_topk_weights", "topk_diff", "dense"]
+
+
+# --------------------------------------------------------------------------------------------------
+# Config
+# --------------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class ZeroFLConfig(MethodConfig):
+    """Options of ZeroFL (see the module docstring for what each one means and why)."""
+
+    sparsity: float = opt(0.9, "SWAT weight sparsity: fraction of each sparsified layer's weights zeroed", ge=0, lt=1)
+    act_sparsity: float | None = opt(
+        None,
+        "fraction of each sparsified layer's input activations dropped in the weight gradient "
+        "(unset = method.sparsity, SWAT-U)",
+        ge=0,
+        lt=1,
+    )
+    upload: UploadPolicy = opt("topk_weights", "what a client uploads per sparsified layer")
+    mask_ratio: float = opt(
+        0.1, "r_mask: extra fraction uploaded per sparsified layer beyond 1 - sparsity (clipped to 1)", ge=0, le=1
+    )
+    aggregation: Literal["paper", "per_coordinate"] = opt(
+        "paper", "paper: unsent = zero weight / zero delta (Alg. 1); per_coordinate: average over senders"
+    )
+    topk_period: int = opt(10, "recompute the exact top-k thresholds every this many local steps", ge=1)
+    warmup_steps: int = opt(0, "recompute the exact top-k on every local step before this one", ge=0)
+    sparsify_first: bool = opt(False, "also sparsify the input layer (the paper keeps it dense)")
+    sparsify_classifier: bool = opt(False, "also sparsify the classifier (the paper's FEMNIST CNN keeps it dense)")
+
+    def __post_init__(self) -> None:
+        if self.sparsity <= 0:
+            raise ConfigError("method.sparsity", self.sparsity, "a number > 0 and < 1 for zerofl")
+
+    @property
+    def weight_density(self) -> float:
+        """Fraction of each sparsified layer's weights used in training: ``1 - sparsity``."""
+        return 1.0 - self.sparsity
+
+    @property
+    def act_density(self) -> float:
+        """Fraction of each sparsified layer's input activations kept for the weight gradient."""
+        return 1.0 - (self.sparsity if self.act_sparsity is None else self.act_sparsity)
+
+    @property
+    def upload_density(self) -> float:
+        """Fraction of each sparsified layer uploaded: ``min(1, 1 - sparsity + mask_ratio)``."""
+        return min(1.0, 1.0 - self.sparsity + self.mask_ratio)
+
+
+# --------------------------------------------------------------------------------------------------
+# Top-k with deterministic ties, and SWAT's threshold cache
+# --------------------------------------------------------------------------------------------------
+
+
+def keep_count(numel: int, density: float) -> int:
+    """``k = clip(round(density * numel), 1, numel)``: how many entries an exact top-k keeps."""
+    return max(1, min(numel, int(round(density * numel)))) if numel else 0
+
+
+def topk_mask(v: Tensor, density: float) -> tuple[Tensor, float]:
+    """The exact top-k mask by magnitude, and its threshold.
+
+    Exactly ``k = keep_count(v.numel(), density)`` entries are True: those with the largest |v|,
+    ties broken in favour of the lower flat index (a stable descending sort), so the result is
+    deterministic. The threshold ``tau`` is the k-th largest |v|.
+    """
+    a = v.detach().abs().flatten()
+    k = keep_count(a.numel(), density)
+    mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
+    if k == 0:
+        return mask.view(v.shape), 0.0
+    if k == a.numel():
+        return torch.ones_like(mask).view(v.shape), float(a.min())
+    vals, idx = torch.sort(a, descending=True, stable=True)
+    mask[idx[:k]] = True
+    return mask.view(v.shape), float(vals[k - 1])
+
+
+def threshold_mask(v: Tensor, tau: float) -> Tensor:
+    """Cached-threshold mask: ``|v| >= tau`` (``|v| > 0`` when ``tau == 0``, since zeros add nothing)."""
+    a = v.detach().abs()
+    return a > 0 if tau <= 0 else a >= tau
+
+
+class CachedTopK:
+    """SWAT's top-k with threshold caching for one tensor stream (a layer's weights or inputs).
+
+    :meth:`mask` takes the exact top-k (and stores its threshold) when :meth:`refresh_due` says
+    so, and otherwise keeps ``|v| >= tau`` with the stored threshold.
+    """
+
+    def __init__(self, density: float, period: int, warmup_steps: int) -> None:
+        self.density = density
+        self.period = period
+        self.warmup_steps = warmup_steps
+        self.tau: float | None = None
+        self.refreshed_at: int | None = None
+
+    def refresh_due(self, step: int) -> bool:
+        """Exact on the first use, during warm-up, and every ``period`` steps."""
+        return self.tau is None or step < self.warmup_steps or step % self.period == 0
+
+    def mask(self, v: Tensor, step: int) -> Tensor:
+        """The mask of ``v`` at local step ``step``."""
+        if self.density >= 1.0:
+            return torch.ones(v.shape, dtype=torch.bool, device=v.device)
+        if self.refresh_due(step):
+            m, self.tau = topk_mask(v, self.density)
+            self.refreshed_at = step
+            return m
+        assert self.tau is not None
+        return threshold_mask(v, self.tau)
+
+
+# --------------------------------------------------------------------------------------------------
+# The SWAT autograd functions
+# --------------------------------------------------------------------------------------------------
+
+
+def _compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the products run in: the autocast dtype under ``local.precision=bf16`` (the
+    backward runs outside autocast, so the functions cast explicitly), else the input's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class SwatConv(torch.autograd.Function):
+    """Convolution (1d/2d/3d) with SWAT's sparse forward and backward.
+
+    ``forward(x, weight, bias, w_mask, x_mask, stride, padding, dilation, groups)`` returns
+    ``conv(x, weight * w_mask) + bias``; backward gives ``dL/dx`` through ``weight * w_mask``,
+    ``dL/dW = conv_weight_grad(x * x_mask, dL/dy)`` over every weight position (dense), and the
+    dense bias gradient. The masks get no gradient.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        w_mask: Tensor,
+        x_mask: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Tensor:
+        dt = _compute_dtype(x)
+        xc = x.to(dt)
+        w_sparse = (weight * w_mask).to(dt)
+        b = None if bias is None else bias.to(dt)
+        y = torch.ops.aten.convolution(
+            xc, w_sparse, b, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
+        )
+        # SWAT saves the sparse input and the sparse weights for the backward pass.
+        ctx.save_for_backward(xc * x_mask.to(dt), w_sparse)
+        ctx.conf = (
+            list(stride),
+            list(padding),
+            list(dilation),
+            groups,
+            x.dtype,
+            weight.dtype,
+            None if bias is None else (bias.shape, bias.dtype),
+        )
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_sparse, w_sparse = ctx.saved_tensors
+        stride, padding, dilation, groups, x_dtype, w_dtype, bias_info = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        # aten's convolution_backward: grad_input uses only the weight (sparse), grad_weight only
+        # the input (sparse activations), so one call gives both SWAT products.
+        gx, gw, gb = torch.ops.aten.convolution_backward(
+            gy.to(w_sparse.dtype),
+            x_sparse,
+            w_sparse,
+            None if bias_info is None else list(bias_info[0]),
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
+            [bool(need_x), bool(need_w), bool(need_b and bias_info is not None)],
+        )
+        gx = None if gx is None else gx.to(x_dtype)
+        gw = None if gw is None else gw.to(w_dtype)
+        gb = None if gb is None or bias_info is None else gb.to(bias_info[1])
+        return gx, gw, gb, None, None, None, None, None, None
+
+
+class SwatLinear(torch.autograd.Function):
+    """Linear layer with SWAT's sparse forward and backward.
+
+    ``forward(x, weight, bias, w_mask, x_mask)`` returns ``x @ (weight * w_mask)^T + bias``;
+    ``dL/dx = dL/dy @ (weight * w_mask)``, ``dL/dW = dL/dy^T @ (x * x_mask)`` (dense over W),
+    ``dL/db = sum dL/dy``. Leading dimensions of ``x`` are flattened for the products.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_mask: Tensor, x_mask: Tensor
+    ) -> Tensor:
+        dt = _compute_dtype(x)
+        xc = x.to(dt)
+        w_sparse = (weight * w_mask).to(dt)
+        y = F.linear(xc, w_sparse, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc * x_mask.to(dt), w_sparse)
+        ctx.conf = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        x_sparse, w_sparse = ctx.saved_tensors
+        x_dtype, w_dtype, b_dtype = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gy = gy.to(w_sparse.dtype)
+        gx = (gy @ w_sparse).to(x_dtype) if need_x else None
+        g2 = gy.reshape(-1, gy.shape[-1])
+        gw = (g2.t() @ x_sparse.reshape(-1, x_sparse.shape[-1])).to(w_dtype) if need_w else None
+        gb = g2.sum(0).to(b_dtype) if need_b and b_dtype is not None else None
+        return gx, gw, gb, None, None
+
+
+def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_mask: Tensor, x_mask: Tensor) -> Tensor:
+    """Apply :class:`SwatConv` with the geometry of ``conv``."""
+    return SwatConv.apply(
+        x, conv.weight, conv.bias, w_mask, x_mask, conv.stride, conv.padding, conv.dilation, conv.groups
+    )
+
+
+def swat_linear(x: Tensor, lin: nn.Linear, w_mask: Tensor, x_mask: Tensor) -> Tensor:
+    """Apply :class:`SwatLinear` with the parameters of ``lin``."""
+    return SwatLinear.apply(x, lin.weight, lin.bias, w_mask, x_mask)
+
+
+# --------------------------------------------------------------------------------------------------
+# Scope
+# --------------------------------------------------------------------------------------------------
+
+
+def sparse_scope(model: nn.Module, cfg: ZeroFLConfig) -> list[str]:
+    """State_dict names of the weights ZeroFL sparsifies: :func:`default_scope` minus the input
+    layer (unless ``sparsify_first``) and the classifier (unless ``sparsify_classifier``)."""
+    return default_scope(model, keep_first=not cfg.sparsify_first, keep_last=not cfg.sparsify_classifier)
+
+
+def _module_of(model: nn.Module, weight_name: str) -> nn.Module:
+    mod_name = weight_name[: -len(".weight")] if weight_name.endswith(".weight") else ""
+    return model.get_submodule(mod_name)
+
+
+def topk_params(params: Mapping[str, Tensor], scope: Sequence[str], density: float) -> StateDict:
+    """A copy of ``params`` with every tensor in ``scope`` masked to its exact top-k by |w|."""
+    out = {k: v.clone() for k, v in params.items()}
+    for name in scope:
+        m, _ = topk_mask(out[name], density)
+        out[name] = out[name] * m.to(out[name].dtype)
+    return out
+
+
+# --------------------------------------------------------------------------------------------------
+# Client hooks
+# --------------------------------------------------------------------------------------------------
+
+
+class ZeroFLHooks(LocalHooks):
+    """SWAT around the local training loop: the sparsified layers' ``forward`` is replaced on the
+    instance (restored by :meth:`close`) by the SWAT autograd functions with cached top-k masks.
+
+    Attributes
+    ----------
+    weight_topk, act_topk:
+        Per sparsified weight name, the :class:`CachedTopK` of the weights and of the inputs.
+    step:
+        The local step whose forward runs next (0-based; advanced by :meth:`after_step`).
+    """
+
+    def __init__(self, model: nn.Module, profile: ModelProfile, scope: Sequence[str], cfg: ZeroFLConfig) -> None:
+        super().__init__(model, profile)
+        self.cfg = cfg
+        self.scope = list(scope)
+        self.step = 0
+        self.weight_topk = {n: CachedTopK(cfg.weight_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
+        self.act_topk = {n: CachedTopK(cfg.act_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
+        self._w_masks: dict[str, tuple[int, Tensor]] = {}
+        self._density: dict[str, LayerDensity] = {}
+        self._saved: list[tuple[nn.Module, bool, Any]] = []
+        try:
+            for name in self.scope:
+                self._install(name, _module_of(model, name))
+        except Exception:
+            self.close()
+            raise
+
+    def _install(self, name: str, mod: nn.Module) -> None:
+        if isinstance(mod, (nn.Conv1d, nn.Conv2d, nn.Conv3d)):
+            if mod.padding_mode != "zeros" or isinstance(mod.padding, str):
+                raise ValueError(
+                    f"zerofl: layer {name!r} uses padding={mod.padding!r}, padding_mode={mod.padding_mode!r}; "
+                    "only integer zero padding is supported in the sparsified scope"
+                )
+        elif not isinstance(mod, nn.Linear):
+            raise ValueError(f"zerofl: {name!r} is not the weight of a Conv or Linear layer")
+        had = "forward" in mod.__dict__
+        self._saved.append((mod, had, mod.__dict__.get("forward")))
+        hooks = self
+
+        def forward(this: nn.Module, x: Tensor) -> Tensor:
+            return hooks._swat_forward(name, this, x)
+
+        mod.forward = types.MethodType(forward, mod)  # type: ignore[method-assign]
+
+    def _weight_mask(self, name: str, w: Tensor) -> Tensor:
+        # One weight mask per step, even if the layer runs several times in a forward pass.
+        cached = self._w_masks.get(name)
+        if cached is not None and cached[0] == self.step:
+            return cached[1]
+        m = self.weight_topk[name].mask(w, self.step)
+        self._w_masks[name] = (self.step, m)
+        return m
+
+    def _swat_forward(self, name: str, mod: nn.Module, x: Tensor) -> Tensor:
+        w = mod.weight
+        w_mask = self._weight_mask(name, w)
+        x_mask = self.act_topk[name].mask(x, self.step)
+        wd = float(w_mask.float().mean())
+        self._density[name] = LayerDensity(forward=wd, grad_input=wd, grad_weight=float(x_mask.float().mean()))
+        wm = w_mask.to(w.dtype)
+        xm = x_mask.to(x.dtype)
+        if isinstance(mod, nn.Linear):
+            return swat_linear(x, mod, wm, xm)
+        return swat_conv(x, mod, wm, xm)  # type: ignore[arg-type]
+
+    def after_step(self, step: int) -> None:
+        self.step = step + 1
+
+    def densities(self) -> Mapping[str, LayerDensity]:
+        """Per sparsified layer, the weight and activation densities of the last step's masks."""
+        return dict(self._density)
+
+    def close(self) -> None:
+        """Restore every replaced ``forward`` (instance attribute removed or put back)."""
+        for mod, had, fwd in reversed(self._saved):
+            if had:
+                mod.forward = fwd  # type: ignore[method-assign]
+            elif "forward" in mod.__dict__:
+                del mod.forward
+        self._saved.clear()
+
+
+# --------------------------------------------------------------------------------------------------
+# The method
+# --------------------------------------------------------------------------------------------------
+
+
+@METHODS.register("zerofl", ZeroFLConfig, summary="ZeroFL (Qiu et al., ICLR 2022): SWAT on clients, top-k uploads")
+class ZeroFL(Method):
+    """ZeroFL (Qiu et al., ICLR 2022) on SWAT (Raihan & Aamodt, NeurIPS 2020); see the module
+    docstring for the algorithm, the options and every departure from the paper."""
+
+    config_cls = ZeroFLConfig
+    config: ZeroFLConfig
+
+    def __init__(
+        self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
+    ) -> None:
+        if not isinstance(config, ZeroFLConfig):
+            raise TypeError(f"zerofl needs a ZeroFLConfig, got {type(config).__name__}")
+        super().__init__(config, experiment, spec, profile)
+        #: weight names SWAT sparsifies and whose uploads are top-k (state_dict names)
+        self.scope: list[str] = sparse_scope(spec.template, config)
+
+    # ---------------------------------------------------------------------------------- server
+    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
+        """Alg. 1 of the paper (``aggregation=paper``) or per-coordinate averaging; see the module
+        docstring. Unsent coordinates are zeroed first whatever the decoded values hold."""
+        cfg = self.config
+        names = list(state.params)
+        ns = [r.num_examples for r in received]
+        ups = [_clean(r.update) for r in received]
+        diff = cfg.upload in ("diff_topk_weights", "topk_diff")
+        sparse = [n for n in names if n in self.scope] if diff else []
+        plain = [n for n in names if n not in sparse]
+        per_coord = cfg.aggregation == "per_coordinate"
+        new: StateDict = {}
+        if plain:
+            rule = agg.per_coordinate(ups, ns, state.params, plain) if per_coord else agg.zero_as_value(ups, ns, plain)
+            new.update(rule)
+        if sparse:
+            if per_coord:
+                zeros = {n: torch.zeros_like(state.params[n]) for n in sparse}
+                mean = agg.per_coordinate(ups, ns, zeros, sparse)
+                new.update({n: (state.params[n].double() + mean[n].double()).to(state.params[n].dtype) for n in sparse})
+            else:
+                new.update(agg.delta(ups, ns, state.params, sparse))
+        return ServerState(round=state.round + 1, params={n: new[n] for n in names}, mask=state.mask, extra=state.extra)
+
+    def eval_params(self, state: ServerState) -> StateDict:
+        """The global model with each sparsified layer masked to its exact top-k (1 - sparsity)."""
+        return topk_params(state.params, self.scope, self.config.weight_density)
+
+    # ---------------------------------------------------------------------------------- client
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> ZeroFLHooks:
+        """SWAT on the sparsified layers for this local training."""
+        return ZeroFLHooks(model, self.profile, self.scope, self.config)
+
+    def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
+        """The client's model with its sparsified layers masked to their top-k (as evaluated)."""
+        return topk_params(model.state_dict(), self.scope, self.config.weight_density)
+
+    def upload(
+        self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
+    ) -> tuple[Update, ClientState]:
+        """Per ``method.upload``: top ``upload_density`` weights / deltas of each sparsified layer,
+        every other tensor dense (plain values)."""
+        cfg = self.config
+        local = {k: v.detach().clone() for k, v in model.state_dict().items()}
+        values: StateDict = dict(local)
+        sent: dict[str, Tensor] = {}
+        if cfg.upload == "dense":
+            return Update(values=values), client_state
+        dens = cfg.upload_density
+        for name in self.scope:
+            w = local[name]
+            if cfg.upload == "topk_weights":
+                v, m = w, topk_mask(w, dens)[0]
+            elif cfg.upload == "diff_topk_weights":
+                v, m = w - down.values[name].to(w.dtype), topk_mask(w, dens)[0]
+            else:  # topk_diff
+                v = w - down.values[name].to(w.dtype)
+                m = topk_mask(v, dens)[0]
+            values[name] = v * m.to(v.dtype)
+            if not bool(m.all()):
+                sent[name] = m
+        return Update(values=values, sent=sent), client_state
+
+
+def _clean(u: Update) -> Update:
+    """The update with unsent coordinates set to zero (the decoder already does this; crafted
+    updates may not)."""
+    vals = {n: (torch.where(u.sent[n], v, torch.zeros_like(v)) if n in u.sent else v) for n, v in u.values.items()}
+    return Update(values=vals, sent=dict(u.sent))
