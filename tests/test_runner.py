@@ -70,6 +70,7 @@ def test_run_folder_contract(tmp_path):
     assert summary["uplink_bytes_total"] == sum(r["uplink_bytes"] for r in lines) > 0
     assert summary["density"] == 1.0 and summary["rounds"] == 3
     assert summary["train_flops_total"] == summary["train_flops_dense_total"] > 0
+    assert summary["inference_flops_per_sample"] == summary["inference_flops_per_sample_dense"] > 0
     assert json.loads((d / "config.json").read_text())["federation"]["rounds"] == 3
     assert s["model_sha256"] == summary["model_sha256"]
 

@@ -37,7 +37,7 @@ BUILTIN_SUITES = ("quick", "paper")
 RESULT_COLUMNS = (
     "label", "method", "sparsity", "partition", "alpha", "seed", "final_accuracy", "best_accuracy",
     "uplink_bytes", "downlink_bytes", "train_flops", "train_flops_dense", "client_seconds", "wall_seconds",
-    "rounds", "density", "model_sha256", "run_dir",
+    "rounds", "density", "inference_flops", "inference_flops_dense", "model_sha256", "run_dir",
 )  # fmt: skip
 
 
@@ -171,6 +171,8 @@ def result_row(run: PlannedRun, summary: dict[str, Any], folder: Path) -> dict[s
         "wall_seconds": summary["wall_seconds"],
         "rounds": summary["rounds"],
         "density": summary["density"],
+        "inference_flops": summary.get("inference_flops_per_sample"),
+        "inference_flops_dense": summary.get("inference_flops_per_sample_dense"),
         "model_sha256": summary["model_sha256"],
         "run_dir": str(folder),
     }

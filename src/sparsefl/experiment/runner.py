@@ -163,6 +163,9 @@ def run_experiment(
 
     final = method.eval_params(state)
     summary = summarise(cfg, records, final, b.spec.build(), wall_before + time.perf_counter() - t_start)
+    eff, dense = method.inference_flops_per_sample(final, b.data.x_test)
+    summary["inference_flops_per_sample"] = eff
+    summary["inference_flops_per_sample_dense"] = dense
     _write_artifacts(folder, state, final, b.spec.build(), records)
     folder.write_summary(summary)
     return {**summary, "status": "completed"}
