@@ -48,11 +48,14 @@ def _base_updates(codec: str, seed: int) -> list[tuple[Update, dict[str, torch.T
             "half": vals((3, 7), torch.float16),
             "empty": vals((0, 4)),
             "scalar": vals(()),
+            "rows.weight": vals((12, 4, 3)),
         }
         sent = {
             k: torch.rand(values[k].shape, generator=g) < d
             for k in ("conv.weight", "fc.weight", "half", "empty", "scalar")
         }
+        # a channel-structured mask (whole rows along dim 0): the ROWS layout
+        sent["rows.weight"] = (torch.rand(12, generator=g) < d)[:, None, None].expand(12, 4, 3).clone()
         out.append((Update(values, sent), None))
         # a dense tensor with exact zeros (support coding) and a known mask
         w = torch.where(torch.rand(64, generator=g) < d, vals((64,)), 0.0)

@@ -22,6 +22,7 @@ from sparsefl.comm import (
     decode_update,
     describe,
     encode_update,
+    get_codec,
     spec_of,
 )
 from sparsefl.comm.entropy import encode_varints
@@ -279,15 +280,33 @@ def _pool(codec: str) -> list[tuple[bytes, dict, dict | None, Update]]:
         h = torch.randn(6, generator=g).to(torch.float16)
         m = torch.rand(v.shape, generator=g) < d
         z = torch.where(torch.rand(40, generator=g) < d, v[0, :40], 0.0)
+        # a channel-structured mask (ROWS): whole rows along dim 0, at least one kept unless d = 0
+        rows = (torch.rand(12, generator=g) < d) | ((torch.arange(12) == 0) & (d > 0))
+        r = v.reshape(-1)[:120].reshape(12, 5, 2).clone()
+        rm = rows.reshape(12, 1, 1).expand(12, 5, 2).contiguous()
         u = Update(
-            {"w": v, "h": (torch.sign(h) if codec == "sign" else h), "z": z, "n": torch.tensor(5), "e": torch.zeros(0)},
-            {"w": m},
+            {
+                "w": v,
+                "h": (torch.sign(h) if codec == "sign" else h),
+                "z": z,
+                "n": torch.tensor(5),
+                "e": torch.zeros(0),
+                "r": r,
+            },
+            {"w": m, "r": rm},
         )
         known = {"w": m} if d == 0.4 else None
         data = encode_update(u, codec, known=known)
         spec = spec_of(u.values)
         out.append((data, spec, known, decode_update(data, spec, known=known)))
     return out
+
+
+@pytest.mark.parametrize("codec", codec_names())
+def test_fuzz_pool_covers_the_rows_mode(codec: str) -> None:
+    """Every codec that may write ROWS has ROWS records among the messages the fuzzer mutates."""
+    modes = {i.mask_mode for data, *_ in _pool(codec) for i in describe(data)}
+    assert ("rows" in modes) == (MaskMode.ROWS in get_codec(codec).layouts)
 
 
 def _same(a: Update, b: Update) -> bool:

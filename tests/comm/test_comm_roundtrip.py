@@ -34,11 +34,13 @@ SETTINGS = settings(max_examples=60, deadline=None, suppress_health_check=[Healt
 @st.composite
 def shapes(draw: st.DrawFn) -> tuple[int, ...]:
     """0-d, empty, small multi-dim, and long 1-d (multi-byte gaps, large Rice parameters)."""
-    kind = draw(st.sampled_from(["scalar", "nd", "long"]))
+    kind = draw(st.sampled_from(["scalar", "nd", "long", "rows"]))
     if kind == "scalar":
         return ()
     if kind == "long":
         return (draw(st.integers(0, 3000)),)
+    if kind == "rows":  # many rows of a few coordinates each (conv/linear weights, ROWS masks)
+        return (draw(st.integers(1, 300)),) + tuple(draw(st.lists(st.integers(1, 5), min_size=1, max_size=3)))
     return tuple(draw(st.lists(st.integers(0, 6), min_size=1, max_size=4)))
 
 
@@ -62,6 +64,10 @@ def tensors(draw: st.DrawFn, sign: bool = False) -> tuple[torch.Tensor, torch.Te
     t = torch.from_numpy(v).reshape(shape).to(dtype)
     masked = draw(st.booleans())
     mask = torch.from_numpy(rng.random(n) < d).reshape(shape) if masked else None
+    if masked and len(shape) >= 2 and draw(st.booleans()):
+        # a channel-structured mask (whole rows along dim 0): the ROWS layout
+        rows = torch.from_numpy(rng.random(shape[0]) < d)
+        mask = rows.reshape(-1, *[1] * (len(shape) - 1)).expand(shape).contiguous()
     return t, mask
 
 

@@ -27,6 +27,9 @@ A tensor without a ``sent`` mask is dense; every codec but the three dense ones 
 as its nonzero support (a pruned model on the downlink) and the receiver gets the same dense
 tensor back, with any -0.0 off the support as +0.0. Integer and bool tensors always travel
 exactly. Masks the receiver already holds (``known``) are replaced by a 4-byte fingerprint.
+A channel-structured mask (whole rows along dim 0 of a tensor with ndim >= 2, as FedSkel,
+dynamic gating and channel pruning send) travels as its row flags, about one bit per row
+(mask mode ``rows``), in every codec above but ``bitmask``, ``coo`` and ``coo-rice``.
 
 The byte layout is documented in :mod:`sparsefl.comm.format`, the mask coders in
 :mod:`sparsefl.comm.entropy`, the value formats and their error bounds in

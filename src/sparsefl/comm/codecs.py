@@ -8,6 +8,13 @@ codec uses them when they apply: ``FULL`` (all sent), ``EMPTY`` (none sent) and 
 (the receiver already holds this exact mask; 4 bytes of CRC32 fingerprint are sent instead,
 so a receiver whose copy differs gets a DecodeError rather than misplaced values).
 
+Channel-structured masks (whole rows along dim 0 of a tensor with ndim >= 2 kept or dropped,
+as FedSkel's skeleton filters, dynamic gating's used channels or pruned output channels send)
+have the ``ROWS`` layout: only the per-row flags are sent, about ``C/8`` bytes for ``C`` rows
+instead of about ``H(d)`` bits per coordinate. Every codec whose policy is "the mask in its
+smallest layout" (the dense codecs for their ``sent`` mask, ``sign``, ``int8``, ``auto``) may
+use it; ``bitmask``, ``coo`` and ``coo-rice`` stay the fixed-layout baselines their names say.
+
 A tensor without a ``sent`` mask is dense. Dense codecs send it as is; every other codec also
 considers sending only its nonzero coordinates with the *support* flag, which the receiver
 decodes back to the same dense tensor, and uses that when it is smaller. Zeros come back as
@@ -66,8 +73,9 @@ from sparsefl.registry import CODECS
 
 Tensor = torch.Tensor
 
-#: Explicit mask layouts, in tie-breaking order.
-EXPLICIT = (MaskMode.BITMASK, MaskMode.RICE, MaskMode.RICE_INV, MaskMode.COO)
+#: Explicit mask layouts, in tie-breaking order. ``ROWS`` is last, so a mask that an older
+#: layout codes in as few bytes keeps the bytes it had before ROWS existed.
+EXPLICIT = (MaskMode.BITMASK, MaskMode.RICE, MaskMode.RICE_INV, MaskMode.COO, MaskMode.ROWS)
 _EXACT = {
     torch.float32: VFmt.F32,
     torch.float64: VFmt.F64,
@@ -90,7 +98,8 @@ class Codec:
     dense:
         True for dense codecs: one value per coordinate, the ``sent`` mask (if any) beside.
     layouts:
-        The explicit mask layouts it may use (besides NONE, FULL, EMPTY and KNOWN).
+        The explicit mask layouts it may use (besides NONE, FULL, EMPTY and KNOWN); all of
+        :data:`EXPLICIT`, ROWS included, unless the codec is defined by one layout.
     """
 
     name: ClassVar[str]
@@ -232,7 +241,8 @@ class Int8(Codec):
 class Auto(Codec):
     """Smallest lossless encoding per tensor (the default).
 
-    Tries every mask layout (none, bitmask, varint and Rice coordinate lists, known) with the
+    Tries every mask layout (none, bitmask, varint and Rice coordinate lists, row flags for a
+    channel-structured mask, known) with the
     tensor's own precision (float32 for float32 tensors; a half-precision tensor stays half,
     which is exact) and, when every sent value is exactly +-1, sign bits. Never lossy.
     """
@@ -291,15 +301,49 @@ def known_fingerprint(known: np.ndarray) -> bytes:
     return zlib.crc32(np.packbits(known)).to_bytes(4, "little")
 
 
-class _MaskInfo:
-    """A flat bool mask with lazily computed indices and gaps (shared by the size estimates)."""
+def _row_flags(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:
+    """The per-row flags of a flat mask of ``shape`` if it is constant along every dimension
+    but dim 0 (``None`` otherwise, or when ROWS cannot apply: ndim < 2 or no coordinates)."""
+    if len(shape) < 2 or m.size == 0:
+        return None
+    m2 = m.reshape(shape[0], -1)
+    first = m2[:, 0]
+    # a cheap rejection first: an unstructured mask almost always differs in the second column
+    if m2.shape[1] > 1 and not np.array_equal(m2[:, 1], first):
+        return None
+    if not np.array_equal(m2, np.broadcast_to(first[:, None], m2.shape)):
+        return None
+    return first.copy()
 
-    def __init__(self, m: np.ndarray) -> None:
+
+class _MaskInfo:
+    """A flat bool mask with lazily computed indices and gaps (shared by the size estimates).
+
+    ``shape`` is the tensor's shape; it only matters to the ROWS layout.
+    """
+
+    def __init__(self, m: np.ndarray, shape: tuple[int, ...] = ()) -> None:
         self.m = m
         self.n = int(m.size)
         self.nnz = int(np.count_nonzero(m))
+        self.shape = shape
         self._gaps: dict[bool, np.ndarray] = {}
         self._k: dict[bool, int] = {}
+        self._rows: tuple[np.ndarray | None, int, int] | None = None
+
+    def rows(self) -> tuple[np.ndarray | None, int, int]:
+        """``(row flags or None, Rice parameter + 1 or 0 for packed bits, section bytes)``."""
+        if self._rows is None:
+            flags = _row_flags(self.m, self.shape)
+            if flags is None:
+                self._rows = (None, 0, 0)
+            else:
+                packed = (flags.size + 7) // 8
+                g = gaps_from_indices(np.flatnonzero(flags))
+                k = rice_best_k(g)
+                rice = rice_nbytes(g, k)
+                self._rows = (flags, k + 1, rice) if rice < packed else (flags, 0, packed)
+        return self._rows
 
     def gaps(self, inverse: bool = False) -> np.ndarray:
         if inverse not in self._gaps:
@@ -320,6 +364,8 @@ class _MaskInfo:
             return (self.nnz + 7) // 8
         if mode == MaskMode.RICE_INV:
             return (self.n - self.nnz + 7) // 8
+        if mode == MaskMode.ROWS:
+            return 0
         return self.nnz
 
     def size(self, mode: MaskMode) -> int:
@@ -328,6 +374,8 @@ class _MaskInfo:
         if mode in (MaskMode.RICE, MaskMode.RICE_INV):
             inv = mode == MaskMode.RICE_INV
             return rice_nbytes(self.gaps(inv), self.rice_k(inv))
+        if mode == MaskMode.ROWS:
+            return self.rows()[2]
         return int(varint_sizes(self.gaps()).sum())
 
     def encode(self, mode: MaskMode) -> tuple[bytes, int]:
@@ -336,23 +384,40 @@ class _MaskInfo:
             return pack_bits(self.m), 0
         if mode == MaskMode.COO:
             return encode_varints(self.gaps()), 0
+        if mode == MaskMode.ROWS:
+            flags, param, _ = self.rows()
+            assert flags is not None
+            if param == 0:
+                return pack_bits(flags), 0
+            return rice_encode(gaps_from_indices(np.flatnonzero(flags)), param - 1), param
         inv = mode == MaskMode.RICE_INV
         k = self.rice_k(inv)
         return rice_encode(self.gaps(inv), k), k
 
 
 def _best_explicit(info: _MaskInfo, allowed: Sequence[MaskMode], bound: int | None) -> tuple[MaskMode, int] | None:
-    """The smallest explicit layout in ``allowed`` (``None`` if none beats ``bound`` bytes)."""
+    """The smallest explicit layout in ``allowed`` (``None`` if none beats ``bound`` bytes).
+
+    ROWS, when it applies, is sized first: it is tiny, so its size prunes the costlier
+    estimates of the general layouts, which still win a tie (they come first in EXPLICIT).
+    """
+    rows: tuple[MaskMode, int] | None = None
+    if MaskMode.ROWS in allowed and info.rows()[0] is not None:
+        size = info.size(MaskMode.ROWS)
+        if bound is None or size < bound:
+            rows = (MaskMode.ROWS, size)
     best: tuple[MaskMode, int] | None = None
     for mode in EXPLICIT:
-        if mode not in allowed:
+        if mode not in allowed or mode == MaskMode.ROWS:
             continue
-        limit = best[1] if best else bound
+        limit = best[1] if best else (rows[1] + 1 if rows else bound)
         if limit is not None and info.lower_bound(mode) >= limit:
             continue
         size = info.size(mode)
         if limit is None or size < limit:
             best = (mode, size)
+    if rows is not None and (best is None or rows[1] < best[1]):
+        best = rows
     return best
 
 
@@ -448,11 +513,11 @@ def encode_tensor_parts(
     cands: list[_Cand] = []
     if m is None:
         cands += [_Cand(MaskMode.NONE, 0, f, 0, "all") for f in formats]
-        info = _MaskInfo(arr != 0)  # NaN counts as nonzero, -0.0 as zero
+        info = _MaskInfo(arr != 0, tuple(values.shape))  # NaN counts as nonzero, -0.0 as zero
         if not c.dense and info.nnz < n:
             cands += _candidates(c, formats, info, False, kn)
     else:
-        info = _MaskInfo(m)
+        info = _MaskInfo(m, tuple(values.shape))
         cands += _candidates(c, formats, info, True, kn)
 
     gathered: dict[str, np.ndarray] = {}
@@ -552,6 +617,14 @@ def _check_header(h: TensorHeader, shape: tuple[int, ...], dtype: torch.dtype, w
     if mode in (MaskMode.RICE, MaskMode.RICE_INV):
         if h.param > MAX_RICE_K:
             raise DecodeError(f"{what}: Rice parameter {h.param} exceeds {MAX_RICE_K}")
+    elif mode == MaskMode.ROWS:
+        if len(shape) < 2 or n == 0:
+            raise DecodeError(f"{what}: ROWS mask for shape {shape} (needs ndim >= 2 and coordinates)")
+        row = n // shape[0]
+        if h.nnz % row:
+            raise DecodeError(f"{what}: ROWS mask with nnz {h.nnz}, not a multiple of the row size {row}")
+        if h.param > MAX_RICE_K + 1:
+            raise DecodeError(f"{what}: ROWS parameter {h.param} exceeds {MAX_RICE_K + 1}")
     elif h.param:
         raise DecodeError(f"{what}: parameter {h.param} set for mask mode {mode.name}")
     return codec
@@ -586,6 +659,22 @@ def _decode_mask(
         if int(np.count_nonzero(m)) != h.nnz:
             raise DecodeError(f"{what}: bitmask has {np.count_nonzero(m)} entries, payload says {h.nnz}")
         return m, None
+    if mode == MaskMode.ROWS:
+        # _check_header guarantees ndim >= 2, n > 0 and nnz = kept * row
+        c = h.shape[0]
+        row = n // c
+        kept = h.nnz // row
+        if h.param == 0:
+            flags = unpack_bits(buf, c, what + " row flags")
+            if int(np.count_nonzero(flags)) != kept:
+                raise DecodeError(
+                    f"{what}: row flags keep {np.count_nonzero(flags)} rows, payload says {kept} (nnz {h.nnz})"
+                )
+        else:
+            g = rice_decode(buf, kept, h.param - 1, c, what + " Rice row gaps")
+            flags = np.zeros(c, bool)
+            flags[indices_from_gaps(g, c, what + " Rice row gaps")] = True
+        return np.repeat(flags, row), None
     if mode == MaskMode.COO:
         g = decode_varints(buf, h.nnz, what + " coordinates")
         if g.size and int(g.max()) >= n:

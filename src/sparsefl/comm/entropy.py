@@ -192,24 +192,40 @@ def rice_nbytes(g: np.ndarray, k: int) -> int:
     return (c * k + 7) // 8 + (unary_bits + 7) // 8
 
 
-def rice_best_k(g: np.ndarray) -> int:
-    """The Rice parameter that minimises the section size of ``g``.
+def _rice_bits(g: np.ndarray, k: int) -> int:
+    """Bits of the Rice code of gaps ``g`` with parameter ``k``, before byte padding."""
+    return int(g.size) * (k + 1) + int((g >> k).sum())
 
-    The size ``c k + sum(g >> k) + c`` bits is convex in ``k`` up to rounding, so a local
-    search from the estimate ``log2(mean gap)`` finds the minimum in two or three evaluations.
+
+def rice_best_k(g: np.ndarray) -> int:
+    """The Rice parameter that minimises the section size of ``g`` in bytes (smallest k on a tie).
+
+    The bit count ``c (k + 1) + sum(g >> k)`` is convex in ``k`` (its decrements
+    ``sum(ceil((g >> k) / 2)) - c`` never increase), so a local search from the estimate
+    ``log2(mean gap)`` finds its minimum in two or three evaluations. The byte size is that
+    count padded in two streams, between ``bits / 8`` and ``bits / 8 + 2``, so only the ``k``
+    whose bit count is within 16 of the minimum can win in bytes; they form an interval
+    around the minimum, which is scanned.
     """
     if g.size == 0:
         return 0
     mean = float(g.mean())
     k = min(MAX_RICE_K, max(0, int(math.log2(mean + 1.0)) - 1))
-    best = rice_nbytes(g, k)
+    best = _rice_bits(g, k)
     for step in (1, -1):
         while 0 <= k + step <= MAX_RICE_K:
-            size = rice_nbytes(g, k + step)
-            if size >= best:
+            bits = _rice_bits(g, k + step)
+            if bits >= best:
                 break
-            k, best = k + step, size
-    return k
+            k, best = k + step, bits
+    lo = k
+    while lo > 0 and _rice_bits(g, lo - 1) <= best + 16:
+        lo -= 1
+    hi = k
+    while hi < MAX_RICE_K and _rice_bits(g, hi + 1) <= best + 16:
+        hi += 1
+    sizes = [rice_nbytes(g, j) for j in range(lo, hi + 1)]
+    return lo + sizes.index(min(sizes))
 
 
 def rice_encode(g: np.ndarray, k: int) -> bytes:

@@ -29,13 +29,34 @@ Tensor record (what :func:`sparsefl.comm.encode_tensor` returns; no CRC of its o
     flags      1  bit 0 SUPPORT: the mask is the nonzero support of a dense tensor (decoded as
                   dense, no ``sent`` entry) rather than the mask of sent coordinates;
                   bit 1 DENSE_VALUES: one value per coordinate even though a mask is present
-    param      1  Golomb-Rice parameter k for the RICE modes, else 0
+    param      1  Golomb-Rice parameter k for the RICE modes; for ROWS 0 (packed row flags)
+                  or k + 1 (Rice-coded row gaps with parameter k); else 0
     ndim       1  number of dimensions (0 for a scalar)
     shape      ndim varints
     nnz        varint  coordinates marked True by the mask (numel for mode NONE)
     mask_len   varint  byte length of the mask section
     value_len  varint  byte length of the value section
     mask section, then value section
+
+Mask sections (``n`` coordinates, ``nnz`` of them True; see :mod:`sparsefl.comm.entropy`)::
+
+    NONE, FULL, EMPTY  empty
+    KNOWN      4 bytes: CRC32 of the receiver's mask, packed MSB first
+    BITMASK    ceil(n/8) bytes: one bit per coordinate, MSB first, zero padding
+    COO        nnz varints: gaps between the True positions
+    RICE       Rice section of the nnz gaps between the True positions, parameter ``param``
+    RICE_INV   Rice section of the n - nnz gaps between the False positions, parameter ``param``
+    ROWS       the flags of the C = shape[0] rows of a mask that is constant along every other
+               dimension (channel-structured: whole filters or neurons kept or dropped);
+               needs ndim >= 2 and a row size R = n / C >= 1, and nnz = kept_rows * R exactly.
+               param 0: ceil(C/8) bytes, one bit per row, MSB first, zero padding;
+               param k + 1: the Rice section (parameter k) of the kept_rows gaps between
+               kept rows. The encoder writes whichever is smaller (packed on a tie).
+
+Mode ROWS (8) was added after the first release of version 1. It is a new code, not a new
+meaning of an old one, so TENSOR_VERSION is unchanged: every earlier payload decodes exactly
+as before, and a reader that predates ROWS rejects such a record as an unknown mask mode
+(a DecodeError), never misreads it.
 
 The fixed part is 10 bytes; a ResNet-18 tensor's header is 14-24 bytes, its name record
 about 10-30 more. Every length is explicit, so a record can be skipped without decoding it
@@ -80,6 +101,7 @@ class MaskMode(IntEnum):
     COO = 5  #: LEB128 varints of index gaps (index - previous index - 1)
     RICE = 6  #: Golomb-Rice-coded gaps of the True positions
     RICE_INV = 7  #: Golomb-Rice-coded gaps of the False positions (density above 1/2)
+    ROWS = 8  #: flags of whole rows along dim 0 (packed bits, or Rice gaps when param > 0)
 
 
 class VFmt(IntEnum):
