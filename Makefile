@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= runs/default
 
-.PHONY: setup run test lint bench-codec clean
+.PHONY: setup run test test-slow lint bench-quick bench-codec clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -23,8 +23,17 @@ run: setup
 test: setup
 	$(PY) -m pytest
 
+test-slow: setup
+	$(PY) -m pytest -m slow
+
 lint: setup
 	$(VENV)/bin/ruff check src tests benchmarks
+
+bench-quick: setup
+	$(VENV)/bin/sparsefl bench --suite quick --out bench-quick --jobs 2
+
+bench-codec: setup
+	$(PY) benchmarks/codec.py --fuzz 100000 --jobs 2
 
 clean:
 	rm -rf $(VENV) runs

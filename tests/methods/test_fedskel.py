@@ -214,7 +214,11 @@ DIGITS = ["federation.num_clients=20", "federation.clients_per_round=10", "feder
 def digits_runs(tmp_path_factory):
     d = tmp_path_factory.mktemp("digits")
     out = {}
-    for name, over in (("fedavg", ["method.name=fedavg"]), ("fedskel", ["method.name=fedskel"])):
+    for name, over in (
+        ("fedavg", ["method.name=fedavg"]),
+        ("fedskel", ["method.name=fedskel"]),
+        ("fedskel_linear", ["method.name=fedskel", "method.skeleton_linear=true"]),
+    ):
         out[name] = run_experiment(load_config(overrides=[*DIGITS, *over]), d / name)
         out[name + "_rows"] = [json.loads(x) for x in (d / name / "metrics.jsonl").read_text().splitlines()]
     return out
@@ -245,14 +249,15 @@ def test_digits_backward_flops_follow_skeleton(digits_runs):
     assert expect < s["train_flops_total"] / s["train_flops_dense_total"] < 1
 
 
-@pytest.mark.xfail(
-    reason="by design on the digits CNN: FedSkel skeletonises convs only and fc1 holds 61% of the "
-    "parameters, so the expected uplink ratio at skeleton 0.25 is about 0.74 (see test_uplink_ratio_matches_design)",
-    strict=False,
-)
-def test_digits_uplink_at_most_0_3_of_fedavg(digits_runs):
-    ratio = digits_runs["fedskel"]["uplink_bytes_total"] / digits_runs["fedavg"]["uplink_bytes_total"]
+def test_digits_uplink_at_most_0_3_of_fedavg_with_linear_skeletons(digits_runs):
+    """The issue's bound (skeleton ratio 0.25: uplink <= 0.3 of dense FedAvg, accuracy within 5
+    points). FedSkel itself skeletonises convolutions only, and on the digits CNN fc1 holds 61% of
+    the parameters, so the paper-faithful default cannot go below ~0.74 (next test); with
+    ``skeleton_linear`` (our extension: hidden linear layers get skeleton rows too) it does.
+    Measured: 0.277 with row-coded masks, accuracy 0.947 vs 0.983."""
+    ratio = digits_runs["fedskel_linear"]["uplink_bytes_total"] / digits_runs["fedavg"]["uplink_bytes_total"]
     assert ratio <= 0.3, ratio
+    assert digits_runs["fedskel_linear"]["final_accuracy"] >= digits_runs["fedavg"]["final_accuracy"] - 0.05
 
 
 def test_uplink_ratio_matches_design(digits_runs):
@@ -266,14 +271,10 @@ def test_uplink_ratio_matches_design(digits_runs):
     assert sent / total <= ratio <= sent / total + 0.03, (ratio, sent / total)
 
 
-def test_skeleton_linear_uplink_matches_design(tmp_path, digits_runs):
-    # with the hidden linear layer skeletonised too, the per-round uplink falls to about 0.30 of
-    # FedAvg's (measured 0.3007: values 0.28 of the model plus the codec's row masks)
-    over = [*DIGITS, "federation.rounds=3", "method.name=fedskel", "method.skeleton_linear=true"]
-    run_experiment(load_config(overrides=over), tmp_path / "lin")
-    rows = [json.loads(x) for x in (tmp_path / "lin" / "metrics.jsonl").read_text().splitlines()]
-    fa = digits_runs["fedavg_rows"]
-    ratio = sum(r["uplink_bytes"] for r in rows) / sum(r["uplink_bytes"] for r in fa[:3])
+def test_skeleton_linear_uplink_matches_design(digits_runs):
+    # with the hidden linear layer skeletonised too: the values are 0.28 of the model; row-coded
+    # masks cost a few bytes per tensor
+    ratio = digits_runs["fedskel_linear"]["uplink_bytes_total"] / digits_runs["fedavg"]["uplink_bytes_total"]
     m = _method("method.skeleton_linear=true")
     sd = m.new_model().state_dict()
     total = sum(v.numel() for v in sd.values())
