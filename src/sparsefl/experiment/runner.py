@@ -22,9 +22,8 @@ from sparsefl.accounting import profile_model
 from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine
-from sparsefl.errors import ConfigError
 from sparsefl.experiment.runfolder import RunFolder
-from sparsefl.fl.server import RoundRecord, Server
+from sparsefl.fl.server import Engine, RoundRecord, Server
 from sparsefl.masks import Mask, default_scope
 from sparsefl.methods.base import Method, ModelSpec, ServerState
 from sparsefl.models import build_model
@@ -92,14 +91,17 @@ def run_experiment(
     force: bool = False,
     progress: ProgressFn | None = None,
     log: Callable[[str], None] | None = None,
+    engine: Engine | None = None,
 ) -> dict[str, Any]:
     """Run ``cfg`` into the folder ``out`` and return the summary.
 
     An existing folder with the same config resumes from its last good checkpoint (or returns
     the finished run's summary, unless ``force``); a different config there is refused.
     """
-    if cfg.engine != "embedded":
-        raise ConfigError("engine", cfg.engine, "embedded (the Flower engines need the sparsefl[flower] adapter)")
+    if cfg.engine != "embedded" and engine is None:
+        from sparsefl.engines.flower import run_on_flower  # lazy: Flower is the optional extra sparsefl[flower]
+
+        return run_on_flower(cfg, out, model=model, force=force, progress=progress, log=log)
     folder = RunFolder(out)
     if force:
         folder.reset()
@@ -113,7 +115,10 @@ def run_experiment(
     b = build(cfg, model)
     method = b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
-    engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
+    if engine is None:
+        engine = EmbeddedEngine(
+            method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store
+        )
     server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
     ckpt = folder.latest_checkpoint() if status == "resume" else None

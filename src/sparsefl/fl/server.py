@@ -38,6 +38,8 @@ class Engine(Protocol):
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]: ...
 
+    def close(self) -> None: ...
+
 
 @dataclass
 class RoundRecord:

@@ -74,7 +74,6 @@ Choices and departures
 from __future__ import annotations
 
 import copy
-
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path

@@ -1,0 +1,73 @@
+"""The sparsefl ClientApp: one ``train`` handler running the shared client runtime.
+
+For each instruction it rebuilds the experiment from the run config (data, partition, model,
+method; cached per process, so a Ray actor builds it once), takes the addressed client's data
+partition and its state from the node's ``context.state``, runs
+:func:`sparsefl.fl.client.run_client` (the same code as the embedded engine, through the same
+failure wrapper) and replies with the encoded update. The client's new state goes back into
+``context.state``, which Flower keeps per node across the rounds of a run; a node hosts as many
+clients as map to it (``client mod N``), each under its own key.
+
+In a Deployment every message runs in a fresh ``flwr-clientapp`` process, so the cache does not
+help there; building the tiny experiments of the tests takes well under a second.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import lru_cache
+from typing import Any
+
+from flwr.app import Context, Error, Message
+from flwr.clientapp import ClientApp
+from flwr.common.constant import ErrorCode
+
+from sparsefl.engines.flower.options import AppOptions, experiment_sha
+from sparsefl.engines.flower.records import (
+    ERROR_PREFIX,
+    load_state,
+    result_content,
+    save_state,
+    task_from_content,
+)
+
+app = ClientApp()
+
+
+@dataclass(frozen=True)
+class _Experiment:
+    sha: str
+    built: Any  # sparsefl.experiment.runner.Built
+
+
+@lru_cache(maxsize=2)
+def _experiment(config_json: str, overrides: str) -> _Experiment:
+    from sparsefl.experiment.runner import build
+
+    cfg = AppOptions(config_json=config_json, overrides=overrides).experiment()
+    return _Experiment(experiment_sha(cfg), build(cfg))
+
+
+def _error(msg: Message, reason: str) -> Message:
+    return Message(Error(code=ErrorCode.CLIENT_APP_RAISED_EXCEPTION, reason=ERROR_PREFIX + reason), reply_to=msg)
+
+
+@app.train()
+def train(msg: Message, context: Context) -> Message:
+    """Run one client task; reply with its update, or an ``Error`` saying why it failed."""
+    from sparsefl.engines.embedded import _execute
+    from sparsefl.fl.server import ClientFailure
+
+    opts = AppOptions.from_run_config(context.run_config)
+    exp = _experiment(opts.config_json, opts.overrides)
+    task, sha = task_from_content(msg.content)
+    if sha != exp.sha:
+        return _error(msg, f"config mismatch: task of experiment {sha}, this ClientApp resolved {exp.sha}")
+    b = exp.built
+    cfg = b.cfg
+    state = load_state(context.state, task.client_id)
+    out = _execute(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, task, state)
+    if isinstance(out, ClientFailure):
+        return _error(msg, out.reason)
+    save_state(context.state, task.client_id, out.state)
+    return Message(result_content(out, cfg.comm.up), reply_to=msg)
