@@ -60,6 +60,14 @@ Choices and departures (every one is a config key where it is a choice)
   mean of full state dicts; clients then upload (and download) full models, so it saves no
   traffic, only backward compute; the client still keeps its own non-skeleton filters on
   download.
+* **Backward kernels** (``method.backward``): ``compact`` (default) runs each skeleton layer's
+  backward on the gathered skeleton channels (:mod:`sparsefl.kernels.skeleton`: smaller weight-
+  and input-gradient convolutions, the BatchNorm after it computing its input gradient for the
+  skeleton channels only), which is where FedSkel's wall-clock saving comes from; ``mask`` zeroes
+  the non-skeleton output-gradient channels with a tensor hook and runs the dense backward (the
+  reference; as slow as dense). Both train the same model up to floating-point summation order
+  (tests/kernels check 1e-5). Layers the kernels do not cover (grouped convs, string padding)
+  use the mask in either mode. ``benchmarks/speed.py`` measures the two.
 * **Personalisation** is the client's state: its skeleton, the round it was chosen, and its own
   copy of every skeletonised tensor (``personal_params`` is simply its trained model).
 """
@@ -81,6 +89,7 @@ from sparsefl.config import MethodConfig, opt
 from sparsefl.errors import ConfigError
 from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
+from sparsefl.kernels.skeleton import CompactSkeleton
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, Received, ServerState
 from sparsefl.registry import METHODS
 from sparsefl.rng import np_rng
@@ -109,6 +118,11 @@ class FedSkelConfig(MethodConfig):
         "train", "BatchNorm after a conv: train all channels (reference, default) or only skeleton channels"
     )
     skeleton_linear: bool = opt(False, "also skeletonise hidden linear layers by output feature (departure)")
+    backward: Literal["compact", "mask"] = opt(
+        "compact",
+        "skeleton backward: compact (gathered-channel kernels, sparsefl.kernels.skeleton) or mask (the "
+        "masked dense gradient, the reference); same model up to float summation order",
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity != 0:
@@ -235,6 +249,7 @@ class SkeletonHooks(LocalHooks):
         client_state: ClientState | None = None,
         round: int = 0,
         mask_bn_output: bool = False,
+        backward: str = "mask",
     ) -> None:
         super().__init__(model, profile)
         self.layers = layers
@@ -249,6 +264,9 @@ class SkeletonHooks(LocalHooks):
         self._tensors = dict(model.named_parameters())
         mods = dict(model.named_modules())
         self._handles: list[RemovableHandle] = []
+        # compact backward: the kernels replace the output-gradient hook of the layers they cover
+        self._compact = CompactSkeleton(model, [(la.name, la.module, la.bn_module) for la in layers])
+        self._compact_on = backward == "compact"
         for layer in layers:
             self._handles.append(mods[layer.module].register_forward_hook(self._make_hook(layer)))
             if mask_bn_output and layer.bn_module is not None:
@@ -265,7 +283,7 @@ class SkeletonHooks(LocalHooks):
                     prev = self.importance.get(layer.name)
                     self.importance[layer.name] = imp if prev is None else prev + imp
                 return
-            if out.requires_grad:
+            if out.requires_grad and not (not bn and self._compact.active(layer.name)):
                 keep = self._views[(layer.name, out.dim(), layer.linear and not bn)]
                 out.register_hook(lambda g, keep=keep: g.masked_fill(~keep, 0))
 
@@ -283,6 +301,8 @@ class SkeletonHooks(LocalHooks):
                 self._views[(layer.name, nd, True)] = ch.view(*([1] * (nd - 1)), -1)
             for t in layer.frozen:
                 self._frozen[t] = self._tensors[t].detach().clone()
+        if self._compact_on:
+            self._compact.install(self.skeleton)
         if self.client_state is not None:
             for layer in self.layers:
                 self.client_state[f"skel/{layer.name}"] = self.skeleton[layer.name].clone()
@@ -328,6 +348,7 @@ class SkeletonHooks(LocalHooks):
         for h in self._handles:
             h.remove()
         self._handles = []
+        self._compact.remove()
         if self.skeleton is None:
             self._select()
 
@@ -435,6 +456,7 @@ class FedSkel(Method):
             client_state,
             ctx.round,
             mask_bn_output=self.config.bn == "skeleton",
+            backward=self.config.backward,
         )
 
     def upload(

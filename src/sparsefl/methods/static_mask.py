@@ -91,7 +91,10 @@ FLOPs
 :meth:`StaticMaskHooks.densities` reports, per masked layer and per step, ``LayerDensity(forward =
 d, grad_input = d, grad_weight = d)`` with ``d`` the layer's mask density: the work a sparse kernel
 would do (the products skip removed weights, and a masked weight needs no gradient). The numbers
-are **theoretical**: here the products run densely on masked tensors.
+are **theoretical**: here the products run densely on masked tensors, except for linear layers
+trained with ``method.kernel=csr`` (or ``auto`` where it measures faster): those run CSR kernels
+that skip the removed weights (:mod:`sparsefl.kernels.masked`; convolutions always run masked
+dense, the only kind that is not slower on CPU).
 """
 
 from __future__ import annotations
@@ -111,6 +114,7 @@ from sparsefl.errors import ConfigError
 from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
 from sparsefl.fl.sampling import sample_clients
+from sparsefl.kernels.masked import CsrLinears, KernelMode
 from sparsefl.masks import Mask
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
 from sparsefl.pruning import allocate, gradual_sparsity, prune, score
@@ -152,6 +156,11 @@ class StaticMaskConfig(MethodConfig):
     schedule: Schedule = opt("oneshot", "oneshot: prune at init; gradual: re-prune the aggregate towards the target")
     prune_every: int = opt(1, "gradual: re-prune every this many rounds", ge=1)
     prune_until: int = opt(10, "gradual: the round at which the target sparsity is reached", ge=1)
+    kernel: KernelMode = opt(
+        "dense",
+        "masked linear layers: dense (masked dense, bit-stable), csr (CSR values), or auto (measured per "
+        "layer, see sparsefl.kernels.choice)",
+    )
 
     def __post_init__(self) -> None:
         cls = CRITERIA.get(self.criterion)
@@ -181,7 +190,14 @@ class StaticMaskHooks(LocalHooks):
         Weight name -> bool tensor (True = kept), on the model's device.
     """
 
-    def __init__(self, model: nn.Module, profile: ModelProfile, mask: Mapping[str, Tensor]) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        profile: ModelProfile,
+        mask: Mapping[str, Tensor],
+        kernel: KernelMode = "dense",
+        batch_size: int = 32,
+    ) -> None:
         super().__init__(model, profile)
         state = dict(model.named_parameters())
         missing = [n for n in mask if n not in state]
@@ -196,11 +212,18 @@ class StaticMaskHooks(LocalHooks):
             for d in [float(m.float().mean())]
         }
         self._apply()
+        # linear layers where a CSR kernel runs train their kept values instead (same update)
+        self._csr = CsrLinears(model, self.mask, kernel, batch_size)
+        self._params = {n: p for n, p in self._params.items() if n not in self._csr.layers}
 
     @torch.no_grad()
     def _apply(self) -> None:
         for n, p in self._params.items():
             p.mul_(self._fmask[n])
+
+    def parameters(self) -> list[nn.Parameter]:
+        """The model's trainable parameters, with CSR layers' kept values in place of their weights."""
+        return self._csr.substitute(super().parameters())
 
     def after_backward(self, step: int) -> None:
         """Zero the gradients of removed weights (no momentum or weight-decay effect on them)."""
@@ -215,6 +238,10 @@ class StaticMaskHooks(LocalHooks):
     def densities(self) -> Mapping[str, LayerDensity]:
         """Per masked layer, its mask density for all three products (theoretical, see module)."""
         return self._density
+
+    def close(self) -> None:
+        """Write CSR-trained values back into the dense weights and restore the layers."""
+        self._csr.close()
 
 
 class ScoringHooks(LocalHooks):
@@ -451,7 +478,13 @@ class StaticMask(Method):
         """Masked SGD, or the scoring round's sample collection."""
         if _SCORING in client_state:
             return ScoringHooks(model, self.profile, client_state, self.spec.num_classes, self.config.score_samples)
-        return StaticMaskHooks(model, self.profile, {n: client_state[_ROUND + n] for n in self.scope})
+        return StaticMaskHooks(
+            model,
+            self.profile,
+            {n: client_state[_ROUND + n] for n in self.scope},
+            self.config.kernel,
+            min(ctx.local.batch_size, max(1, ctx.num_examples)),
+        )
 
     def upload(
         self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext

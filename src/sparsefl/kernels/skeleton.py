@@ -1,0 +1,336 @@
+"""FedSkel's skeleton-only backward as compact kernels (Luo et al., CIKM 2021).
+
+The reference implementation (:class:`sparsefl.methods.fedskel.SkeletonHooks` with
+``method.backward=mask``) zeroes the output gradient ``dL/dY`` of every non-skeleton channel with
+a tensor hook and lets the dense conv backward run on it: correct, but exactly as slow as dense
+backprop. Here the same products run on gathered tensors only (PERF_PROBE section 2(b)):
+
+``gY_s = dL/dY[:, idx]``, ``W_s = W[idx]``;
+``dL/dX = conv_input_grad(gY_s, W_s)`` (a conv backward with ``r * C_out`` output channels);
+``dL/dW[idx] = conv_weight_grad(X, gY_s)``, every other row 0; ``dL/db[idx] = sum gY_s``.
+
+Since ``dL/dY`` is zero outside ``idx`` in the reference, both products are mathematically equal
+to the reference's; only the floating-point summation order of ``dL/dX`` differs (a sum over
+fewer terms, the zeros left out). The forward stays dense, as in FedSkel.
+
+:func:`skeleton_batch_norm` does the same for the BatchNorm that follows a skeleton conv when
+only the skeleton channels' input gradient is needed (``bn="train"``: the conv masks what the
+BatchNorm passes down anyway): the affine-parameter gradients are computed for every channel
+(they train densely in the reference) and the input gradient only for the skeleton channels.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+Tensor = torch.Tensor
+
+
+def compute_dtype(x: Tensor) -> torch.dtype:
+    """The dtype the products run in: the CPU autocast dtype when autocast is on (the backward
+    runs outside autocast, so the functions cast explicitly), else the input's."""
+    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
+        return torch.get_autocast_dtype(x.device.type)
+    return x.dtype
+
+
+class SkeletonConvFn(torch.autograd.Function):
+    """Dense convolution forward; backward through the skeleton output channels ``idx`` only.
+
+    ``forward(x, weight, bias, idx, stride, padding, dilation, groups)`` returns
+    ``conv(x, weight) + bias`` exactly as ``F.conv{1,2,3}d``; ``idx`` is a sorted int64 tensor of
+    output channels. ``groups`` must be 1 (a grouped conv's input gradient would need the
+    matching input-channel groups gathered too).
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor | None,
+        idx: Tensor,
+        stride: Sequence[int],
+        padding: Sequence[int],
+        dilation: Sequence[int],
+        groups: int,
+    ) -> Tensor:
+        dt = compute_dtype(x)
+        xc, wc = x.to(dt), weight.to(dt)
+        bc = None if bias is None else bias.to(dt)
+        n = len(stride)
+        y = torch.ops.aten.convolution(xc, wc, bc, list(stride), list(padding), list(dilation), False, [0] * n, groups)
+        ctx.save_for_backward(xc, wc, idx)
+        ctx.conf = (list(stride), list(padding), list(dilation), groups, x.dtype, weight.dtype, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, wc, idx = ctx.saved_tensors
+        stride, padding, dilation, groups, x_dtype, w_dtype, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gys = gy.to(wc.dtype).index_select(1, idx)
+        ws = wc.index_select(0, idx)
+        gx, gws, gbs = torch.ops.aten.convolution_backward(
+            gys,
+            xc,
+            ws,
+            [len(idx)] if has_bias else None,
+            stride,
+            padding,
+            dilation,
+            False,
+            [0] * len(stride),
+            groups,
+            [bool(need_x), bool(need_w), bool(need_b and has_bias)],
+        )
+        gw = None
+        if need_w:
+            gw = torch.zeros(wc.shape, dtype=w_dtype, device=wc.device).index_copy_(0, idx, gws.to(w_dtype))
+        gb = None
+        if need_b and has_bias:
+            gb = torch.zeros(wc.shape[0], dtype=w_dtype, device=wc.device).index_copy_(0, idx, gbs.to(w_dtype))
+        gx = None if gx is None else gx.to(x_dtype)
+        return gx, gw, gb, None, None, None, None, None
+
+
+class SkeletonLinearFn(torch.autograd.Function):
+    """Dense linear forward; backward through the skeleton output features ``idx`` only.
+
+    ``dL/dx = gY_s @ W_s``, ``dL/dW[idx] = gY_s^T @ x`` (other rows 0), ``dL/db[idx] = sum gY_s``.
+    """
+
+    @staticmethod
+    def forward(ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, idx: Tensor) -> Tensor:  # type: ignore[override]
+        dt = compute_dtype(x)
+        xc, wc = x.to(dt), weight.to(dt)
+        y = F.linear(xc, wc, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(xc, wc, idx)
+        ctx.conf = (x.dtype, weight.dtype, bias is not None)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xc, wc, idx = ctx.saved_tensors
+        x_dtype, w_dtype, has_bias = ctx.conf
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        gys = gy.to(wc.dtype).index_select(-1, idx)
+        g2 = gys.reshape(-1, gys.shape[-1])
+        gx = (gys @ wc.index_select(0, idx)).to(x_dtype) if need_x else None
+        gw = None
+        if need_w:
+            gws = (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(w_dtype)
+            gw = torch.zeros(wc.shape, dtype=w_dtype, device=wc.device).index_copy_(0, idx, gws)
+        gb = None
+        if need_b and has_bias:
+            gb = torch.zeros(wc.shape[0], dtype=w_dtype, device=wc.device).index_copy_(0, idx, g2.sum(0).to(w_dtype))
+        return gx, gw, gb, None
+
+
+class SkeletonBatchNormFn(torch.autograd.Function):
+    """Training-mode BatchNorm whose input gradient is computed for channels ``idx`` only.
+
+    Forward: ``aten.native_batch_norm`` in training mode (running statistics updated in place, as the
+    module does). Backward, per channel ``c`` with ``xhat = (x - mu) / sigma`` and ``m`` elements:
+    ``dgamma_c = sum gy * xhat`` and ``dbeta_c = sum gy`` for every channel; for ``c`` in ``idx``
+    ``dx = gamma / sigma * (gy - dbeta/m - xhat * dgamma/m)``, and ``dx = 0`` elsewhere. The zeros
+    are exact for the caller: the conv before it discards those channels' gradient anyway.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        x: Tensor,
+        weight: Tensor,
+        bias: Tensor,
+        running_mean: Tensor | None,
+        running_var: Tensor | None,
+        momentum: float,
+        eps: float,
+        idx: Tensor,
+    ) -> Tensor:
+        y, mean, invstd = torch.ops.aten.native_batch_norm(
+            x, weight, bias, running_mean, running_var, True, momentum, eps
+        )
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        dims = [0, *range(2, x.dim())]
+        xf = x
+        mean, invstd = mean.view(shape), invstd.view(shape)
+        ctx.save_for_backward(xf, mean, invstd, weight, idx)
+        ctx.conf = (dims, x.dtype)
+        return y
+
+    @staticmethod
+    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        xf, mean, invstd, weight, idx = ctx.saved_tensors
+        dims, x_dtype = ctx.conf
+        shape = [1, -1] + [1] * (xf.dim() - 2)
+        g = gy.to(mean.dtype)
+        xhat = (xf.to(mean.dtype) - mean) * invstd
+        dbeta = g.sum(dim=dims)
+        dgamma = (g * xhat).sum(dim=dims)
+        gx = None
+        if ctx.needs_input_grad[0]:
+            m = xf.numel() // xf.shape[1]
+            gs, xs = g.index_select(1, idx), xhat.index_select(1, idx)
+            scale = (weight.float().index_select(0, idx) * invstd.view(-1).index_select(0, idx)).view(shape)
+            mb = (dbeta.index_select(0, idx) / m).view(shape)
+            mg = (dgamma.index_select(0, idx) / m).view(shape)
+            gxs = scale * (gs - mb - xs * mg)
+            gx = torch.zeros(xf.shape, dtype=gxs.dtype).index_copy_(1, idx, gxs).to(x_dtype)
+        return gx, dgamma.to(weight.dtype), dbeta.to(weight.dtype), None, None, None, None, None
+
+
+def skeleton_conv(x: Tensor, conv: torch.nn.Module, idx: Tensor) -> Tensor:
+    """Apply :class:`SkeletonConvFn` with the geometry and parameters of ``conv``."""
+    return SkeletonConvFn.apply(
+        x,
+        conv.weight,
+        conv.bias,
+        idx,
+        conv.stride,
+        conv.padding,
+        conv.dilation,
+        conv.groups,  # type: ignore[union-attr]
+    )
+
+
+def skeleton_linear(x: Tensor, lin: torch.nn.Linear, idx: Tensor) -> Tensor:
+    """Apply :class:`SkeletonLinearFn` with the parameters of ``lin``."""
+    return SkeletonLinearFn.apply(x, lin.weight, lin.bias, idx)
+
+
+def skeleton_batch_norm(x: Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, idx: Tensor) -> Tensor:
+    """Apply :class:`SkeletonBatchNormFn` with the parameters and statistics of ``bn`` (training
+    mode, affine, running statistics with a fixed momentum; :func:`supports_skeleton_bn` says
+    whether ``bn`` qualifies). Updates ``num_batches_tracked`` as the module does."""
+    if bn.num_batches_tracked is not None:
+        bn.num_batches_tracked.add_(1)
+    return SkeletonBatchNormFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, idx)
+
+
+def supports_skeleton_bn(bn: torch.nn.Module) -> bool:
+    """Whether :func:`skeleton_batch_norm` reproduces ``bn``'s training forward: an affine
+    BatchNorm with running statistics and a fixed momentum, in training mode."""
+    return (
+        isinstance(bn, torch.nn.modules.batchnorm._BatchNorm)
+        and bn.training
+        and bn.affine
+        and bn.track_running_stats
+        and bn.momentum is not None
+        and not isinstance(bn, torch.nn.SyncBatchNorm)
+    )
+
+
+def conv_supported(conv: torch.nn.Module) -> bool:
+    """Whether :class:`SkeletonConvFn` can stand in for ``conv``: groups 1 and integer zero padding."""
+    return (
+        isinstance(conv, torch.nn.Conv1d | torch.nn.Conv2d | torch.nn.Conv3d)
+        and conv.groups == 1
+        and conv.padding_mode == "zeros"
+        and not isinstance(conv.padding, str)
+    )
+
+
+class CompactSkeleton:
+    """Installs the compact skeleton kernels on a model's layers for one local training.
+
+    Each covered layer's ``forward`` is replaced *on the instance* (restored by :meth:`remove`;
+    the model's classes, parameters and names are untouched) by :class:`SkeletonConvFn` /
+    :class:`SkeletonLinearFn` with its skeleton channels, and the BatchNorm that directly
+    consumes the layer's output by :class:`SkeletonBatchNormFn`. Outside training, or without
+    autograd, the original forwards run.
+
+    Parameters
+    ----------
+    model:
+        The client's model.
+    layers:
+        ``(weight name, module name, BatchNorm module name or None)`` per skeleton layer.
+    """
+
+    def __init__(self, model: torch.nn.Module, layers: Sequence[tuple[str, str, str | None]]) -> None:
+        self.model = model
+        self.layers = list(layers)
+        self._mods = dict(model.named_modules())
+        self._saved: list[tuple[torch.nn.Module, bool, Any]] = []
+        self._active: set[str] = set()
+        self._last: dict[str, Tensor] = {}
+
+    def active(self, name: str) -> bool:
+        """Whether the layer with weight ``name`` runs the compact kernel (else the caller masks)."""
+        return name in self._active
+
+    def _replace(self, mod: torch.nn.Module, fwd: Any) -> None:
+        self._saved.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
+        mod.forward = fwd  # type: ignore[method-assign]
+
+    def install(self, skeleton: dict[str, Tensor]) -> None:
+        """Use the kernels with ``skeleton`` (weight name -> bool channel mask) from now on."""
+        self.remove()
+        for name, mod_name, bn_name in self.layers:
+            mod = self._mods[mod_name]
+            is_lin = isinstance(mod, torch.nn.Linear)
+            if not (is_lin or conv_supported(mod)):
+                continue
+            idx = torch.nonzero(skeleton[name].to(mod.weight.device)).flatten()  # type: ignore[union-attr]
+            self._replace(mod, self._layer_forward(name, mod, idx, is_lin))
+            self._active.add(name)
+            bn = self._mods.get(bn_name) if bn_name is not None else None
+            if bn is not None:
+                self._replace(bn, self._bn_forward(name, bn, idx))
+
+    def _layer_forward(self, name: str, mod: torch.nn.Module, idx: Tensor, is_lin: bool) -> Any:
+        orig = type(mod).forward
+
+        def forward(x: Tensor) -> Tensor:
+            if not (mod.training and torch.is_grad_enabled()):
+                self._last.pop(name, None)
+                return orig(mod, x)
+            y = skeleton_linear(x, mod, idx) if is_lin else skeleton_conv(x, mod, idx)  # type: ignore[arg-type]
+            self._last[name] = y
+            return y
+
+        return forward
+
+    def _bn_forward(self, name: str, bn: torch.nn.Module, idx: Tensor) -> Any:
+        orig = type(bn).forward
+
+        def forward(x: Tensor) -> Tensor:
+            # Only when the input is the skeleton layer's own output: then the input gradient of
+            # the other channels is discarded by that layer's compact backward, so skipping it is
+            # exact. Anything else (another producer, eval mode) takes the module's own forward.
+            if x is self._last.pop(name, None) and supports_skeleton_bn(bn) and torch.is_grad_enabled():
+                return skeleton_batch_norm(x, bn, idx)  # type: ignore[arg-type]
+            return orig(bn, x)
+
+        return forward
+
+    def remove(self) -> None:
+        """Restore every replaced ``forward``."""
+        for mod, had, fwd in reversed(self._saved):
+            if had:
+                mod.forward = fwd  # type: ignore[method-assign]
+            elif "forward" in mod.__dict__:
+                del mod.forward
+        self._saved.clear()
+        self._active.clear()
+        self._last.clear()
+
+
+__all__ = [
+    "CompactSkeleton",
+    "SkeletonBatchNormFn",
+    "SkeletonConvFn",
+    "SkeletonLinearFn",
+    "compute_dtype",
+    "conv_supported",
+    "skeleton_batch_norm",
+    "skeleton_conv",
+    "skeleton_linear",
+    "supports_skeleton_bn",
+]

@@ -1,0 +1,245 @@
+"""Correctness of sparsefl.kernels: every fast path equals its masked reference.
+
+No timing here: performance claims live in benchmarks/speed.py only.
+"""
+
+from __future__ import annotations
+
+import itertools
+
+import pytest
+import torch
+from torch import nn
+
+from sparsefl.accounting import profile_model
+from sparsefl.config import ModelConfig
+from sparsefl.kernels import choice
+from sparsefl.kernels.masked import CsrLinears
+from sparsefl.kernels.skeleton import skeleton_batch_norm, skeleton_conv, skeleton_linear
+from sparsefl.kernels.sparse_linear import CsrPattern, csr_linear, masked_linear
+from sparsefl.kernels.structured import compact, expand
+from sparsefl.methods.fedskel import SkeletonHooks, skeleton_layers
+from sparsefl.methods.static_mask import StaticMaskHooks
+from sparsefl.models import build_model
+
+
+def _keep(c: int, k: int, seed: int = 0) -> torch.Tensor:
+    m = torch.zeros(c, dtype=torch.bool)
+    m[torch.randperm(c, generator=torch.Generator().manual_seed(seed))[:k]] = True
+    return m
+
+
+@pytest.mark.parametrize("stride,padding,bias", [(1, 1, False), (2, 1, True), (1, 0, True)])
+def test_skeleton_conv_and_bn_grads_equal_masked_reference(stride: int, padding: int, bias: bool) -> None:
+    torch.manual_seed(0)
+    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, bias=bias).double()
+    bn = nn.BatchNorm2d(10).double()
+    keep = _keep(10, 3)
+    idx = torch.nonzero(keep).flatten()
+    x = torch.randn(4, 6, 9, 9, dtype=torch.double, requires_grad=True)
+
+    def run(compact_path: bool) -> list[torch.Tensor]:
+        for t in (x, *conv.parameters(), *bn.parameters()):
+            t.grad = None
+        if compact_path:
+            y = skeleton_batch_norm(skeleton_conv(x, conv, idx), bn, idx)
+        else:
+            h = conv(x)
+            h.register_hook(lambda g: g.masked_fill(~keep.view(1, -1, 1, 1), 0))
+            y = bn(h)
+        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).cos()).sum().backward()
+        return [t.grad.clone() for t in (x, *conv.parameters(), *bn.parameters())]
+
+    for a, b in zip(run(False), run(True)):
+        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_skeleton_linear_grads_equal_masked_reference() -> None:
+    torch.manual_seed(1)
+    lin = nn.Linear(7, 12)
+    keep = _keep(12, 4)
+    x = torch.randn(5, 7, requires_grad=True)
+    gy = torch.randn(5, 12)
+    lin(x).backward(gy * keep)
+    ref = [t.grad.clone() for t in (x, lin.weight, lin.bias)]
+    for t in (x, lin.weight, lin.bias):
+        t.grad = None
+    skeleton_linear(x, lin, torch.nonzero(keep).flatten()).backward(gy)
+    for a, b in zip(ref, [t.grad for t in (x, lin.weight, lin.bias)]):
+        torch.testing.assert_close(a, b, atol=1e-6, rtol=1e-5)
+
+
+def _train_fedskel(backward: str, bn: str, steps: int = 6) -> dict[str, torch.Tensor]:
+    model = build_model(ModelConfig(name="resnet8"), (3, 8, 8), 10, 0)
+    prof = profile_model(model, (3, 8, 8))
+    layers = skeleton_layers(model, False, bn)
+    params = dict(model.named_parameters())
+    skel = {
+        la.name: _keep(params[la.name].shape[0], max(1, params[la.name].shape[0] // 4), i)
+        for i, la in enumerate(layers)
+    }
+    hooks = SkeletonHooks(model, prof, layers, 0.25, skel, 1, mask_bn_output=bn == "skeleton", backward=backward)
+    opt = torch.optim.SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(3)
+    try:
+        for s in range(steps):
+            x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
+            loss = hooks.loss(hooks.forward(x), y, x)
+            opt.zero_grad(set_to_none=True)
+            loss.backward()
+            hooks.after_backward(s)
+            opt.step()
+            hooks.after_step(s)
+    finally:
+        hooks.close()
+    assert "forward" not in dict(model.named_modules())["conv1"].__dict__  # restored
+    return {k: v.detach().clone() for k, v in model.state_dict().items()}
+
+
+@pytest.mark.parametrize("bn", ["train", "skeleton"])
+def test_fedskel_compact_training_equals_mask_reference(bn: str) -> None:
+    ref = _train_fedskel("mask", bn)
+    new = _train_fedskel("compact", bn)
+    for k in ref:
+        torch.testing.assert_close(new[k].double(), ref[k].double(), atol=1e-5, rtol=0)
+
+
+def test_csr_linear_equals_dense_masked_forward_and_grads() -> None:
+    torch.manual_seed(2)
+    m = torch.rand(33, 20) < 0.15
+    w = torch.randn(33, 20, requires_grad=True)
+    b = torch.randn(33, requires_grad=True)
+    x = torch.randn(6, 20, requires_grad=True)
+    gy = torch.randn(6, 33)
+    y_ref = masked_linear(x, w, b, m)
+    y_ref.backward(gy)
+    ref = (x.grad.clone(), (w.grad * m).clone(), b.grad.clone())
+    x.grad = b.grad = None
+    pat = CsrPattern.from_mask(m)
+    vals = nn.Parameter(pat.gather(w))
+    y = csr_linear(x, vals, b, pat)
+    y.backward(gy)
+    torch.testing.assert_close(y, y_ref)
+    torch.testing.assert_close(x.grad, ref[0])
+    torch.testing.assert_close(pat.scatter(vals.grad, torch.empty(33, 20)), ref[1])
+    torch.testing.assert_close(b.grad, ref[2])
+
+
+def test_static_mask_csr_training_equals_dense_masked() -> None:
+    def train(kernel: str) -> dict[str, torch.Tensor]:
+        model = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10, 0)
+        prof = profile_model(model, (1, 8, 8))
+        g = torch.Generator().manual_seed(5)
+        sd = model.state_dict()
+        mask = {n: torch.rand(sd[n].shape, generator=g) >= 0.9 for n in ("fc1.weight", "fc2.weight")}
+        hooks = StaticMaskHooks(model, prof, mask, kernel, 16)  # type: ignore[arg-type]
+        opt = torch.optim.SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        try:
+            for s in range(5):
+                x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
+                loss = hooks.loss(hooks.forward(x), y, x)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                hooks.after_backward(s)
+                opt.step()
+                hooks.after_step(s)
+        finally:
+            hooks.close()
+        if kernel == "csr":
+            assert set(hooks._csr.layers) == {"fc1.weight", "fc2.weight"}
+        return {k: v.clone() for k, v in model.state_dict().items()}
+
+    ref, new = train("dense"), train("csr")
+    for k in ref:
+        torch.testing.assert_close(new[k], ref[k], atol=1e-5, rtol=0)
+        if k in ("fc1.weight", "fc2.weight"):
+            assert torch.equal(new[k] == 0, ref[k] == 0)
+
+
+class _Clock:
+    """A fake clock: a candidate's call advances it by the candidate's scripted cost."""
+
+    def __init__(self) -> None:
+        self.t = 0.0
+
+    def now(self) -> float:
+        return self.t
+
+    def tick(self, cost: float):  # type: ignore[no-untyped-def]
+        def run() -> None:
+            self.t += cost
+
+        return run
+
+
+def test_kernel_choice_never_picks_a_slower_path() -> None:
+    """A fake timer: each call of a candidate advances the clock by its scripted cost."""
+    for costs in itertools.product([1.0, 0.5, 0.95, 2.0], repeat=2):
+        clock = _Clock()
+        choice.clear_cache()
+        cands = {"dense": clock.tick(1.0), "csr": clock.tick(costs[0]), "bsr": clock.tick(costs[1])}
+        got = choice.choose(("k", costs), cands, timer=clock.now, margin=1.1)
+        cost = {"dense": 1.0, "csr": costs[0], "bsr": costs[1]}
+        assert cost[got] <= 1.0
+        assert got == "dense" or cost[got] * 1.1 < 1.0
+        if min(costs) * 1.1 < 1.0:
+            assert cost[got] == min(costs)
+
+    def broken() -> None:
+        raise RuntimeError("no kernel")
+
+    choice.clear_cache()
+    assert choice.choose("b", {"dense": lambda: None, "csr": broken}) == "dense"
+    assert choice.cached("b") == "dense"
+    choice.clear_cache()
+
+
+def test_csr_linears_dense_mode_installs_nothing() -> None:
+    model = build_model(ModelConfig(name="mlp"), (1, 8, 8), 10, 0)
+    c = CsrLinears(model, {"fc1.weight": torch.rand(256, 64) > 0.95}, "dense", 32)
+    assert not c.layers
+    c.close()
+
+
+@pytest.mark.parametrize("name,shape", [("resnet8", (3, 8, 8)), ("cnn", (1, 8, 8)), ("mlp", (1, 8, 8))])
+def test_compact_expand_round_trip(name: str, shape: tuple[int, ...]) -> None:
+    model = build_model(ModelConfig(name=name), shape, 10, 0)
+    g = torch.Generator().manual_seed(0)
+    mods = dict(model.named_modules())
+    cls = [n for n, m in mods.items() if isinstance(m, nn.Linear)][-1]
+    cm = {
+        f"{n}.weight": torch.rand(m.weight.shape[0], generator=g) < 0.5
+        for n, m in mods.items()
+        if isinstance(m, (nn.Conv2d, nn.Linear)) and n != cls
+    }
+    for v in cm.values():
+        v[0] = True
+    small, plan = compact(model, cm, shape)
+    assert sum(p.numel() for p in small.parameters()) < sum(p.numel() for p in model.parameters())
+    # the compact network equals the big one with removed channels exactly zero downstream
+    ref = build_model(ModelConfig(name=name), shape, 10, 0)
+    rmods = dict(ref.named_modules())
+    names = list(rmods)
+    with torch.no_grad():
+        for k, keep in cm.items():
+            mn = k[: -len(".weight")]
+            rmods[mn].weight[~keep] = 0
+            if rmods[mn].bias is not None:
+                rmods[mn].bias[~keep] = 0
+            for n2 in names[names.index(mn) + 1 :]:
+                if isinstance(rmods[n2], (nn.Conv2d, nn.Linear)):
+                    break
+                if isinstance(rmods[n2], nn.BatchNorm2d):
+                    rmods[n2].bias[~keep] = 0
+                    break
+    x = torch.randn(4, *shape)
+    torch.testing.assert_close(small(x), ref(x), atol=1e-5, rtol=1e-5)
+    # train the small one a bit, expand, compact again: the same small network
+    opt = torch.optim.SGD(small.parameters(), lr=0.1)
+    small(x).square().mean().backward()
+    opt.step()
+    expand(model, small, plan)
+    again, _ = compact(model, cm, shape)
+    sa, sb = small.state_dict(), again.state_dict()
+    for k in sa:
+        assert torch.equal(sa[k], sb[k]), k
