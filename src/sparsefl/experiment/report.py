@@ -118,6 +118,12 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
     groups = group(rows)
     made: list[tuple[str, str]] = []
+    one_context = len({k[0] for k in groups}) == len(groups)  # every label ran in a single context
+    colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(groups))]
+
+    def legend_name(k: GroupKey) -> str:
+        """The label alone when every label ran in one context, else label and context."""
+        return k[0] if one_context else f"{k[0]} ({_ctx(k)})"
 
     def curves(xkey: str) -> dict[str, tuple[list[float], list[float]]]:
         res = {}
@@ -137,7 +143,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if n:
                 xs = [statistics.fmean(p[i][0] for p in per_seed) for i in range(n)]
                 ys = [statistics.fmean(p[i][1] for p in per_seed) for i in range(n)]
-                res[f"{k[0]} ({_ctx(k)})"] = (xs, ys)
+                res[legend_name(k)] = (xs, ys)
         return res
 
     for name, xkey, xlabel, caption in (
@@ -146,14 +152,14 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("accuracy_vs_flops.png", "flops", "cumulative training GFLOP", "Accuracy against training FLOPs"),
     ):
         fig, ax = plt.subplots(figsize=(7, 4.2))
-        for lab, (xs, ys) in curves(xkey).items():
-            ax.plot(xs, ys, label=lab, lw=1.3)
+        for i, (lab, (xs, ys)) in enumerate(curves(xkey).items()):
+            ax.plot(xs, ys, label=lab, lw=1.3, color=colors[i])
         ax.set_xlabel(xlabel)
         ax.set_ylabel("test accuracy")
         if xkey != "round":
             ax.set_xscale("log")
         ax.grid(alpha=0.3)
-        ax.legend(fontsize=6, loc="lower right")
+        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         made.append((name, caption))
@@ -164,13 +170,13 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         by_label[f"{k[0]} ({k[2]}{'' if k[3] in ('', None) else ' a=' + str(k[3])})"].append(
             (k[1], _ms([r["final_accuracy"] for r in rs])[0])
         )
-    for lab, pts in by_label.items():
+    for i, (lab, pts) in enumerate(by_label.items()):
         pts.sort()
-        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab)
+        ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=colors[i % len(colors)])
     ax.set_xlabel("sparsity")
     ax.set_ylabel("final accuracy")
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=6)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     fig.savefig(out / "accuracy_vs_sparsity.png", dpi=110, bbox_inches="tight")
     plt.close(fig)
     made.append(("accuracy_vs_sparsity.png", "Final accuracy against sparsity"))
@@ -179,9 +185,9 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
            for k, rs in groups.items()]  # fmt: skip
     front = pareto_front([(p[0], p[1]) for p in pts])
     fig, ax = plt.subplots(figsize=(6, 4))
-    for x, y, k in pts:
-        ax.scatter(x, y, s=18)
-        ax.annotate(k[0], (x, y), fontsize=6)
+    for i, (x, y, k) in enumerate(pts):
+        ax.scatter(x, y, s=18, color=colors[i])
+        ax.annotate(k[0], (x, y), fontsize=6, xytext=(3, 3), textcoords="offset points")
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, label="Pareto front")
         ax.legend(fontsize=7)
