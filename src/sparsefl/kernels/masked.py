@@ -24,6 +24,7 @@ from torch import nn
 
 from sparsefl.kernels.choice import cached, choose, density_bucket
 from sparsefl.kernels.sparse_linear import CsrPattern, csr_linear
+from sparsefl.patching import ForwardPatches
 
 Tensor = torch.Tensor
 KernelMode = Literal["dense", "auto", "csr"]
@@ -95,7 +96,7 @@ class CsrLinears:
     def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], mode: KernelMode, batch: int) -> None:
         self.model = model
         self.layers: dict[str, tuple[nn.Linear, CsrPattern, nn.Parameter]] = {}
-        self._saved: list[tuple[nn.Module, bool, Any]] = []
+        self._patches = ForwardPatches()
         if mode == "dense":
             return
         mods = dict(model.named_modules())
@@ -112,12 +113,10 @@ class CsrLinears:
             self._install(mod, pat, vals)
 
     def _install(self, mod: nn.Linear, pat: CsrPattern, vals: nn.Parameter) -> None:
-        self._saved.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
-
         def forward(x: Tensor) -> Tensor:
             return csr_linear(x, vals, mod.bias, pat)
 
-        mod.forward = forward  # type: ignore[method-assign]
+        self._patches.replace(mod, forward)
 
     def substitute(self, params: list[nn.Parameter]) -> list[nn.Parameter]:
         """``params`` with each CSR layer's dense weight replaced by its values parameter."""
@@ -133,12 +132,7 @@ class CsrLinears:
     def close(self) -> None:
         """:meth:`sync`, then restore every replaced ``forward``."""
         self.sync()
-        for mod, had, fwd in reversed(self._saved):
-            if had:
-                mod.forward = fwd  # type: ignore[method-assign]
-            elif "forward" in mod.__dict__:
-                del mod.forward
-        self._saved.clear()
+        self._patches.restore()
 
 
 __all__ = ["MIN_SPARSITY_TO_TRY", "CsrLinears", "KernelMode", "linear_kernel"]

@@ -27,6 +27,8 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
+from sparsefl.patching import ForwardPatches
+
 Tensor = torch.Tensor
 
 
@@ -257,7 +259,7 @@ class CompactSkeleton:
         self.model = model
         self.layers = list(layers)
         self._mods = dict(model.named_modules())
-        self._saved: list[tuple[torch.nn.Module, bool, Any]] = []
+        self._patches = ForwardPatches()
         self._active: set[str] = set()
         self._last: dict[str, Tensor] = {}
 
@@ -266,8 +268,7 @@ class CompactSkeleton:
         return name in self._active
 
     def _replace(self, mod: torch.nn.Module, fwd: Any) -> None:
-        self._saved.append((mod, "forward" in mod.__dict__, mod.__dict__.get("forward")))
-        mod.forward = fwd  # type: ignore[method-assign]
+        self._patches.replace(mod, fwd)
 
     def install(self, skeleton: dict[str, Tensor]) -> None:
         """Use the kernels with ``skeleton`` (weight name -> bool channel mask) from now on."""
@@ -312,12 +313,7 @@ class CompactSkeleton:
 
     def remove(self) -> None:
         """Restore every replaced ``forward``."""
-        for mod, had, fwd in reversed(self._saved):
-            if had:
-                mod.forward = fwd  # type: ignore[method-assign]
-            elif "forward" in mod.__dict__:
-                del mod.forward
-        self._saved.clear()
+        self._patches.restore()
         self._active.clear()
         self._last.clear()
 

@@ -376,8 +376,6 @@ class Dynamic(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        if not isinstance(config, DynamicConfig):
-            raise TypeError(f"dynamic needs a DynamicConfig, got {type(config).__name__}")
         super().__init__(config, experiment, spec, profile)
         self.pairs: list[tuple[str, str]] = []
         if config.variant == "gating":

@@ -21,5 +21,6 @@ class FedAvgConfig(MethodConfig):
 
 @METHODS.register("fedavg", FedAvgConfig, summary="Dense FedAvg (McMahan et al. 2017): full models both ways")
 class FedAvg(Method):
-    config_cls = FedAvgConfig
     """Dense FedAvg: full model down, full model up, sample-weighted mean."""
+
+    config_cls = FedAvgConfig

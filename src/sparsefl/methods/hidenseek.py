@@ -402,8 +402,6 @@ class HideNseek(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        if not isinstance(config, HideNseekConfig):
-            raise TypeError(f"hidenseek needs a HideNseekConfig, got {type(config).__name__}")
         super().__init__(config, experiment, spec, profile)
         self.roles = tensor_roles(spec.template, config)
 

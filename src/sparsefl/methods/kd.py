@@ -362,8 +362,6 @@ class KD(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        if not isinstance(config, KDConfig):
-            raise TypeError(f"kd needs a KDConfig, got {type(config).__name__}")
         super().__init__(config, experiment, spec, profile)
         #: the student method every hook delegates to
         self.student: Method = METHODS.get(config.student.name)(config.student, experiment, spec, profile)

@@ -305,8 +305,6 @@ class StaticMask(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        if not isinstance(config, StaticMaskConfig):
-            raise TypeError(f"static_mask needs a StaticMaskConfig, got {type(config).__name__}")
         super().__init__(config, experiment, spec, profile)
         cfg = config
         if cfg.schedule == "gradual" and cfg.prune_until > experiment.federation.rounds:

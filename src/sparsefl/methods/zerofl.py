@@ -107,6 +107,7 @@ from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
 from sparsefl.masks import default_scope
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.patching import ForwardPatches
 from sparsefl.registry import METHODS
 
 Tensor = torch.Tensor
@@ -404,7 +405,7 @@ class ZeroFLHooks(LocalHooks):
         self.act_topk = {n: CachedTopK(cfg.act_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
         self._w_masks: dict[str, tuple[int, Tensor]] = {}
         self._density: dict[str, LayerDensity] = {}
-        self._saved: list[tuple[nn.Module, bool, Any]] = []
+        self._patches = ForwardPatches()
         try:
             for name in self.scope:
                 self._install(name, _module_of(model, name))
@@ -421,14 +422,12 @@ class ZeroFLHooks(LocalHooks):
                 )
         elif not isinstance(mod, nn.Linear):
             raise ValueError(f"zerofl: {name!r} is not the weight of a Conv or Linear layer")
-        had = "forward" in mod.__dict__
-        self._saved.append((mod, had, mod.__dict__.get("forward")))
         hooks = self
 
         def forward(this: nn.Module, x: Tensor) -> Tensor:
             return hooks._swat_forward(name, this, x)
 
-        mod.forward = types.MethodType(forward, mod)  # type: ignore[method-assign]
+        self._patches.replace(mod, types.MethodType(forward, mod))
 
     def _weight_mask(self, name: str, w: Tensor) -> Tensor:
         # One weight mask per step, even if the layer runs several times in a forward pass.
@@ -460,12 +459,7 @@ class ZeroFLHooks(LocalHooks):
 
     def close(self) -> None:
         """Restore every replaced ``forward`` (instance attribute removed or put back)."""
-        for mod, had, fwd in reversed(self._saved):
-            if had:
-                mod.forward = fwd  # type: ignore[method-assign]
-            elif "forward" in mod.__dict__:
-                del mod.forward
-        self._saved.clear()
+        self._patches.restore()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -484,8 +478,6 @@ class ZeroFL(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        if not isinstance(config, ZeroFLConfig):
-            raise TypeError(f"zerofl needs a ZeroFLConfig, got {type(config).__name__}")
         super().__init__(config, experiment, spec, profile)
         #: weight names SWAT sparsifies and whose uploads are top-k (state_dict names)
         self.scope: list[str] = sparse_scope(spec.template, config)
