@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= runs/default
 
-.PHONY: setup run test test-slow lint bench-quick bench-codec clean
+.PHONY: setup run test test-slow lint data bench-quick bench-paper bench-codec clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -31,6 +31,14 @@ lint: setup
 
 bench-quick: setup
 	$(VENV)/bin/sparsefl bench --suite quick --out bench-quick --jobs 2
+
+# Fashion-MNIST from Debian's package (IDX files in /usr/share/datasets/fashion-mnist); needs root
+data:
+	test -f /usr/share/datasets/fashion-mnist/train-images-idx3-ubyte.gz || \
+	  (apt-get update -qq && apt-get install -y -qq dataset-fashion-mnist)
+
+bench-paper: setup data
+	$(VENV)/bin/sparsefl bench --suite paper --out bench-paper --jobs 2
 
 bench-codec: setup
 	$(PY) benchmarks/codec.py --fuzz 100000 --jobs 2

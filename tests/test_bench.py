@@ -62,6 +62,8 @@ def test_bad_suite_is_rejected_before_any_work(tmp_path):
 
 def test_builtin_suites_plan(tmp_path):
     assert load_suite("quick").plan()
+    paper = load_suite("paper").plan()
+    assert len(paper) == 150 and {r.cfg.data.alpha for r in paper} == {0.1, 1.0}
 
 
 def test_run_suite_writes_results_report_and_skips_finished(tmp_path, suite_file):
