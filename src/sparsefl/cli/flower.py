@@ -13,6 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
+from sparsefl.cli.main import add_config_arguments
 from sparsefl.config import load_config
 
 
@@ -31,15 +32,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         "experiment with `flwr run DIR <superlink>` on your own SuperLink and SuperNodes.",
     )
     e.add_argument("dir", type=Path, help="folder to write (created; existing app files are overwritten)")
-    e.add_argument("--config", type=Path, help="experiment TOML file")
-    e.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. --set federation.rounds=10 (repeatable)",
-    )
+    add_config_arguments(e)
     e.add_argument(
         "--out",
         default="runs/flower",

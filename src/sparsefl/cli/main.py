@@ -12,10 +12,25 @@ import argparse
 import importlib
 import os
 import sys
+from pathlib import Path
 
 from rich.console import Console
 
 from sparsefl.errors import SparseflError
+
+
+def add_config_arguments(p: argparse.ArgumentParser, config_help: str = "experiment TOML file") -> None:
+    """``--config FILE`` and repeatable ``--set KEY=VALUE``: how every command takes a configuration."""
+    p.add_argument("--config", type=Path, help=config_help)
+    p.add_argument(
+        "--set",
+        dest="overrides",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a key, e.g. --set federation.rounds=10 (repeatable)",
+    )
+
 
 SUBCOMMANDS = ("run", "list", "show", "partition", "prune", "bench", "flower")
 

@@ -8,20 +8,13 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from sparsefl.cli.main import add_config_arguments
 from sparsefl.config import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("partition", help="show how a partition splits the labels among clients")
-    p.add_argument("--config", type=Path, help="TOML file (its data and federation sections are used)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. --set data.alpha=0.1",
-    )
+    add_config_arguments(p, "TOML file (its data and federation sections are used)")
     p.add_argument("--png", type=Path, default=Path("partition.png"), help="where to write the plot")
     p.set_defaults(func=run)
 

@@ -9,20 +9,13 @@ from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
+from sparsefl.cli.main import add_config_arguments
 from sparsefl.config import load_config
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("run", help="run one experiment", description="Run one federated experiment.")
-    p.add_argument("--config", type=Path, help="TOML file (sections: data, model, federation, local, method, comm)")
-    p.add_argument(
-        "--set",
-        dest="overrides",
-        action="append",
-        default=[],
-        metavar="KEY=VALUE",
-        help="override a key, e.g. --set federation.rounds=10 (repeatable)",
-    )
+    add_config_arguments(p, "TOML file (sections: data, model, federation, local, method, comm)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<config hash>)")
     p.add_argument("--force", action="store_true", help="rerun even if the folder holds a finished run")
     p.set_defaults(func=run)
