@@ -4,18 +4,13 @@ The curated public API; importing the package fills every registry (datasets, pa
 models, methods, pruning criteria, codecs).
 """
 
-from sparsefl import comm, data, methods, models  # noqa: F401  (fill the registries)
+from sparsefl import comm, data, methods, models, pruning  # noqa: F401  (fill the registries)
 from sparsefl.config import ExperimentConfig, load_config
 from sparsefl.errors import ConfigError, DataError, DecodeError, RunFolderError, SparseflError
 from sparsefl.masks import Mask, default_scope
 from sparsefl.methods.base import Method, ServerState
+from sparsefl.pruning import prune
 from sparsefl.state import state_sha256
-
-try:  # the pruning library lands separately
-    from sparsefl import pruning  # noqa: F401
-    from sparsefl.pruning import prune
-except ImportError:  # pragma: no cover
-    pass
 
 
 def run(cfg: ExperimentConfig, out: str, *, model=None, force: bool = False) -> dict:  # type: ignore[no-untyped-def]
