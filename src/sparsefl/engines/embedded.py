@@ -111,7 +111,7 @@ def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int)
     return ClientData(x[idx], y[idx], x[vidx], y[vidx])
 
 
-def _execute(
+def execute_task(
     method: Method,
     x: torch.Tensor,
     y: torch.Tensor,
@@ -121,6 +121,8 @@ def _execute(
     task: ClientTask,
     state: ClientState,
 ) -> ClientResult | ClientFailure:
+    """Run one client task on its share of the training data; any exception becomes a
+    :class:`ClientFailure` with the error's last line (shared by every engine's client side)."""
     try:
         return run_client(task, method, _client_data(x, y, split, task.client_id), state, comm_up, seed)
     except Exception as e:  # noqa: BLE001 - a failing client must not stop the federation
@@ -129,7 +131,7 @@ def _execute(
 
 
 def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
-    return _execute(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
+    return execute_task(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
 
 
 class EmbeddedEngine:
@@ -157,7 +159,7 @@ class EmbeddedEngine:
         states = [self.store.get(t.client_id) for t in tasks]
         if self.jobs == 1:
             outs = [
-                _execute(self.method, self.x, self.y, self.split, self.comm_up, self.seed, t, s)
+                execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, t, s)
                 for t, s in zip(tasks, states)
             ]
         else:
