@@ -27,3 +27,29 @@ def tiny_overrides(**extra: object) -> list[str]:
 @pytest.fixture
 def tiny_cfg():
     return load_config(overrides=tiny_overrides())
+
+
+@pytest.fixture
+def interrupted_run():
+    """``interrupted_run(cfg, out, at)``: run ``cfg`` into ``out`` and stop it with
+    KeyboardInterrupt as round ``at`` starts, as a crash would (rounds before it are
+    checkpointed)."""
+    from sparsefl.experiment.runner import run_experiment
+    from sparsefl.fl.server import Server
+
+    def run(cfg, out, at: int) -> None:  # type: ignore[no-untyped-def]
+        real = Server.run_round
+
+        def stop(self, state, rnd):  # type: ignore[no-untyped-def]
+            if rnd == at:
+                raise KeyboardInterrupt
+            return real(self, state, rnd)
+
+        Server.run_round = stop  # type: ignore[method-assign]
+        try:
+            with pytest.raises(KeyboardInterrupt):
+                run_experiment(cfg, out)
+        finally:
+            Server.run_round = real  # type: ignore[method-assign]
+
+    return run

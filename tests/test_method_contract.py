@@ -9,7 +9,6 @@ import pytest
 
 from sparsefl.config import load_config
 from sparsefl.experiment.runner import run_experiment
-from sparsefl.fl.server import Server
 from sparsefl.registry import METHODS
 
 TINY = [
@@ -49,23 +48,13 @@ def _metrics(folder):  # type: ignore[no-untyped-def]
 
 
 @pytest.mark.parametrize("name", METHODS.names())
-def test_every_method_is_deterministic_and_resumes_exactly(name, tmp_path, monkeypatch, teacher):
+def test_every_method_is_deterministic_and_resumes_exactly(name, tmp_path, interrupted_run, teacher):
     cfg = load_config(overrides=_overrides(name, teacher))
     whole = run_experiment(cfg, tmp_path / "whole")
     again = run_experiment(cfg, tmp_path / "again")
     assert whole["model_sha256"] == again["model_sha256"]
 
-    real = Server.run_round
-
-    def crash_at_3(self, state, rnd):  # type: ignore[no-untyped-def]
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return real(self, state, rnd)
-
-    monkeypatch.setattr(Server, "run_round", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Server, "run_round", real)
+    interrupted_run(cfg, tmp_path / "cut", at=3)
     resumed = run_experiment(cfg, tmp_path / "cut")
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")

@@ -113,20 +113,10 @@ def test_norm_rejection_drops_the_outlier():
     assert failures[0]["client"] == 3 and "norm_reject_k" in failures[0]["reason"]
 
 
-def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, monkeypatch):
+def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, interrupted_run):
     cfg = load_config(overrides=TINY)
     whole = run_experiment(cfg, tmp_path / "whole")
-    real = Server.run_round
-
-    def stop_at_4(self, state, rnd):
-        if rnd == 4:
-            raise KeyboardInterrupt
-        return real(self, state, rnd)
-
-    monkeypatch.setattr(Server, "run_round", stop_at_4)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut")
-    monkeypatch.setattr(Server, "run_round", real)
+    interrupted_run(cfg, tmp_path / "cut", at=4)
     ck = tmp_path / "cut" / "checkpoint.pt"
     ck.write_bytes(ck.read_bytes()[:-100])  # truncated
     logs: list[str] = []

@@ -118,22 +118,12 @@ def test_finished_run_is_reported_and_other_config_refused(tmp_path):
     assert forced["status"] == "completed" and forced["model_sha256"] == first["model_sha256"]
 
 
-def test_interrupted_run_resumes_to_the_same_bits(tmp_path, monkeypatch):
+def test_interrupted_run_resumes_to_the_same_bits(tmp_path, interrupted_run):
     cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
     whole = run_experiment(cfg, tmp_path / "whole")
 
-    real = Server.run_round
-
-    def crash_at_3(self, state, rnd):
-        if rnd == 3:
-            raise KeyboardInterrupt
-        return real(self, state, rnd)
-
-    monkeypatch.setattr(Server, "run_round", crash_at_3)
-    with pytest.raises(KeyboardInterrupt):
-        run_experiment(cfg, tmp_path / "cut")
+    interrupted_run(cfg, tmp_path / "cut", at=3)
     assert len((tmp_path / "cut" / "metrics.jsonl").read_text().splitlines()) == 2
-    monkeypatch.setattr(Server, "run_round", real)
     resumed = run_experiment(cfg, tmp_path / "cut")
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert resumed["rounds"] == 4
