@@ -5,7 +5,6 @@ hooks, config validation, and end-to-end runs on digits."""
 from __future__ import annotations
 
 import json
-
 import math
 from pathlib import Path
 
