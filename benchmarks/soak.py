@@ -99,7 +99,8 @@ def main() -> int:
     print(f"{'run':<18}{'final acc':>10}{'best acc':>10}{'failures':>10}  model_sha256")
     for k, s in summary.items():
         print(
-            f"{k:<18}{s['final_accuracy']:>10.4f}{s['best_accuracy']:>10.4f}{s['failures_total']:>10}  {s['model_sha256'][:16]}"
+            f"{k:<18}{s['final_accuracy']:>10.4f}{s['best_accuracy']:>10.4f}{s['failures_total']:>10}"
+            f"  {s['model_sha256'][:16]}"
         )
     print(f"injected faults: {len(expected)} ({by_kind}); recorded failures: {len(recorded)}; match: {ok_faults}")
     print(f"accuracy within 3 points of fault-free: {ok_acc} ({acc_killed:.4f} vs {acc_clean:.4f})")

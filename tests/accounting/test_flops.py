@@ -159,9 +159,7 @@ def test_tiny_profile_oracle() -> None:
 
 def test_tiny_dense_oracle() -> None:
     profile = profile_model(_tiny(), (4,))
-    assert train_flops(profile, 5) == FlopCount(
-        forward=180.0, backward=240.0, forward_dense=180, backward_dense=240
-    )
+    assert train_flops(profile, 5) == FlopCount(forward=180.0, backward=240.0, forward_dense=180, backward_dense=240)
     assert inference_flops(profile, 5) == FlopCount(forward=180.0, forward_dense=180)
     assert train_flops(profile, 0) == FlopCount()
 

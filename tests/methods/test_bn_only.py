@@ -80,8 +80,14 @@ def test_config_validation(override, key):
 
 def test_digits_frozen_unchanged_bytes_and_accuracy(tmp_path):
     over = [
-        "federation.num_clients=20", "federation.clients_per_round=10", "federation.rounds=20", "data.alpha=0.5",
-        "method.name=bn_only", "method.bn_init=fixed", "local.epochs=3", "local.lr=0.2",
+        "federation.num_clients=20",
+        "federation.clients_per_round=10",
+        "federation.rounds=20",
+        "data.alpha=0.5",
+        "method.name=bn_only",
+        "method.bn_init=fixed",
+        "local.epochs=3",
+        "local.lr=0.2",
     ]
     cfg = load_config(overrides=over)
     s = run_experiment(cfg, tmp_path / "bn")

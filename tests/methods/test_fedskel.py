@@ -68,8 +68,9 @@ def test_gradient_masking_and_frozen_filters(bn):
     layers = skeleton_layers(model, False, bn)
     skel = {lay.name: torch.arange(model.get_parameter(lay.name).shape[0]) % 4 == 0 for lay in layers}
     x, y = torch.randn(16, 1, 8, 8), torch.randint(0, 10, (16,))
-    h = SkeletonHooks(model, profile_model(model, (1, 8, 8)), layers, 0.25, skel, setskel_steps=1,
-                      mask_bn_output=bn == "skeleton")
+    h = SkeletonHooks(
+        model, profile_model(model, (1, 8, 8)), layers, 0.25, skel, setskel_steps=1, mask_bn_output=bn == "skeleton"
+    )
     nn.functional.cross_entropy(h.forward(x), y).backward()
     nn.functional.cross_entropy(ref(x), y).backward()
     for lay in layers:
@@ -89,11 +90,13 @@ def test_gradient_masking_and_frozen_filters(bn):
     h.close()
     # a full local round with momentum and weight decay leaves non-skeleton filters bit-identical
     before = {k: v.clone() for k, v in model.state_dict().items()}
-    h = SkeletonHooks(model, profile_model(model, (1, 8, 8)), layers, 0.25, skel, setskel_steps=1,
-                      mask_bn_output=bn == "skeleton")
+    h = SkeletonHooks(
+        model, profile_model(model, (1, 8, 8)), layers, 0.25, skel, setskel_steps=1, mask_bn_output=bn == "skeleton"
+    )
     local = LocalConfig(epochs=2, batch_size=8, momentum=0.9, weight_decay=5e-3)
-    stats = train_local(h, torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)), local, 0.1,
-                        torch_gen(0, "t"), h.profile)
+    stats = train_local(
+        h, torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,)), local, 0.1, torch_gen(0, "t"), h.profile
+    )
     h.close()
     for lay in layers:
         s = skel[lay.name]
@@ -199,8 +202,16 @@ def test_config_validation(override, key):
 
 def test_mean_full_and_reselect_run(tmp_path):
     s = run_experiment(
-        load_config(overrides=[*TINY, "method.name=fedskel", "method.aggregation=mean_full",
-                               "method.reselect_every=1", "method.setskel_steps=1", "data.val_fraction=0.2"]),
+        load_config(
+            overrides=[
+                *TINY,
+                "method.name=fedskel",
+                "method.aggregation=mean_full",
+                "method.reselect_every=1",
+                "method.setskel_steps=1",
+                "data.val_fraction=0.2",
+            ]
+        ),
         tmp_path / "x",
     )
     rows = [json.loads(x) for x in (tmp_path / "x" / "metrics.jsonl").read_text().splitlines()]

@@ -116,9 +116,7 @@ def run_experiment(
     method = b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
-        engine = EmbeddedEngine(
-            method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store
-        )
+        engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
     server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
     ckpt = folder.latest_checkpoint() if status == "resume" else None

@@ -106,8 +106,10 @@ class FedSkelConfig(MethodConfig):
         0.25, "fraction of each conv layer's output channels in a client's skeleton", gt=0, le=1
     )
     tiers: tuple[float, ...] = opt(
-        (), "per-client skeleton ratios (device tiers), assigned by a seeded balanced rule; empty = skeleton_ratio",
-        gt=0, le=1,
+        (),
+        "per-client skeleton ratios (device tiers), assigned by a seeded balanced rule; empty = skeleton_ratio",
+        gt=0,
+        le=1,
     )
     setskel_steps: int = opt(5, "local steps of full backprop that accumulate the channel importance", ge=1)
     reselect_every: int = opt(0, "re-select a client's skeleton every k of its rounds (0 = never)", ge=0)
