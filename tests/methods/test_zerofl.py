@@ -90,34 +90,38 @@ def test_topk_exact_count_and_deterministic_ties() -> None:
     assert m.tolist() == [False, True, True, True, False, False]  # |3| (idx 1, 3) then tie |2|: idx 2 < 4
 
 
+def _kept(c: CachedTopK, v: torch.Tensor, step: int) -> list[bool]:
+    """Which entries ``c`` keeps at ``step`` (the test tensors have no zeros where it matters)."""
+    return (c.sparsify(v, step)[0] != 0).tolist()
+
+
 def test_threshold_cache_reuses_tau_between_refreshes_and_refreshes_in_warmup() -> None:
     c = CachedTopK(density=0.25, period=3, warmup_steps=0)
     w = torch.tensor([4.0, 3.0, 2.0, 1.0, 0.5, 0.1, 0.2, 0.3])
-    m0 = c.mask(w, 0)
-    assert m0.tolist() == [True, True] + [False] * 6 and c.tau == 3.0
+    assert _kept(c, w, 0) == [True, True] + [False] * 6 and c.tau == 3.0
     w2 = w.clone()
     w2[3] = 3.5  # crosses the cached threshold: kept by |v| >= tau right away, as SWAT does
     w2[0] = 2.9  # drops below it: removed
-    assert c.mask(w2, 1).tolist() == [False, True, False, True, False, False, False, False]
+    assert _kept(c, w2, 1) == [False, True, False, True, False, False, False, False]
     assert c.refreshed_at == 0 and c.tau == 3.0
     w3 = w2.clone()
     w3[5] = 100.0
     w3[1] = 1.0  # now only 2 entries >= 3.0 but the set changes only on the threshold rule
-    assert c.mask(w3, 2).tolist() == [False, False, False, True, False, True, False, False]
+    assert _kept(c, w3, 2) == [False, False, False, True, False, True, False, False]
     # step 3 is a refresh: exact top-2 of w3 and a new threshold
-    m3 = c.mask(w3, 3)
-    assert c.refreshed_at == 3 and int(m3.sum()) == 2 and c.tau == 3.5
+    m3 = _kept(c, w3, 3)
+    assert c.refreshed_at == 3 and sum(m3) == 2 and c.tau == 3.5
     # a raised threshold set at refresh keeps a weight that later climbs to 3.4 out until the next refresh
     w4 = w3.clone()
     w4[2] = 3.4
-    assert not bool(c.mask(w4, 4)[2]) and c.refreshed_at == 3
-    assert bool(c.mask(w4 * torch.tensor([0, 0, 1, 0, 0, 1, 0, 0.0]), 6)[2])  # refresh at 6: in top-2
+    assert not _kept(c, w4, 4)[2] and c.refreshed_at == 3
+    assert _kept(c, w4 * torch.tensor([0, 0, 1, 0, 0, 1, 0, 0.0]), 6)[2]  # refresh at 6: in top-2
     # warm-up: exact on every step before warmup_steps
     cw = CachedTopK(density=0.25, period=10, warmup_steps=4)
     for s in range(4):
-        cw.mask(torch.randn(8), s)
+        cw.sparsify(torch.randn(8), s)
         assert cw.refreshed_at == s
-    cw.mask(torch.randn(8), 4)
+    cw.sparsify(torch.randn(8), 4)
     assert cw.refreshed_at == 3
 
 
@@ -149,9 +153,9 @@ def test_swat_function_forward_and_grads(kind: str) -> None:
     wm, xm = _masks(w, x)
     xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
     if kind == "conv":
-        y = SwatConv.apply(xs, ws, bs, wm.double(), xm.double(), *geo.values())
+        y = SwatConv.apply(xs, ws, bs, w * wm, x * xm, *geo.values())
     else:
-        y = SwatLinear.apply(xs, ws, bs, wm.double(), xm.double())
+        y = SwatLinear.apply(xs, ws, bs, w * wm, x * xm)
     gy = torch.randn_like(y)
     y.backward(gy)
     # forward = layer with top-k weights; dL/dx = grad through the masked weights
@@ -174,7 +178,7 @@ def test_conv_grouped_and_hooks_restore_and_dense_master_update() -> None:
     w = torch.randn(6, 2, 3, dtype=torch.float64)
     wm, xm = _masks(w, x)
     ws = w.clone().requires_grad_()
-    y = SwatConv.apply(x, ws, None, wm.double(), xm.double(), (1,), (1,), (1,), 2)
+    y = SwatConv.apply(x, ws, None, w * wm, x * xm, (1,), (1,), (1,), 2)
     torch.testing.assert_close(y, F.conv1d(x, w * wm.double(), None, 1, 1, 1, 2))
     y.sum().backward()
     wa = w.clone().requires_grad_()

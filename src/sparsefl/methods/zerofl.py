@@ -84,8 +84,20 @@ FLOPs
 -----
 :meth:`ZeroFLHooks.densities` reports, per sparsified layer and per step, ``LayerDensity(forward =
 weight density used, grad_input = weight density used, grad_weight = activation density used)``,
-measured from that step's masks. The resulting training FLOPs are **theoretical**: the products
-run densely here (masked tensors), and would only be that cheap with sparse kernels.
+measured from that step's masks (exactly on a refresh step; in between, tensors over 8,192
+entries are counted on a fixed 1-in-``s`` sample, standard error under 0.0033 at density 0.1,
+because an exact count costs more than the sparsification itself). The resulting training FLOPs
+are **theoretical**: the products run densely here (sparsified tensors), and would only be that
+cheap with sparse kernels.
+
+Speed
+-----
+Exact top-k refreshes take linear time (:mod:`sparsefl.kernels.topk`; a sort of a 2.4M-weight
+layer took 0.9 s here), and a threshold step sparsifies each weight and input tensor in one pass
+(``hardshrink`` at the cached threshold). What remains over a dense step is that pass over each
+sparsified layer's input activations and weights: oneDNN's dense convolutions do not get faster on
+zeros, and unstructured sparse convolutions lose to them on this CPU (PERF_PROBE), so SWAT's
+sparsity cannot pay for itself in wall-clock time here. ``benchmarks/speed.py`` measures it.
 """
 
 from __future__ import annotations
@@ -105,6 +117,7 @@ from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
 from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
+from sparsefl.kernels.topk import kth_largest, nonzero_fraction, shrink, topk_flat
 from sparsefl.masks import default_scope
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
 from sparsefl.patching import ForwardPatches
@@ -177,32 +190,24 @@ def topk_mask(v: Tensor, density: float) -> tuple[Tensor, float]:
     """The exact top-k mask by magnitude, and its threshold.
 
     Exactly ``k = keep_count(v.numel(), density)`` entries are True: those with the largest |v|,
-    ties broken in favour of the lower flat index (a stable descending sort), so the result is
-    deterministic. The threshold ``tau`` is the k-th largest |v|.
+    ties broken in favour of the lower flat index (as a stable descending sort), so the result is
+    deterministic. The threshold ``tau`` is the k-th largest |v|. Linear time
+    (:func:`sparsefl.kernels.topk.topk_flat`).
     """
     a = v.detach().abs().flatten()
     k = keep_count(a.numel(), density)
-    mask = torch.zeros(a.numel(), dtype=torch.bool, device=a.device)
     if k == 0:
-        return mask.view(v.shape), 0.0
-    if k == a.numel():
-        return torch.ones_like(mask).view(v.shape), float(a.min())
-    vals, idx = torch.sort(a, descending=True, stable=True)
-    mask[idx[:k]] = True
-    return mask.view(v.shape), float(vals[k - 1])
-
-
-def threshold_mask(v: Tensor, tau: float) -> Tensor:
-    """Cached-threshold mask: ``|v| >= tau`` (``|v| > 0`` when ``tau == 0``, since zeros add nothing)."""
-    a = v.detach().abs()
-    return a > 0 if tau <= 0 else a >= tau
+        return torch.zeros(v.shape, dtype=torch.bool, device=v.device), 0.0
+    mask, tau = topk_flat(a, k)
+    return mask.view(v.shape), tau
 
 
 class CachedTopK:
     """SWAT's top-k with threshold caching for one tensor stream (a layer's weights or inputs).
 
-    :meth:`mask` takes the exact top-k (and stores its threshold) when :meth:`refresh_due` says
-    so, and otherwise keeps ``|v| >= tau`` with the stored threshold.
+    :meth:`sparsify` takes the exact top-k (and stores its threshold) when :meth:`refresh_due`
+    says so, and otherwise keeps ``|v| >= tau`` with the stored threshold (``|v| > 0`` when
+    ``tau == 0``, since zeros add nothing).
     """
 
     def __init__(self, density: float, period: int, warmup_steps: int) -> None:
@@ -216,16 +221,31 @@ class CachedTopK:
         """Exact on the first use, during warm-up, and every ``period`` steps."""
         return self.tau is None or step < self.warmup_steps or step % self.period == 0
 
-    def mask(self, v: Tensor, step: int) -> Tensor:
-        """The mask of ``v`` at local step ``step``."""
-        if self.density >= 1.0:
-            return torch.ones(v.shape, dtype=torch.bool, device=v.device)
+    def sparsify(self, v: Tensor, step: int) -> tuple[Tensor, float]:
+        """``v`` (detached) with the entries outside its mask at local step ``step`` zeroed, and
+        the mask's density: the exact ``k / n`` on a refresh, else the kept fraction (exact up
+        to 8,192 entries, else measured on a fixed 1-in-``s`` sample of at least that many:
+        :func:`sparsefl.kernels.topk.nonzero_fraction`).
+
+        The threshold steps take one pass (:func:`sparsefl.kernels.topk.shrink`); a refresh is
+        linear time too (:func:`sparsefl.kernels.topk.kth_largest`), and it only builds an
+        explicit mask when entries tied at the threshold must be dropped.
+        """
+        n = v.numel()
+        if self.density >= 1.0 or n == 0:
+            return v.detach(), 1.0
         if self.refresh_due(step):
-            m, self.tau = topk_mask(v, self.density)
-            self.refreshed_at = step
-            return m
+            a = v.detach().abs().flatten()
+            k = keep_count(n, self.density)
+            tau = kth_largest(a, k)
+            self.tau, self.refreshed_at = tau, step
+            if tau > 0 and int((a >= tau).sum()) > k:
+                mask, _ = topk_flat(a, k)
+                return v.detach() * mask.view(v.shape), k / n
+            return shrink(v, tau), k / n  # tau == 0: every nonzero is kept, plus zeros
         assert self.tau is not None
-        return threshold_mask(v, self.tau)
+        out = shrink(v, self.tau)
+        return out, nonzero_fraction(out)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -244,10 +264,12 @@ def _compute_dtype(x: Tensor) -> torch.dtype:
 class SwatConv(torch.autograd.Function):
     """Convolution (1d/2d/3d) with SWAT's sparse forward and backward.
 
-    ``forward(x, weight, bias, w_mask, x_mask, stride, padding, dilation, groups)`` returns
-    ``conv(x, weight * w_mask) + bias``; backward gives ``dL/dx`` through ``weight * w_mask``,
-    ``dL/dW = conv_weight_grad(x * x_mask, dL/dy)`` over every weight position (dense), and the
-    dense bias gradient. The masks get no gradient.
+    ``forward(x, weight, bias, w_sparse, x_sparse, stride, padding, dilation, groups)`` returns
+    ``conv(x, w_sparse) + bias``; backward gives ``dL/dx`` through ``w_sparse``,
+    ``dL/dW = conv_weight_grad(x_sparse, dL/dy)`` over every weight position (dense: the gradient
+    goes to ``weight``, straight through its sparsification), and the dense bias gradient.
+    ``w_sparse`` and ``x_sparse`` are ``weight`` and ``x`` with the entries outside their top-k
+    zeroed (:meth:`CachedTopK.sparsify`); they get no gradient.
     """
 
     @staticmethod
@@ -256,22 +278,21 @@ class SwatConv(torch.autograd.Function):
         x: Tensor,
         weight: Tensor,
         bias: Tensor | None,
-        w_mask: Tensor,
-        x_mask: Tensor,
+        w_sparse: Tensor,
+        x_sparse: Tensor,
         stride: Sequence[int],
         padding: Sequence[int],
         dilation: Sequence[int],
         groups: int,
     ) -> Tensor:
         dt = _compute_dtype(x)
-        xc = x.to(dt)
-        w_sparse = (weight * w_mask).to(dt)
+        ws = w_sparse.to(dt)
         b = None if bias is None else bias.to(dt)
         y = torch.ops.aten.convolution(
-            xc, w_sparse, b, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
+            x.to(dt), ws, b, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
         )
         # SWAT saves the sparse input and the sparse weights for the backward pass.
-        ctx.save_for_backward(xc * x_mask.to(dt), w_sparse)
+        ctx.save_for_backward(x_sparse.to(dt), ws)
         ctx.conf = (
             list(stride),
             list(padding),
@@ -312,20 +333,20 @@ class SwatConv(torch.autograd.Function):
 class SwatLinear(torch.autograd.Function):
     """Linear layer with SWAT's sparse forward and backward.
 
-    ``forward(x, weight, bias, w_mask, x_mask)`` returns ``x @ (weight * w_mask)^T + bias``;
-    ``dL/dx = dL/dy @ (weight * w_mask)``, ``dL/dW = dL/dy^T @ (x * x_mask)`` (dense over W),
-    ``dL/db = sum dL/dy``. Leading dimensions of ``x`` are flattened for the products.
+    ``forward(x, weight, bias, w_sparse, x_sparse)`` returns ``x @ w_sparse^T + bias``;
+    ``dL/dx = dL/dy @ w_sparse``, ``dL/dW = dL/dy^T @ x_sparse`` (dense over W, straight through
+    to ``weight``), ``dL/db = sum dL/dy``. Leading dimensions of ``x`` are flattened for the
+    products.
     """
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_mask: Tensor, x_mask: Tensor
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_sparse: Tensor, x_sparse: Tensor
     ) -> Tensor:
         dt = _compute_dtype(x)
-        xc = x.to(dt)
-        w_sparse = (weight * w_mask).to(dt)
-        y = F.linear(xc, w_sparse, None if bias is None else bias.to(dt))
-        ctx.save_for_backward(xc * x_mask.to(dt), w_sparse)
+        ws = w_sparse.to(dt)
+        y = F.linear(x.to(dt), ws, None if bias is None else bias.to(dt))
+        ctx.save_for_backward(x_sparse.to(dt), ws)
         ctx.conf = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
@@ -342,16 +363,16 @@ class SwatLinear(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_mask: Tensor, x_mask: Tensor) -> Tensor:
+def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_sparse: Tensor, x_sparse: Tensor) -> Tensor:
     """Apply :class:`SwatConv` with the geometry of ``conv``."""
     return SwatConv.apply(
-        x, conv.weight, conv.bias, w_mask, x_mask, conv.stride, conv.padding, conv.dilation, conv.groups
+        x, conv.weight, conv.bias, w_sparse, x_sparse, conv.stride, conv.padding, conv.dilation, conv.groups
     )
 
 
-def swat_linear(x: Tensor, lin: nn.Linear, w_mask: Tensor, x_mask: Tensor) -> Tensor:
+def swat_linear(x: Tensor, lin: nn.Linear, w_sparse: Tensor, x_sparse: Tensor) -> Tensor:
     """Apply :class:`SwatLinear` with the parameters of ``lin``."""
-    return SwatLinear.apply(x, lin.weight, lin.bias, w_mask, x_mask)
+    return SwatLinear.apply(x, lin.weight, lin.bias, w_sparse, x_sparse)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -403,7 +424,7 @@ class ZeroFLHooks(LocalHooks):
         self.step = 0
         self.weight_topk = {n: CachedTopK(cfg.weight_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
         self.act_topk = {n: CachedTopK(cfg.act_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
-        self._w_masks: dict[str, tuple[int, Tensor]] = {}
+        self._w_sparse: dict[str, tuple[int, Tensor, float]] = {}
         self._density: dict[str, LayerDensity] = {}
         self._patches = ForwardPatches()
         try:
@@ -429,26 +450,22 @@ class ZeroFLHooks(LocalHooks):
 
         self._patches.replace(mod, types.MethodType(forward, mod))
 
-    def _weight_mask(self, name: str, w: Tensor) -> Tensor:
+    def _weight_sparse(self, name: str, w: Tensor) -> tuple[Tensor, float]:
         # One weight mask per step, even if the layer runs several times in a forward pass.
-        cached = self._w_masks.get(name)
+        cached = self._w_sparse.get(name)
         if cached is not None and cached[0] == self.step:
-            return cached[1]
-        m = self.weight_topk[name].mask(w, self.step)
-        self._w_masks[name] = (self.step, m)
-        return m
+            return cached[1], cached[2]
+        ws, d = self.weight_topk[name].sparsify(w, self.step)
+        self._w_sparse[name] = (self.step, ws, d)
+        return ws, d
 
     def _swat_forward(self, name: str, mod: nn.Module, x: Tensor) -> Tensor:
-        w = mod.weight
-        w_mask = self._weight_mask(name, w)
-        x_mask = self.act_topk[name].mask(x, self.step)
-        wd = float(w_mask.float().mean())
-        self._density[name] = LayerDensity(forward=wd, grad_input=wd, grad_weight=float(x_mask.float().mean()))
-        wm = w_mask.to(w.dtype)
-        xm = x_mask.to(x.dtype)
+        ws, wd = self._weight_sparse(name, mod.weight)
+        xs, xd = self.act_topk[name].sparsify(x, self.step)
+        self._density[name] = LayerDensity(forward=wd, grad_input=wd, grad_weight=xd)
         if isinstance(mod, nn.Linear):
-            return swat_linear(x, mod, wm, xm)
-        return swat_conv(x, mod, wm, xm)  # type: ignore[arg-type]
+            return swat_linear(x, mod, ws, xs)
+        return swat_conv(x, mod, ws, xs)  # type: ignore[arg-type]
 
     def after_step(self, step: int) -> None:
         self.step = step + 1

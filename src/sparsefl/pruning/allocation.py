@@ -6,7 +6,8 @@ principle 3). Every rule here is exact and deterministic:
 * The kept count is ``K = N - floor(s * N)`` (``floor(s * N)`` is Global MP's ``k``, the number
   removed; a 1e-6 guard absorbs float round-off such as ``0.29 * 100 = 28.999...``).
 * "The k largest" is taken with :func:`topk_mask`: the threshold is the exact k-th largest value
-  (``torch.kthvalue``, not a histogram or an approximate quantile) and ties at the threshold go
+  (:func:`sparsefl.kernels.topk.kth_largest`: exact, linear time; not a histogram or an
+  approximate quantile) and ties at the threshold go
   to the lower flat index, which is what a stable sort of ``(score descending, index)`` would
   give. NaN scores rank lowest. The kept count is therefore exactly ``K``, always.
 
@@ -46,6 +47,7 @@ import numpy as np
 import torch
 
 from sparsefl.errors import ConfigError, SparseflError
+from sparsefl.kernels import topk
 from sparsefl.masks import Mask
 from sparsefl.pruning.base import check_sparsity
 
@@ -90,10 +92,7 @@ def _clean(x: Tensor) -> Tensor:
 
 def kth_largest(x: Tensor, k: int) -> float:
     """The exact k-th largest value of the 1-D tensor ``x`` (``1 <= k <= x.numel()``)."""
-    n = x.numel()
-    if not 1 <= k <= n:
-        raise ValueError(f"k={k} out of range for {n} values")
-    return float(torch.kthvalue(_clean(x).cpu(), n - k + 1).values)
+    return topk.kth_largest(_clean(x), k)
 
 
 def topk_mask(x: Tensor, k: int) -> Tensor:
@@ -106,18 +105,7 @@ def topk_mask(x: Tensor, k: int) -> Tensor:
 
 def _topk_flat(flat: Tensor, k: int) -> Tensor:
     """:func:`topk_mask` of a flat float64 CPU tensor without NaN."""
-    n = flat.numel()
-    if k <= 0:
-        return torch.zeros(n, dtype=torch.bool)
-    if k >= n:
-        return torch.ones(n, dtype=torch.bool)
-    tau = torch.kthvalue(flat, n - k + 1).values
-    keep = flat > tau
-    need = k - int(torch.count_nonzero(keep))
-    if need > 0:
-        ties = torch.nonzero(flat == tau).flatten()[:need]
-        keep[ties] = True
-    return keep
+    return topk.topk_flat(flat, k)[0]
 
 
 # --------------------------------------------------------------------------------------------------

@@ -1,0 +1,53 @@
+"""The shared exact top-k: against a stable sort, on the bracketed (large) and direct paths."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from sparsefl.kernels import topk
+
+
+def _reference(a: torch.Tensor, k: int) -> torch.Tensor:
+    keep = torch.zeros(a.numel(), dtype=torch.bool)
+    keep[torch.sort(a, descending=True, stable=True).indices[:k]] = True
+    return keep
+
+
+@pytest.mark.parametrize("n", [1000, 200_003])
+@pytest.mark.parametrize("kind", ["normal", "ties", "relu", "constant"])
+def test_topk_flat_equals_stable_sort(n: int, kind: str) -> None:
+    g = torch.Generator().manual_seed(n)
+    a = torch.randn(n, generator=g).abs()
+    if kind == "ties":
+        a = torch.round(a * 4) / 4  # few distinct values: many ties at every threshold
+    elif kind == "relu":
+        a = torch.relu(torch.randn(n, generator=g) - 1.0)  # mostly zeros
+    elif kind == "constant":
+        a = torch.full((n,), 0.5)
+    for frac in (0.001, 0.05, 0.1, 0.5, 0.95):
+        k = max(1, int(frac * n))
+        mask, tau = topk.topk_flat(a, k)
+        assert torch.equal(mask, _reference(a, k)), (kind, frac)
+        assert tau == float(torch.kthvalue(a, n - k + 1).values)
+
+
+def test_kth_largest_bracket_miss_falls_back() -> None:
+    # a sample taken at a fixed stride sees only one value; the rest sits elsewhere
+    n = 1 << 17
+    a = torch.zeros(n)
+    a[1::2] = torch.arange(n // 2, dtype=torch.float32)
+    for k in (1, 10, n // 4, n // 2 + 3, n):
+        assert topk.kth_largest(a, k) == float(torch.kthvalue(a, n - k + 1).values)
+    with pytest.raises(ValueError, match="out of range"):
+        topk.kth_largest(a, 0)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
+def test_shrink_keeps_exactly_magnitude_at_or_above_tau(dtype: torch.dtype) -> None:
+    v = torch.tensor([0.5, -0.5, 0.499, -0.51, 0.0, 2.0], dtype=dtype)
+    out = topk.shrink(v, float(v[0]))
+    ref = v * (v.abs() >= v[0])
+    assert torch.equal(out, ref) and out.dtype == dtype
+    assert torch.equal(topk.shrink(v, 0.0), v)
+    assert topk.below(0.5, dtype) < 0.5
