@@ -178,7 +178,11 @@ def step_variants(name: str, shape: tuple[int, ...], width: float, quick: bool) 
     roles = tensor_roles(m, hc)
     sd = m.state_dict()
     scores = {k: torch.randn(sd[k].shape, generator=g).abs() + 0.1 for k in roles.scope}
-    v["hidenseek 90% (dense products)"] = make_step(SignSupermaskHooks(m, prof, roles, hc, scores, 1.0, {}, {}), x, y)
+    hmask = random_mask(m, roles.prune_scope, 0.9)
+    with torch.no_grad():  # W0 = M * W_init, as the server sends it
+        for k, keep in hmask.items():
+            dict(m.named_parameters())[k].mul_(keep)
+    v["hidenseek 90%"] = make_step(SignSupermaskHooks(m, prof, roles, hc, scores, 1.0, {}, {}, hmask), x, y)
     return v
 
 

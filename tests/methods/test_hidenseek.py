@@ -130,6 +130,46 @@ def test_hooks_forward_is_functional_and_model_left_as_it_was() -> None:
         hooks.close()
 
 
+@pytest.mark.parametrize("ste", ["identity", "clipped"])
+def test_kept_position_scores_train_exactly_like_every_position(ste: str) -> None:
+    """The fast hooks (scores only at the kept positions) give the same kept scores, gradients and
+    model outputs as training a score at every position."""
+    from sparsefl.methods.hidenseek import SignSupermaskHooks, tensor_roles
+
+    m = make_method("method.sparsity=0.7", f"method.ste={ste}", "method.ste_clip=0.6")
+    state = m.init_state(clone_state(m.spec.build().state_dict()))
+    mask = {k: state.mask[k] for k in SCOPE}  # type: ignore[index]
+    g = torch.Generator().manual_seed(4)
+    scores = {k: torch.randn(state.params[k].shape, generator=g) for k in SCOPE}
+    x, y = torch.randn(8, 1, 4, 4, generator=g), torch.randint(0, 3, (8,), generator=g)
+    runs = []
+    for masks in (None, mask):
+        model = m.new_model()
+        model.load_state_dict(state.params)
+        cs: dict = {}
+        prof = profile_model(model, (1, 4, 4))
+        hooks = SignSupermaskHooks(model, prof, tensor_roles(model, m.config), m.config, scores, 2.0, {}, cs, masks)
+        opt = torch.optim.SGD(hooks.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+        outs = []
+        for step in range(4):
+            out = hooks.forward(x)
+            outs.append(out.detach())
+            opt.zero_grad()
+            nn.functional.cross_entropy(out, y).backward()
+            hooks.after_backward(step)
+            opt.step()
+        hooks.close()
+        runs.append((outs, cs))
+    (outs_a, cs_a), (outs_b, cs_b) = runs
+    for a, b in zip(outs_a, outs_b):
+        torch.testing.assert_close(a, b, rtol=0, atol=0)
+    assert any(bool((cs_a[f"score/{k}"] != scores[k]).any()) for k in SCOPE)  # they did train
+    for k in SCOPE:
+        kept = mask[k]
+        assert torch.equal(cs_a[f"score/{k}"][kept], cs_b[f"score/{k}"][kept])
+        assert torch.equal(cs_b[f"score/{k}"][~kept], scores[k][~kept])  # pruned: initial, unused
+
+
 # ------------------------------------------------------------------------------------------------
 # packing: 1 bit per kept weight
 # ------------------------------------------------------------------------------------------------

@@ -311,20 +311,68 @@ def effective_params(frozen: Mapping[str, Tensor], signs: Mapping[str, Tensor]) 
 # --------------------------------------------------------------------------------------------------
 
 
+class SignedWeightFn(torch.autograd.Function):
+    """``W_eff = W0 * sign_ste(s)`` on the kept positions of a weight, in two passes.
+
+    ``forward(s, w0, neg_w0, flat, shape, clip)``: ``s``, ``w0`` and ``neg_w0 = -w0`` are 1-D over
+    the kept positions (``flat``: their flat indices in the dense weight; ``None`` = every
+    position, in order). The result is the dense ``shape`` weight, ``where(s >= 0, w0, -w0)`` at
+    the kept positions and 0 elsewhere. Backward is :class:`SignSTE`'s through the product:
+    ``dL/ds = (dL/dW_eff * w0)[flat]``, times ``1[|s| <= clip]`` when clipped. The same numbers
+    as ``w0 * sign_ste(s)`` on the dense tensors, without a pass over the pruned positions.
+    """
+
+    @staticmethod
+    def forward(  # type: ignore[override]
+        ctx: Any,
+        s: Tensor,
+        w0: Tensor,
+        neg_w0: Tensor,
+        flat: Tensor | None,
+        shape: torch.Size,
+        clip: float | None,
+    ) -> Tensor:
+        vals = torch.where(s >= 0, w0, neg_w0)
+        ctx.flat, ctx.clip = flat, clip
+        ctx.save_for_backward(w0, s if clip is not None else None)
+        if flat is None:
+            return vals.view(shape)
+        out = torch.zeros(shape.numel(), dtype=vals.dtype)
+        return out.index_copy_(0, flat, vals).view(shape)
+
+    @staticmethod
+    def backward(ctx: Any, grad: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+        w0, s = ctx.saved_tensors
+        g = grad.reshape(-1)
+        if ctx.flat is not None:
+            g = g.index_select(0, ctx.flat)
+        gs = g * w0
+        if ctx.clip is not None:
+            gs = gs * (s.abs() <= ctx.clip).to(gs.dtype)
+        return gs, None, None, None, None, None
+
+
 class SignSupermaskHooks(LocalHooks):
     """Local training of the sign scores: the forward runs the model functionally with
     ``W_eff = W0 * sign_ste(s)``; only the scores (and, with ``train_bn``, the trained tensors)
     are optimised. Every other parameter gets ``requires_grad=False`` until :meth:`close`, which
     restores the flags and writes the trained scores into ``state`` as ``score/{name}``.
 
+    Speed: a pruned position's score never matters (its ``W0`` is 0, so it gets no gradient and
+    is never uploaded), so with ``masks`` given only the kept positions' scores are trained
+    (:class:`SignedWeightFn`); the pruned positions keep their initial scores. The trained
+    scores, the gradients and the model are the same as training every position.
+
     Parameters
     ----------
     model:
         The client's model, holding ``W0`` (already masked) in its scope weights.
     scores:
-        Initial scores per scope name (copied into fresh leaf parameters).
+        Initial scores per scope name (copied).
     state:
         The round's working client state; receives the trained scores on :meth:`close`.
+    masks:
+        The kept positions per scope name (``None`` or a missing name: every position).
     """
 
     def __init__(
@@ -337,6 +385,7 @@ class SignSupermaskHooks(LocalHooks):
         grad_scale: float,
         densities: Mapping[str, LayerDensity],
         state: ClientState,
+        masks: Mapping[str, Tensor] | None = None,
     ) -> None:
         super().__init__(model, profile)
         self.cfg = cfg
@@ -344,9 +393,21 @@ class SignSupermaskHooks(LocalHooks):
         self.state = state
         self.grad_scale = grad_scale
         self.clip = cfg.ste_clip if cfg.ste == "clipped" else None
-        self.scores = {k: nn.Parameter(v.detach().clone()) for k, v in scores.items()}
         named = dict(model.named_parameters())
-        self.w0 = {k: named[k].detach() for k in roles.scope}
+        self._full = {k: v.detach().clone() for k, v in scores.items()}
+        self._flat: dict[str, Tensor | None] = {}
+        self.scores: dict[str, nn.Parameter] = {}
+        self._w0: dict[str, tuple[Tensor, Tensor]] = {}
+        for k, s0 in self._full.items():
+            m = None if masks is None else masks.get(k)
+            flat = None if m is None or bool(m.all()) else torch.nonzero(m.reshape(-1)).flatten()
+            w0 = named[k].detach().reshape(-1)
+            if flat is not None:
+                w0 = w0.index_select(0, flat)
+                s0 = s0.reshape(-1).index_select(0, flat)
+            self._flat[k] = flat
+            self.scores[k] = nn.Parameter(s0.reshape(-1).clone())
+            self._w0[k] = (w0.clone(), -w0)
         self._densities = dict(densities)
         trained = set(roles.trained)
         self._before = {n: p.requires_grad for n, p in named.items()}
@@ -355,12 +416,15 @@ class SignSupermaskHooks(LocalHooks):
         self._trained = [named[n] for n in roles.trained]
 
     def parameters(self) -> list[nn.Parameter]:
-        """The scores, then the trained tensors."""
+        """The scores (kept positions only where a mask was given), then the trained tensors."""
         return [*self.scores.values(), *self._trained]
 
     def effective_weights(self) -> dict[str, Tensor]:
         """``W0 * sign_ste(s)`` per scope name (differentiable in the scores)."""
-        return {k: self.w0[k] * sign_ste(s, self.clip).to(self.w0[k].dtype) for k, s in self.scores.items()}
+        return {
+            k: SignedWeightFn.apply(s, *self._w0[k], self._flat[k], self._full[k].shape, self.clip)
+            for k, s in self.scores.items()
+        }
 
     def forward(self, x: Tensor) -> Tensor:
         return functional_call(self.model, self.effective_weights(), (x,))
@@ -376,12 +440,25 @@ class SignSupermaskHooks(LocalHooks):
     def densities(self) -> Mapping[str, LayerDensity]:
         return self._densities
 
+    def trained_scores(self) -> dict[str, Tensor]:
+        """The full score tensors: the trained kept positions, the initial pruned ones."""
+        out = {}
+        for k, s in self.scores.items():
+            full = self._full[k].clone()
+            flat = self._flat[k]
+            if flat is None:
+                full.copy_(s.detach().view(full.shape))
+            else:
+                full.view(-1).index_copy_(0, flat, s.detach())
+            out[k] = full
+        return out
+
     def close(self) -> None:
         for n, p in self.model.named_parameters():
             if n in self._before:
                 p.requires_grad_(self._before[n])
-        for k, s in self.scores.items():
-            self.state[f"score/{k}"] = s.detach().clone()
+        for k, s in self.trained_scores().items():
+            self.state[f"score/{k}"] = s
 
 
 # --------------------------------------------------------------------------------------------------
@@ -575,6 +652,7 @@ class HideNseek(Method):
             self.config.score_lr / self.experiment.local.lr,
             dens,
             client_state,
+            {k: client_state[f"mask/{k}"] for k in self.roles.scope if f"mask/{k}" in client_state},
         )
 
     def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
@@ -604,6 +682,7 @@ __all__ = [
     "HideNseekConfig",
     "Roles",
     "SignSTE",
+    "SignedWeightFn",
     "SignSupermaskHooks",
     "effective_params",
     "hard_sign",
