@@ -22,6 +22,7 @@ from sparsefl.fl.client import run_client
 from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
 from sparsefl.fl.server import ClientFailure
 from sparsefl.methods.base import Method
+from sparsefl.orphans import exit_with_parent
 
 
 class ClientStateStore:
@@ -102,6 +103,7 @@ _W: dict[str, object] = {}
 
 
 def _worker_init(method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int) -> None:
+    exit_with_parent()
     _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
 
 

@@ -31,6 +31,7 @@ import tomllib
 
 from sparsefl.config import ExperimentConfig, config_hash, load_config
 from sparsefl.errors import ConfigError, SparseflError
+from sparsefl.orphans import exit_with_parent
 
 BUILTIN_SUITES = ("quick", "paper")
 
@@ -210,7 +211,9 @@ def run_suite(
         for i, run in enumerate(planned):
             collect(i, _run_one(run, str(out / "runs" / run.folder_name)))
     else:
-        with ProcessPoolExecutor(max_workers=jobs, mp_context=mp.get_context("spawn")) as pool:
+        with ProcessPoolExecutor(
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent
+        ) as pool:
             pending = {pool.submit(_run_one, r, str(out / "runs" / r.folder_name)): i for i, r in enumerate(planned)}
             while pending:
                 done, _ = wait(pending, return_when=FIRST_COMPLETED)
