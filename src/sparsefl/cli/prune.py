@@ -28,6 +28,7 @@ from torch import nn
 from sparsefl.config import DataConfig, LocalConfig, ModelConfig, parse_override
 from sparsefl.data import Dataset, load_dataset
 from sparsefl.errors import ConfigError
+from sparsefl.fl.sgd import SGD
 from sparsefl.masks import Mask
 from sparsefl.models import build_model
 from sparsefl.pruning import prune
@@ -69,7 +70,7 @@ def _train(model: nn.Module, ds: Dataset, steps: int, seed: int, mask: Mask | No
     """``steps`` SGD steps on the training split (LocalConfig defaults); the mask, if any, is
     re-applied after every step so removed weights stay zero."""
     cfg = LocalConfig()
-    opt = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+    opt = SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay)
     gen = torch_gen(seed, "cli-prune", purpose)
     n = len(ds.x_train)
     model.train()

@@ -14,6 +14,7 @@ from sparsefl.config import LocalConfig
 from sparsefl.fl.evaluate import evaluate
 from sparsefl.fl.faults import InjectedFault, corrupt, poison
 from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
+from sparsefl.fl.sgd import SGD
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, iter_batches
 from sparsefl.rng import torch_gen
 
@@ -46,7 +47,7 @@ def train_local(
     model = hooks.model
     model.train()
     params = hooks.parameters()
-    opt = torch.optim.SGD(params, lr=lr, momentum=local.momentum, weight_decay=local.weight_decay)
+    opt = SGD(params, lr=lr, momentum=local.momentum, weight_decay=local.weight_decay)
     n = len(x)
     bs = min(local.batch_size, n)
     autocast = torch.autocast("cpu", dtype=torch.bfloat16) if local.precision == "bf16" else contextlib.nullcontext()
