@@ -181,3 +181,14 @@ def test_cifar_pickles(tmp_path):
             pickle.dump({b"data": rng.integers(0, 255, (4, 3072), dtype=np.uint8), b"labels": [0, 1, 2, 9]}, f)
     d = load_dataset(DataConfig(name="cifar10", dir=str(tmp_path)), 0)
     assert d.input_shape == (3, 32, 32) and len(d.x_train) == 20 and d.num_classes == 10
+
+
+def test_digits_read_from_the_csv_equal_scikit_learn() -> None:
+    from sklearn.datasets import load_digits as sk_digits
+
+    from sparsefl.data.datasets import _digits_arrays
+
+    x, y = _digits_arrays()
+    d = sk_digits()
+    assert np.array_equal(x, d.images.astype(np.float32) / 16.0) and x.dtype == np.float32
+    assert np.array_equal(y, d.target) and y.dtype == np.int64

@@ -9,6 +9,7 @@ what was expected and where it looked.
 from __future__ import annotations
 
 import gzip
+import importlib.util
 import pickle
 import struct
 from dataclasses import dataclass
@@ -116,14 +117,30 @@ def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[
 # -- datasets ---------------------------------------------------------------------------------------
 
 
-@DATASETS.register("digits")
-def load_digits(cfg: DataConfig, seed: int) -> Dataset:
-    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); stratified held-out test split."""
+def _digits_arrays() -> tuple[np.ndarray, np.ndarray]:
+    """The digits images (scaled to [0, 1]) and labels.
+
+    Read straight from the CSV that scikit-learn ships (``load_digits`` reads the same file), so
+    the data costs milliseconds instead of the 1-3 s of importing scikit-learn; if the file is
+    not where this scikit-learn keeps it, ``sklearn.datasets.load_digits`` is used.
+    """
+    spec = importlib.util.find_spec("sklearn")
+    roots = list(spec.submodule_search_locations or []) if spec is not None else []
+    for root in roots:
+        path = Path(root) / "datasets" / "data" / "digits.csv.gz"
+        if path.is_file():
+            data = np.loadtxt(path, delimiter=",")
+            return (data[:, :-1].reshape(-1, 8, 8) / 16.0).astype(np.float32), data[:, -1].astype(np.int64)
     from sklearn.datasets import load_digits as sk_digits
 
     d = sk_digits()
-    x = d.images.astype(np.float32) / 16.0
-    y = d.target.astype(np.int64)
+    return d.images.astype(np.float32) / 16.0, d.target.astype(np.int64)
+
+
+@DATASETS.register("digits")
+def load_digits(cfg: DataConfig, seed: int) -> Dataset:
+    """scikit-learn's 8x8 handwritten digits (1,797 images, 10 classes); stratified held-out test split."""
+    x, y = _digits_arrays()
     return _finish("digits", *_holdout(x, y, cfg.test_fraction, seed), num_classes=10)
 
 
