@@ -132,6 +132,23 @@ def execute_task(
         return ClientFailure(task.client_id, f"raised {tb}")
 
 
+def _worker_ready() -> None:
+    """A no-op task: submitted once per worker when the pool is made, so the workers start (and
+    import and unpickle what they need) while the server prepares its first round."""
+
+
+def _pool_context() -> mp.context.BaseContext:
+    """Worker processes come from a fork server that has imported torch and sparsefl once.
+
+    Each spawned worker would import torch itself (1-2 s here, on the critical path of the first
+    round). A plain fork is not safe once the parent's OpenMP threads exist, so workers are
+    forked from the fork server, which never runs torch code.
+    """
+    ctx = mp.get_context("forkserver")
+    ctx.set_forkserver_preload(["sparsefl.engines.embedded"])
+    return ctx
+
+
 def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
     return execute_task(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
 
@@ -156,6 +173,8 @@ class EmbeddedEngine:
         self.jobs = jobs
         self.store = store or ClientStateStore()
         self._pool: ProcessPoolExecutor | None = None
+        if jobs > 1:
+            self._get_pool()
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
         states = [self.store.get(t.client_id) for t in tasks]
@@ -192,10 +211,12 @@ class EmbeddedEngine:
         if self._pool is None:
             self._pool = ProcessPoolExecutor(
                 max_workers=self.jobs,
-                mp_context=mp.get_context("spawn"),
+                mp_context=_pool_context(),
                 initializer=_worker_init,
                 initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed),
             )
+            for _ in range(self.jobs):
+                self._pool.submit(_worker_ready)
         return self._pool
 
     def close(self) -> None:
