@@ -50,7 +50,7 @@ TINY = [
     "data.min_samples=5",
 ]
 #: Wall-clock fields: the only ones allowed to differ between engines.
-VOLATILE = {"seconds", "client_seconds", "round_seconds", "wall_seconds", "client_seconds_total"}
+VOLATILE = {"seconds", "client_seconds", "round_seconds", "eval_seconds", "wall_seconds", "client_seconds_total"}
 
 
 #: Keys a method needs beyond the defaults.

@@ -276,6 +276,12 @@ class Reader:
 
     def varint(self, field: str, limit: int) -> int:
         """One canonical LEB128 varint no larger than ``limit``."""
+        pos = self.pos
+        if pos < self.end:  # fast path: most varints are one byte
+            b = self.data[pos]
+            if b < 0x80 and b <= limit:
+                self.pos = pos + 1
+                return b
         value = 0
         shift = 0
         max_bytes = varint_len(limit)

@@ -94,8 +94,12 @@ def param_spec(model: torch.nn.Module) -> dict[str, tuple[tuple[int, ...], torch
 
 @contextlib.contextmanager
 def torch_threads(n: int):  # type: ignore[no-untyped-def]
-    """Run a block with ``n`` intra-op threads, restoring the previous setting afterwards."""
+    """Run a block with ``n`` intra-op threads, restoring the previous setting afterwards (no
+    change, and no cost, when it is already ``n``)."""
     before = torch.get_num_threads()
+    if before == n:
+        yield
+        return
     torch.set_num_threads(n)
     try:
         yield
