@@ -137,10 +137,10 @@ class SkeletonBatchNormFn(torch.autograd.Function):
     """Training-mode BatchNorm whose input gradient is computed for channels ``idx`` only.
 
     Forward: ``aten.native_batch_norm`` in training mode (running statistics updated in place, as the
-    module does). Backward, per channel ``c`` with ``xhat = (x - mu) / sigma`` and ``m`` elements:
-    ``dgamma_c = sum gy * xhat`` and ``dbeta_c = sum gy`` for every channel; for ``c`` in ``idx``
-    ``dx = gamma / sigma * (gy - dbeta/m - xhat * dgamma/m)``, and ``dx = 0`` elsewhere. The zeros
-    are exact for the caller: the conv before it discards those channels' gradient anyway.
+    module does). Backward: ``dgamma`` and ``dbeta`` for every channel, and ``dx`` for the
+    channels in ``idx`` (``dx = 0`` elsewhere), each by ``aten.native_batch_norm_backward`` (the
+    fused kernel; the input gradient runs on the gathered skeleton channels). The zeros are exact
+    for the caller: the conv before it discards those channels' gradient anyway.
     """
 
     @staticmethod
@@ -158,33 +158,33 @@ class SkeletonBatchNormFn(torch.autograd.Function):
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
-        shape = [1, -1] + [1] * (x.dim() - 2)
-        dims = [0, *range(2, x.dim())]
-        xf = x
-        mean, invstd = mean.view(shape), invstd.view(shape)
-        ctx.save_for_backward(xf, mean, invstd, weight, idx)
-        ctx.conf = (dims, x.dtype)
+        ctx.save_for_backward(x, mean, invstd, weight, idx)
+        ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        xf, mean, invstd, weight, idx = ctx.saved_tensors
-        dims, x_dtype = ctx.conf
-        shape = [1, -1] + [1] * (xf.dim() - 2)
-        g = gy.to(mean.dtype)
-        xhat = (xf.to(mean.dtype) - mean) * invstd
-        dbeta = g.sum(dim=dims)
-        dgamma = (g * xhat).sum(dim=dims)
+        x, mean, invstd, weight, idx = ctx.saved_tensors
+        bwd = torch.ops.aten.native_batch_norm_backward
+        gy = gy.to(x.dtype)
+        _, dgamma, dbeta = bwd(gy, x, weight, None, None, mean, invstd, True, ctx.eps, [False, True, True])
         gx = None
         if ctx.needs_input_grad[0]:
-            m = xf.numel() // xf.shape[1]
-            gs, xs = g.index_select(1, idx), xhat.index_select(1, idx)
-            scale = (weight.float().index_select(0, idx) * invstd.view(-1).index_select(0, idx)).view(shape)
-            mb = (dbeta.index_select(0, idx) / m).view(shape)
-            mg = (dgamma.index_select(0, idx) / m).view(shape)
-            gxs = scale * (gs - mb - xs * mg)
-            gx = torch.zeros(xf.shape, dtype=gxs.dtype).index_copy_(1, idx, gxs).to(x_dtype)
-        return gx, dgamma.to(weight.dtype), dbeta.to(weight.dtype), None, None, None, None, None
+            w_s = weight.index_select(0, idx)
+            gxs, _, _ = bwd(
+                gy.index_select(1, idx),
+                x.index_select(1, idx),
+                w_s,
+                None,
+                None,
+                mean.index_select(0, idx),
+                invstd.index_select(0, idx),
+                True,
+                ctx.eps,
+                [True, False, False],
+            )
+            gx = torch.zeros_like(x).index_copy_(1, idx, gxs)
+        return gx, dgamma, dbeta, None, None, None, None, None
 
 
 def skeleton_conv(x: Tensor, conv: torch.nn.Module, idx: Tensor) -> Tensor:
