@@ -51,3 +51,14 @@ def test_shrink_keeps_exactly_magnitude_at_or_above_tau(dtype: torch.dtype) -> N
     assert torch.equal(out, ref) and out.dtype == dtype
     assert torch.equal(topk.shrink(v, 0.0), v)
     assert topk.below(0.5, dtype) < 0.5
+
+
+def test_nonzero_fraction_exact_when_small_and_close_when_sampled() -> None:
+    g = torch.Generator().manual_seed(5)
+    small = torch.relu(torch.randn(4000, generator=g))
+    assert topk.nonzero_fraction(small) == int((small != 0).sum()) / small.numel()
+    big = torch.relu(torch.randn(32, 16, 32, 32, generator=g) - 1.2)  # about 11.5% nonzero
+    exact = float((big != 0).float().mean())
+    assert abs(topk.nonzero_fraction(big) - exact) < 0.02
+    cl = big.contiguous(memory_format=torch.channels_last)
+    assert abs(topk.nonzero_fraction(cl) - exact) < 0.02

@@ -85,7 +85,7 @@ FLOPs
 :meth:`ZeroFLHooks.densities` reports, per sparsified layer and per step, ``LayerDensity(forward =
 weight density used, grad_input = weight density used, grad_weight = activation density used)``,
 measured from that step's masks (exactly on a refresh step; in between, tensors over 8,192
-entries are counted on a fixed 1-in-``s`` sample, standard error under 0.0033 at density 0.1,
+entries are counted on a fixed sample of 8,192 (128 evenly spaced runs of 64),
 because an exact count costs more than the sparsification itself). The resulting training FLOPs
 are **theoretical**: the products run densely here (sparsified tensors), and would only be that
 cheap with sparse kernels.
@@ -224,7 +224,7 @@ class CachedTopK:
     def sparsify(self, v: Tensor, step: int) -> tuple[Tensor, float]:
         """``v`` (detached) with the entries outside its mask at local step ``step`` zeroed, and
         the mask's density: the exact ``k / n`` on a refresh, else the kept fraction (exact up
-        to 8,192 entries, else measured on a fixed 1-in-``s`` sample of at least that many:
+        to 8,192 entries, else measured on a fixed sample of that many:
         :func:`sparsefl.kernels.topk.nonzero_fraction`).
 
         The threshold steps take one pass (:func:`sparsefl.kernels.topk.shrink`); a refresh is
