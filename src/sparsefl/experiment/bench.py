@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import itertools
 import multiprocessing as mp
+import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from dataclasses import dataclass
@@ -191,6 +192,7 @@ def run_suite(
     Returns the result rows. A run that fails with a user error is reported in ``failed.txt``
     and left out of the table; the others go on.
     """
+    t_start = time.perf_counter()
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
     (out / "suite.toml").write_text(suite.text)
@@ -224,7 +226,7 @@ def run_suite(
     (out / "failed.txt").write_text("".join(e + "\n" for e in errors))
     from sparsefl.experiment.report import write_report
 
-    write_report(out, suite, ordered)
+    write_report(out, suite, ordered, elapsed=time.perf_counter() - t_start, jobs=jobs)
     return ordered
 
 

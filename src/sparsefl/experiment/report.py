@@ -222,8 +222,13 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
-def write_report(out: Path, suite: Any, rows: list[dict[str, Any]]) -> None:
-    """Write report.md, report.html and the plots into ``out``."""
+def write_report(
+    out: Path, suite: Any, rows: list[dict[str, Any]], elapsed: float | None = None, jobs: int | None = None
+) -> None:
+    """Write report.md, report.html and the plots into ``out`` (``elapsed``: seconds this
+    invocation of the suite took, with ``jobs`` processes; runs finished earlier were skipped)."""
+    import datetime
+    import os
     import platform
 
     import torch
@@ -242,13 +247,19 @@ def write_report(out: Path, suite: Any, rows: list[dict[str, Any]]) -> None:
                 v["text"], v.get("source", ""), r["context"], v["metric"], f"{v['a']} {v['expect']} than {v['b']}",
                 f"{r['a']:.4g}", f"{r['b']:.4g}", "yes" if r["reproduced"] else "NO",
             ])  # fmt: skip
-    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, torch {torch.__version__}"
+    machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch {torch.__version__}"
+    when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
+    took = ""
+    if elapsed is not None:
+        took = f" This invocation took {elapsed / 60:.1f} min with --jobs {jobs} (a rerun skips finished runs)."
+    run_s = sum(float(r.get("wall_seconds") or 0) for r in rows)
     md = [
         f"# sparsefl benchmark: {suite.name}",
         "",
         suite.description.strip(),
         "",
-        f"Machine: {machine}. Runs: {len(rows)}. Mean ± standard deviation over seeds.",
+        f"Written {when}. Machine: {machine}. Runs: {len(rows)}, {run_s / 3600:.2f} h of run wall time "
+        f"in all.{took} Mean ± standard deviation over seeds.",
         "",
         _md_table(head, table),
         "",
@@ -272,7 +283,8 @@ def write_report(out: Path, suite: Any, rows: list[dict[str, Any]]) -> None:
     body = [
         f"<h1>sparsefl benchmark: {html.escape(suite.name)}</h1>",
         f"<p>{html.escape(suite.description.strip())}</p>",
-        f"<p>Machine: {html.escape(machine)}. Runs: {len(rows)}. Mean ± standard deviation over seeds.</p>",
+        f"<p>Written {when}. Machine: {html.escape(machine)}. Runs: {len(rows)}, {run_s / 3600:.2f} h of run "
+        f"wall time in all.{html.escape(took)} Mean ± standard deviation over seeds.</p>",
         _html_table(head, table),
         "<h2>Claims from the literature, checked against these runs</h2>",
         _html_table(claim_head, claim_rows) if claim_rows else "<p>(none)</p>",
