@@ -108,3 +108,19 @@ def test_claim_verdicts_oracle():
 def test_pareto_front():
     pts = [(1.0, 0.5), (2.0, 0.4), (3.0, 0.9), (0.5, 0.2), (3.0, 0.8)]
     assert pareto_front(pts) == [(0.5, 0.2), (1.0, 0.5), (3.0, 0.9)]
+
+
+def test_cli_prints_one_line_per_run_when_not_on_a_terminal(suite_file, tmp_path):
+    """Under nohup or CI the progress bar is invisible; each finished run gets a line instead."""
+    import subprocess
+    import sys
+
+    out = subprocess.run(
+        [sys.executable, "-m", "sparsefl.cli.main", "bench", "--suite", str(suite_file), "--out", str(tmp_path / "b")],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    lines = [ln for ln in out.splitlines() if ln.startswith("[")]
+    assert [ln.split("]")[0] for ln in lines] == [f"[{i}/6" for i in range(1, 7)]
+    assert all("acc=" in ln and "s elapsed" in ln for ln in lines)

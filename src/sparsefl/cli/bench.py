@@ -42,6 +42,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
             tag = "error" if "error" in summary else (summary.get("status") or "")
             last = f"{run.folder_name}: {tag} acc={acc:.4f}" if acc is not None else f"{run.folder_name}: {tag}"
             bar.update(task, advance=1, last=last)
+            if not console.is_terminal:  # a log file gets one line per finished run instead of a bar
+                finished = int(bar.tasks[0].completed)
+                console.print(f"[{finished}/{total}] {last} ({bar.tasks[0].elapsed or 0:.0f} s elapsed)")
 
         rows = run_suite(suite, args.out, jobs=args.jobs, on_done=done)
     from rich.table import Table
