@@ -254,3 +254,62 @@ def test_compact_expand_round_trip(name: str, shape: tuple[int, ...]) -> None:
     sa, sb = small.state_dict(), again.state_dict()
     for k in sa:
         assert torch.equal(sa[k], sb[k]), k
+
+
+def test_channel_masks_reject_a_mask_that_is_not_whole_rows() -> None:
+    from sparsefl.kernels.structured import channel_masks
+
+    ok = torch.zeros(4, 3, 3, 3, dtype=torch.bool)
+    ok[[0, 2]] = True
+    assert channel_masks({"c.weight": ok})["c.weight"].tolist() == [True, False, True, False]
+    bad = ok.clone()
+    bad[1, 0, 0, 0] = True
+    with pytest.raises(ValueError, match="c.weight.*channel-structured"):
+        channel_masks({"c.weight": bad})
+
+
+@pytest.mark.parametrize("name,shape", [("cnn", (1, 8, 8)), ("resnet8", (3, 8, 8))])
+def test_static_mask_compact_training_leaves_the_big_model_computing_the_compact_network(
+    name: str, shape: tuple[int, ...]
+) -> None:
+    from sparsefl.fl.sgd import SGD
+
+    model = build_model(ModelConfig(name=name), shape, 10, 0)
+    prof = profile_model(model, shape)
+    mask = {}
+    for i, (n, mod) in enumerate(model.named_modules()):
+        if isinstance(mod, nn.Conv2d | nn.Linear) and mod.weight.shape[0] > 10:  # classifier kept whole
+            keep = _keep(mod.weight.shape[0], mod.weight.shape[0] // 2, i)
+            mask[f"{n}.weight"] = keep.view(-1, *[1] * (mod.weight.dim() - 1)).expand_as(mod.weight).clone()
+    hooks = StaticMaskHooks(model, prof, mask, compact=True)
+    assert hooks._compact is not None
+    d = hooks.densities()
+    assert set(d) <= set(mask) and all(0 < v.forward < 1 for v in d.values())
+    opt = SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    g = torch.Generator().manual_seed(0)
+    for _ in range(3):
+        x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
+        loss = nn.functional.cross_entropy(hooks.forward(x), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    hooks.close()
+    small = hooks._compact.small
+    model.eval()
+    small.eval()
+    x = torch.randn(5, *shape, generator=g)
+    torch.testing.assert_close(model(x), small(x), atol=1e-5, rtol=1e-5)
+    for n, m in mask.items():  # removed rows stay removed
+        assert not bool(dict(model.named_parameters())[n].detach()[~m].any())
+    for mod in model.modules():
+        if isinstance(mod, nn.BatchNorm2d):
+            assert bool((mod.weight == 0).any()) and bool((mod.bias[mod.weight == 0] == 0).all())
+
+
+def test_static_mask_compact_needs_a_structured_criterion() -> None:
+    from sparsefl.config import load_config
+    from sparsefl.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="method.compact.*skeletonization"):
+        load_config(overrides=["method.name=static_mask", "method.criterion=synflow", "method.compact=true"])
+    load_config(overrides=["method.name=static_mask", "method.criterion=skeletonization", "method.compact=true"])

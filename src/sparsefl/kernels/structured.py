@@ -275,4 +275,75 @@ def expand(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
             bsd[k].copy_(v)
 
 
-__all__ = ["CompactPlan", "ScatterChannels", "compact", "expand"]
+def channel_masks(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
+    """Weight name -> kept output channels of a channel-structured weight mask.
+
+    Raises ``ValueError`` naming the first weight whose mask is not whole rows (every entry of an
+    output channel kept, or every entry removed).
+    """
+    out = {}
+    for name, m in mask.items():
+        rows = m.to(torch.bool).reshape(m.shape[0], -1)
+        keep = rows.any(1)
+        if not torch.equal(rows, keep[:, None].expand_as(rows)):
+            raise ValueError(f"the mask of {name!r} is not channel-structured (whole output channels)")
+        out[name] = keep
+    return out
+
+
+def zero_removed(big: nn.Module, plan: CompactPlan) -> None:
+    """Zero what is left of the channels :func:`compact` removed in ``big``: their conv/linear
+    rows and biases and their BatchNorm scale and shift, so the big model computes exactly the
+    compact network (a removed channel contributes 0 downstream, as in the compact one)."""
+    mods = dict(big.named_modules())
+    with torch.no_grad():
+        for name, (out, _) in plan.modules.items():
+            if out is None:
+                continue
+            m = mods[name]
+            for n in ("weight", "bias"):
+                t = getattr(m, n, None)
+                if isinstance(t, Tensor):
+                    removed = torch.ones(t.shape[0], dtype=torch.bool)
+                    removed[out] = False
+                    t[removed] = 0
+
+
+class CompactTraining:
+    """Train the compacted network of a channel-structured mask instead of the masked big model.
+
+    ``small`` holds the kept channels (:func:`compact`); the training loop optimises its
+    parameters; :meth:`close` writes them back into the big model (:func:`expand`) and zeroes the
+    removed channels' remaining tensors (:func:`zero_removed`). Semantics: a removed channel is
+    removed entirely (its bias and BatchNorm shift no longer reach the next layer), which a
+    masked big model does not do; the big model after :meth:`close` computes the compact network.
+    """
+
+    def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], input_shape: tuple[int, ...]) -> None:
+        self.model = model
+        self.small, self.plan = compact(model, channel_masks(mask), input_shape)
+        self.small.train(model.training)
+
+    def densities(self, names: list[str]) -> dict[str, tuple[float, float]]:
+        """Per conv/linear weight name in ``names``: (kept output fraction, kept input fraction)."""
+        mods = dict(self.model.named_modules())
+        out: dict[str, tuple[float, float]] = {}
+        for w in names:
+            mod_name = w[: -len(".weight")] if w.endswith(".weight") else w
+            if mod_name not in self.plan.modules:
+                continue
+            o, i = self.plan.modules[mod_name]
+            weight = mods[mod_name].weight  # type: ignore[union-attr]
+            fo = 1.0 if o is None else len(o) / weight.shape[0]
+            fi = 1.0 if i is None else len(i) / (weight.shape[1] * getattr(mods[mod_name], "groups", 1))
+            out[w] = (fo, fi)
+        return out
+
+    def close(self) -> None:
+        """Write the trained compact tensors into the big model and zero the removed channels."""
+        with torch.no_grad():
+            expand(self.model, self.small, self.plan)
+        zero_removed(self.model, self.plan)
+
+
+__all__ = ["CompactPlan", "CompactTraining", "ScatterChannels", "channel_masks", "compact", "expand", "zero_removed"]
