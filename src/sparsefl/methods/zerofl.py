@@ -85,7 +85,7 @@ FLOPs
 :meth:`ZeroFLHooks.densities` reports, per sparsified layer and per step, ``LayerDensity(forward =
 weight density used, grad_input = weight density used, grad_weight = activation density used)``,
 measured from that step's masks (exactly on a refresh step; in between, tensors over 8,192
-entries are counted on a fixed sample of 8,192 (128 evenly spaced runs of 64),
+entries are counted on a fixed sample of 8,192 entries in 128 evenly spaced runs of 64,
 because an exact count costs more than the sparsification itself). The resulting training FLOPs
 are **theoretical**: the products run densely here (sparsified tensors), and would only be that
 cheap with sparse kernels.
