@@ -149,6 +149,15 @@ def _pool_context() -> mp.context.BaseContext:
     return ctx
 
 
+def start_fork_server() -> None:
+    """Start the worker fork server now (it imports torch and sparsefl in the background), so
+    the first round's workers need not wait for it; a no-op when it already runs."""
+    _pool_context()
+    from multiprocessing import forkserver
+
+    forkserver.ensure_running()
+
+
 def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
     return execute_task(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
 

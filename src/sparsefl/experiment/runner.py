@@ -21,7 +21,7 @@ import sparsefl.methods  # noqa: F401  (fills the method registry)
 from sparsefl.accounting import profile_model
 from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
-from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine
+from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine, start_fork_server
 from sparsefl.experiment.runfolder import RunFolder
 from sparsefl.fl.server import Engine, RoundRecord, Server
 from sparsefl.masks import Mask, default_scope
@@ -112,6 +112,8 @@ def run_experiment(
         return {**summary, "status": "finished"}
 
     t_start = time.perf_counter()
+    if engine is None and cfg.jobs > 1:
+        start_fork_server()  # it imports torch while the data and the model are built
     b = build(cfg, model)
     method = b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
