@@ -313,3 +313,24 @@ def test_static_mask_compact_needs_a_structured_criterion() -> None:
     with pytest.raises(ConfigError, match="method.compact.*skeletonization"):
         load_config(overrides=["method.name=static_mask", "method.criterion=synflow", "method.compact=true"])
     load_config(overrides=["method.name=static_mask", "method.criterion=skeletonization", "method.compact=true"])
+
+
+def test_compact_network_is_reused_for_another_model_of_the_same_architecture() -> None:
+    from sparsefl.kernels.structured import CompactTraining, channel_masks
+
+    shape = (1, 8, 8)
+    a = build_model(ModelConfig(name="cnn"), shape, 10, 0)
+    b = build_model(ModelConfig(name="cnn"), shape, 10, 1)  # other weights
+    mask = {}
+    for i, (n, mod) in enumerate(a.named_modules()):
+        if isinstance(mod, nn.Conv2d):
+            keep = _keep(mod.weight.shape[0], mod.weight.shape[0] // 2, i)
+            mask[f"{n}.weight"] = keep.view(-1, 1, 1, 1).expand_as(mod.weight).clone()
+    first = CompactTraining(a, mask, shape)
+    second = CompactTraining(b, mask, shape)
+    assert second.small is first.small  # cached: no second trace
+    fresh, _ = compact(b, channel_masks(mask), shape)
+    x = torch.randn(4, *shape)
+    second.small.eval()
+    fresh.eval()
+    torch.testing.assert_close(second.small(x), fresh(x), rtol=0, atol=0)

@@ -275,6 +275,33 @@ def expand(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
             bsd[k].copy_(v)
 
 
+@torch.no_grad()
+def gather(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
+    """Load ``big``'s tensors at the kept positions into ``small`` (the inverse of :func:`expand`),
+    so one compact network built by :func:`compact` serves any model of the same architecture."""
+    bmods = dict(big.named_modules())
+    smods = dict(small.named_modules())
+    done: set[str] = set()
+    for name, (out, inp) in plan.modules.items():
+        b, s = bmods[name], smods[name]
+        done.add(name)
+        for n, dst in list(s.named_parameters(recurse=False)) + list(s.named_buffers(recurse=False)):
+            src = getattr(b, n)
+            if src is None or dst is None:
+                continue
+            if n == "num_batches_tracked":
+                dst.copy_(src)
+                continue
+            t = src if out is None else src.index_select(0, out)
+            if t.dim() > 1 and n == "weight" and inp is not None:
+                t = t.index_select(1, inp)
+            dst.copy_(t)
+    ssd = small.state_dict()
+    for k, v in big.state_dict().items():
+        if k.rpartition(".")[0] not in done and k in ssd and ssd[k].shape == v.shape:
+            ssd[k].copy_(v)
+
+
 def channel_masks(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
     """Weight name -> kept output channels of a channel-structured weight mask.
 
@@ -309,6 +336,11 @@ def zero_removed(big: nn.Module, plan: CompactPlan) -> None:
                     t[removed] = 0
 
 
+#: compact networks by (architecture, channel mask, input shape); the least recently used go first
+_COMPACT_CACHE: dict[tuple, tuple[fx.GraphModule, CompactPlan]] = {}
+_COMPACT_CACHE_SIZE = 4
+
+
 class CompactTraining:
     """Train the compacted network of a channel-structured mask instead of the masked big model.
 
@@ -321,7 +353,23 @@ class CompactTraining:
 
     def __init__(self, model: nn.Module, mask: Mapping[str, Tensor], input_shape: tuple[int, ...]) -> None:
         self.model = model
-        self.small, self.plan = compact(model, channel_masks(mask), input_shape)
+        channels = channel_masks(mask)
+        key = (
+            type(model).__qualname__,
+            tuple((k, tuple(v.shape)) for k, v in model.state_dict().items()),
+            tuple((k, v.numpy().tobytes()) for k, v in sorted(channels.items())),
+            tuple(input_shape),
+        )
+        hit = _COMPACT_CACHE.pop(key, None)
+        if hit is None:  # tracing and slicing once per architecture and mask, per process
+            hit = compact(model, channels, input_shape)
+        _COMPACT_CACHE[key] = hit
+        while len(_COMPACT_CACHE) > _COMPACT_CACHE_SIZE:
+            _COMPACT_CACHE.pop(next(iter(_COMPACT_CACHE)))
+        self.small, self.plan = hit
+        gather(model, self.small, self.plan)
+        for p in self.small.parameters():
+            p.grad = None
         self.small.train(model.training)
 
     def densities(self, names: list[str]) -> dict[str, tuple[float, float]]:
@@ -346,4 +394,13 @@ class CompactTraining:
         zero_removed(self.model, self.plan)
 
 
-__all__ = ["CompactPlan", "CompactTraining", "ScatterChannels", "channel_masks", "compact", "expand", "zero_removed"]
+__all__ = [
+    "CompactPlan",
+    "CompactTraining",
+    "ScatterChannels",
+    "channel_masks",
+    "compact",
+    "expand",
+    "gather",
+    "zero_removed",
+]
