@@ -127,7 +127,10 @@ def _check(u: Update, known: dict[str, torch.Tensor], codec: str) -> bytes:
         elif codec == "float32":
             assert torch.equal(y, x.float().to(v.dtype))
         elif codec == "float16":
-            assert torch.equal(y, x.to(torch.float16).to(v.dtype))
+            # correctly rounded (numpy); torch rounds float64 -> float16 through float32, which
+            # differs in about 1 of 20,000 values (hypothesis found one)
+            ref = torch.from_numpy(x.detach().numpy().astype(np.float16)) if x.dtype == torch.float64 else x.half()
+            assert torch.equal(y, ref.to(v.dtype))
         elif codec == "bfloat16":
             assert torch.equal(y, x.to(torch.bfloat16).to(v.dtype))
         elif codec == "sign":
