@@ -118,16 +118,28 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
 
     groups = group(rows)
     made: list[tuple[str, str]] = []
-    one_context = len({k[0] for k in groups}) == len(groups)  # every label ran in a single context
+    labels = list(dict.fromkeys(k[0] for k in groups))
     colors = [plt.get_cmap("tab20")(i % 20) for i in range(len(groups))]
+    label_color = {lab: plt.get_cmap("tab20")(i % 20) for i, lab in enumerate(labels)}
+    sparsities = sorted({k[1] for k in groups})
+    styles = ["-", "--", ":", "-."]
+    # one panel per partition (e.g. Dirichlet alpha 0.1 and 1.0); in a panel a colour per label
+    # and a line style per sparsity, so 50 curves stay readable
+    panels = list(dict.fromkeys(k[2:] for k in groups))
+
+    def panel_title(ctx: tuple[Any, ...]) -> str:
+        return f"{ctx[0]}" + ("" if ctx[1] in ("", None) else f" alpha={ctx[1]}")
 
     def legend_name(k: GroupKey) -> str:
-        """The label alone when every label ran in one context, else label and context."""
-        return k[0] if one_context else f"{k[0]} ({_ctx(k)})"
+        """The label, with its sparsity when the label ran at several."""
+        several = len({g[1] for g in groups if g[0] == k[0]}) > 1
+        return f"{k[0]} ({k[1]:g})" if several else k[0]
 
-    def curves(xkey: str) -> dict[str, tuple[list[float], list[float]]]:
+    def curves(xkey: str, ctx: tuple[Any, ...]) -> dict[GroupKey, tuple[list[float], list[float]]]:
         res = {}
         for k, rs in groups.items():
+            if k[2:] != ctx:
+                continue
             per_seed = []
             for r in rs:
                 cum_up = cum_fl = 0.0
@@ -143,7 +155,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if n:
                 xs = [statistics.fmean(p[i][0] for p in per_seed) for i in range(n)]
                 ys = [statistics.fmean(p[i][1] for p in per_seed) for i in range(n)]
-                res[legend_name(k)] = (xs, ys)
+                res[k] = (xs, ys)
         return res
 
     for name, xkey, xlabel, caption in (
@@ -151,15 +163,19 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
         ("accuracy_vs_uplink.png", "uplink", "cumulative uplink (MB)", "Accuracy against cumulative uplink bytes"),
         ("accuracy_vs_flops.png", "flops", "cumulative training GFLOP", "Accuracy against training FLOPs"),
     ):
-        fig, ax = plt.subplots(figsize=(7, 4.2))
-        for i, (lab, (xs, ys)) in enumerate(curves(xkey).items()):
-            ax.plot(xs, ys, label=lab, lw=1.3, color=colors[i])
-        ax.set_xlabel(xlabel)
-        ax.set_ylabel("test accuracy")
-        if xkey != "round":
-            ax.set_xscale("log")
-        ax.grid(alpha=0.3)
-        ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
+        fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.6), sharey=True, squeeze=False)
+        for ax, ctx in zip(axes[0], panels):
+            for k, (xs, ys) in curves(xkey, ctx).items():
+                style = styles[sparsities.index(k[1]) % len(styles)]
+                ax.plot(xs, ys, style, label=legend_name(k), lw=1.3, color=label_color[k[0]], marker=".", ms=3)
+            ax.set_xlabel(xlabel)
+            if len(panels) > 1:
+                ax.set_title(panel_title(ctx), fontsize=9)
+            if xkey != "round":
+                ax.set_xscale("log")
+            ax.grid(alpha=0.3)
+        axes[0][0].set_ylabel("test accuracy")
+        axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
         fig.savefig(out / name, dpi=110, bbox_inches="tight")
         plt.close(fig)
         made.append((name, caption))
