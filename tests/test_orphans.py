@@ -1,4 +1,5 @@
-"""A pool worker started with :func:`exit_with_parent` ends when its parent is SIGKILLed."""
+"""A pool worker started with :func:`exit_with_parent` ends when its owner is SIGKILLed, whether
+it was spawned (a child of the owner) or forked by a fork server (a child of the fork server)."""
 
 from __future__ import annotations
 
@@ -10,18 +11,22 @@ import textwrap
 import time
 from pathlib import Path
 
+import pytest
+
+from sparsefl.orphans import alive
+
 PARENT = textwrap.dedent(
     """
-    import multiprocessing as mp, sys, time
+    import multiprocessing as mp, os, sys, time
     from sparsefl.orphans import exit_with_parent
 
-    def child(path):
-        exit_with_parent(poll=0.1)
+    def child(path, owner):
+        exit_with_parent(owner, poll=0.1)
         open(path, "w").write("ready")
         time.sleep(120)
 
     if __name__ == "__main__":
-        p = mp.get_context("spawn").Process(target=child, args=(sys.argv[1],))
+        p = mp.get_context(sys.argv[2]).Process(target=child, args=(sys.argv[1], os.getpid()))
         p.start()
         print(p.pid, flush=True)
         time.sleep(120)
@@ -29,33 +34,27 @@ PARENT = textwrap.dedent(
 )
 
 
-def _alive(pid: int) -> bool:
-    try:
-        state = Path(f"/proc/{pid}/status").read_text()
-    except FileNotFoundError:
-        return False
-    return "\nState:\tZ" not in state  # a zombie has exited
-
-
-def test_worker_exits_when_parent_is_killed(tmp_path: Path) -> None:
+@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+def test_worker_exits_when_its_owner_is_killed(tmp_path: Path, context: str) -> None:
     script = tmp_path / "parent.py"
     script.write_text(PARENT)
     ready = tmp_path / "ready"
     src = str(Path(__file__).resolve().parents[1] / "src")
     env = {**os.environ, "PYTHONPATH": src + os.pathsep + os.environ.get("PYTHONPATH", "")}
-    parent = subprocess.Popen([sys.executable, str(script), str(ready)], stdout=subprocess.PIPE, text=True, env=env)
+    cmd = [sys.executable, str(script), str(ready), context]
+    parent = subprocess.Popen(cmd, stdout=subprocess.PIPE, text=True, env=env)
     try:
         assert parent.stdout is not None
         child = int(parent.stdout.readline())
         deadline = time.monotonic() + 60
         while not ready.exists() and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert ready.exists() and _alive(child)
+        assert ready.exists() and alive(child)
         parent.send_signal(signal.SIGKILL)
         parent.wait()
         deadline = time.monotonic() + 10
-        while _alive(child) and time.monotonic() < deadline:
+        while alive(child) and time.monotonic() < deadline:
             time.sleep(0.05)
-        assert not _alive(child)
+        assert not alive(child)
     finally:
         parent.kill()

@@ -9,6 +9,7 @@ order on the server.
 from __future__ import annotations
 
 import multiprocessing as mp
+import os
 import traceback
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
@@ -102,8 +103,10 @@ def _parse(name: str) -> tuple[int, int]:
 _W: dict[str, object] = {}
 
 
-def _worker_init(method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int) -> None:
-    exit_with_parent()
+def _worker_init(
+    method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int, owner: int
+) -> None:
+    exit_with_parent(owner)
     _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
 
 
@@ -202,8 +205,16 @@ class EmbeddedEngine:
     def _run_pool(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
         """Run tasks in the worker pool; a worker that dies fails only its own tasks (the pool
         is rebuilt for the next round)."""
-        pool = self._get_pool()
-        futures = [pool.submit(_worker_run, t, s) for t, s in zip(tasks, states)]
+        futures = None
+        for _ in range(2):  # a pool broken before the round (e.g. a worker died starting) is rebuilt once
+            pool = self._get_pool()
+            try:
+                futures = [pool.submit(_worker_run, t, s) for t, s in zip(tasks, states)]
+                break
+            except BrokenProcessPool:
+                self.close()
+        if futures is None:
+            return [ClientFailure(t.client_id, "worker processes could not be started") for t in tasks]
         outs: list[ClientResult | ClientFailure] = []
         broken = False
         for t, f in zip(tasks, futures):
@@ -222,7 +233,7 @@ class EmbeddedEngine:
                 max_workers=self.jobs,
                 mp_context=_pool_context(),
                 initializer=_worker_init,
-                initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed),
+                initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid()),
             )
             for _ in range(self.jobs):
                 self._pool.submit(_worker_ready)

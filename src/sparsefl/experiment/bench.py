@@ -20,6 +20,7 @@ from __future__ import annotations
 import csv
 import itertools
 import multiprocessing as mp
+import os
 import time
 from collections.abc import Callable, Iterator
 from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
@@ -214,7 +215,7 @@ def run_suite(
             collect(i, _run_one(run, str(out / "runs" / run.folder_name)))
     else:
         with ProcessPoolExecutor(
-            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent
+            max_workers=jobs, mp_context=mp.get_context("spawn"), initializer=exit_with_parent, initargs=(os.getpid(),)
         ) as pool:
             pending = {pool.submit(_run_one, r, str(out / "runs" / r.folder_name)): i for i, r in enumerate(planned)}
             while pending:

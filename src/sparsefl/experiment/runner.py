@@ -119,33 +119,32 @@ def run_experiment(
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
         engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
-    server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
+    try:  # the engine's worker processes are shut down whatever happens next
+        server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
-    ckpt = folder.latest_checkpoint() if status == "resume" else None
-    if status == "resume" and log is not None:
-        for name in folder.damaged_checkpoints():
-            log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
+        ckpt = folder.latest_checkpoint() if status == "resume" else None
+        if status == "resume" and log is not None:
+            for name in folder.damaged_checkpoints():
+                log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
+            if ckpt is not None:
+                log(f"resuming {folder.path} after round {ckpt['server']['round']}")
+            else:
+                log(f"{folder.path}: no usable checkpoint; starting again from round 1")
+        records: list[dict[str, Any]]
         if ckpt is not None:
-            log(f"resuming {folder.path} after round {ckpt['server']['round']}")
+            state = _state_from_ckpt(ckpt["server"])
+            server.initialised = set(ckpt["initialised"])
+            store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
+            records = list(ckpt["metrics"])
+            wall_before = float(ckpt["wall_seconds"])
         else:
-            log(f"{folder.path}: no usable checkpoint; starting again from round 1")
-    records: list[dict[str, Any]]
-    if ckpt is not None:
-        state = _state_from_ckpt(ckpt["server"])
-        server.initialised = set(ckpt["initialised"])
-        store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
-        records = list(ckpt["metrics"])
-        wall_before = float(ckpt["wall_seconds"])
-    else:
-        params = clone_state(b.spec.build().state_dict())
-        proxy = (b.data.x_train[:256], b.data.y_train[:256])
-        state = method.init_state(params, proxy)
-        records = []
-        wall_before = 0.0
-        store.restore({}, 0)
-    folder.write_metrics(records)
-
-    try:
+            params = clone_state(b.spec.build().state_dict())
+            proxy = (b.data.x_train[:256], b.data.y_train[:256])
+            state = method.init_state(params, proxy)
+            records = []
+            wall_before = 0.0
+            store.restore({}, 0)
+        folder.write_metrics(records)
         for rnd in range(state.round + 1, cfg.federation.rounds + 1):
             state, record = server.run_round(state, rnd)
             records.append(record.to_json())

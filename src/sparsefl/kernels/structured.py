@@ -367,24 +367,30 @@ class CompactTraining:
         while len(_COMPACT_CACHE) > _COMPACT_CACHE_SIZE:
             _COMPACT_CACHE.pop(next(iter(_COMPACT_CACHE)))
         self.small, self.plan = hit
+        for name, keep in channels.items():
+            mod = name[: -len(".weight")] if name.endswith(".weight") else name
+            if not bool(keep.all()) and self.plan.modules.get(mod, (None, None))[0] is None:
+                raise ValueError(
+                    f"layer {mod!r} cannot be compacted (e.g. a grouped convolution); "
+                    "train it masked (method.compact=false)"
+                )
         gather(model, self.small, self.plan)
         for p in self.small.parameters():
             p.grad = None
         self.small.train(model.training)
 
-    def densities(self, names: list[str]) -> dict[str, tuple[float, float]]:
-        """Per conv/linear weight name in ``names``: (kept output fraction, kept input fraction)."""
+    def densities(self) -> dict[str, tuple[float, float]]:
+        """Per compacted conv/linear weight name: (kept output fraction, kept input fraction);
+        this includes layers outside the mask whose inputs shrank."""
         mods = dict(self.model.named_modules())
         out: dict[str, tuple[float, float]] = {}
-        for w in names:
-            mod_name = w[: -len(".weight")] if w.endswith(".weight") else w
-            if mod_name not in self.plan.modules:
+        for mod_name, (o, i) in self.plan.modules.items():
+            m = mods[mod_name]
+            if not isinstance(m, (*_CONV, nn.Linear)):
                 continue
-            o, i = self.plan.modules[mod_name]
-            weight = mods[mod_name].weight  # type: ignore[union-attr]
-            fo = 1.0 if o is None else len(o) / weight.shape[0]
-            fi = 1.0 if i is None else len(i) / (weight.shape[1] * getattr(mods[mod_name], "groups", 1))
-            out[w] = (fo, fi)
+            fo = 1.0 if o is None else len(o) / m.weight.shape[0]
+            fi = 1.0 if i is None else len(i) / (m.weight.shape[1] * getattr(m, "groups", 1))
+            out[f"{mod_name}.weight"] = (fo, fi)
         return out
 
     def close(self) -> None:

@@ -360,8 +360,9 @@ class SignSupermaskHooks(LocalHooks):
 
     Speed: a pruned position's score never matters (its ``W0`` is 0, so it gets no gradient and
     is never uploaded), so with ``masks`` given only the kept positions' scores are trained
-    (:class:`SignedWeightFn`); the pruned positions keep their initial scores. The trained
-    scores, the gradients and the model are the same as training every position.
+    (:class:`SignedWeightFn`); the pruned positions keep their initial scores (weight decay no
+    longer shrinks them, which never mattered: they are unused and never sent). The kept
+    positions' scores, the gradients and the model are the same as training every position.
 
     Parameters
     ----------

@@ -102,8 +102,9 @@ would do (the products skip removed weights, and a masked weight needs no gradie
 are **theoretical**: here the products run densely on masked tensors, except for linear layers
 trained with ``method.kernel=csr`` (or ``auto`` where it measures faster): those run CSR kernels
 that skip the removed weights (:mod:`sparsefl.kernels.masked`; convolutions always run masked
-dense, the only kind that is not slower on CPU). With ``method.compact`` the counts are real: per
-layer the kept output times the kept input channel fraction of the compact network.
+dense, the only kind that is not slower on CPU). With ``method.compact`` the counts are those of
+the compact network that runs: per layer (masked or not) the kept output times the kept input
+channel fraction.
 """
 
 from __future__ import annotations
@@ -239,7 +240,7 @@ class StaticMaskHooks(LocalHooks):
             self._compact = CompactTraining(model, self.mask, tuple(profile.input_shape))
             self._density = {
                 n: LayerDensity(forward=fo * fi, grad_input=fo * fi, grad_weight=fo * fi)
-                for n, (fo, fi) in self._compact.densities(list(self.mask)).items()
+                for n, (fo, fi) in self._compact.densities().items()
             }
             self._params = {}
         # linear layers where a CSR kernel runs train their kept values instead (same update)
