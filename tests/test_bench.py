@@ -103,6 +103,10 @@ def test_claim_verdicts_oracle():
     assert len(v["results"]) == 1
     r = v["results"][0]
     assert r["reproduced"] and abs(r["a"] - 0.85) < 1e-12 and r["b"] == 0.7
+    assert r["clear"]  # a gap of 0.15 against a spread of 0.07
+    rows[2]["final_accuracy"] = 0.8  # now b is 0.8 and a 0.85 +- 0.07: the gap is within the spread
+    (v,) = check_claims(({"text": "t", "a": "a", "b": "b", "metric": "final_accuracy", "expect": "higher"},), rows)
+    assert v["results"][0]["reproduced"] and not v["results"][0]["clear"]
 
 
 def test_pareto_front():
