@@ -334,3 +334,26 @@ def test_compact_network_is_reused_for_another_model_of_the_same_architecture() 
     second.small.eval()
     fresh.eval()
     torch.testing.assert_close(second.small(x), fresh(x), rtol=0, atol=0)
+
+
+def test_static_mask_removed_weights_stay_exactly_zero_without_reapplying_the_mask() -> None:
+    from sparsefl.fl.sgd import SGD
+
+    shape = (1, 8, 8)
+    model = build_model(ModelConfig(name="cnn"), shape, 10, 0)
+    g = torch.Generator().manual_seed(0)
+    mask = {n: torch.rand(p.shape, generator=g) > 0.7 for n, p in model.named_parameters() if p.dim() > 1}
+    hooks = StaticMaskHooks(model, profile_model(model, shape), mask, kernel="dense")
+    opt = SGD(hooks.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
+    for step in range(5):
+        x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
+        opt.zero_grad()
+        nn.functional.cross_entropy(hooks.forward(x), y).backward()
+        hooks.after_backward(step)
+        opt.step()
+        hooks.after_step(step)
+    hooks.close()
+    params = dict(model.named_parameters())
+    for n, m in mask.items():
+        assert torch.equal(params[n].detach()[~m], torch.zeros(int((~m).sum())))  # exactly +0.0
+        assert bool((params[n].detach()[m] != 0).any())

@@ -202,7 +202,7 @@ class StaticMaskConfig(MethodConfig):
 
 
 class StaticMaskHooks(LocalHooks):
-    """Masked local SGD: removed weights get zero gradients and are re-zeroed after every step.
+    """Masked local SGD: removed weights start at 0 and get zero gradients, so they stay exactly 0.
 
     Attributes
     ----------
@@ -269,8 +269,10 @@ class StaticMaskHooks(LocalHooks):
                 p.grad.mul_(self._fmask[n])
 
     def after_step(self, step: int) -> None:
-        """Re-apply the mask, so removed weights stay exactly zero."""
-        self._apply()
+        """Nothing: removed weights start at exactly 0 and get 0 gradients, so the local SGD
+        (weight decay ``wd * 0``, a momentum buffer that stays 0) leaves them at exactly 0; a
+        test checks it. (Re-applying the mask was a pass over every weight per step: 4-6% of a
+        resnet18 step on one thread.)"""
 
     def densities(self) -> Mapping[str, LayerDensity]:
         """Per masked layer, its mask density for all three products (theoretical, see module)."""
