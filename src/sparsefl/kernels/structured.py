@@ -240,6 +240,24 @@ def compact(
     return gm, plan
 
 
+def _pairs(big: nn.Module, small: nn.Module, plan: CompactPlan):  # type: ignore[no-untyped-def]
+    """``(name, kept rows or None, kept columns or None, big tensor, small tensor)`` for every
+    parameter and buffer of a compacted module, then ``(key, None, None, big, small)`` for every
+    state_dict entry of an uncompacted module (copied whole both ways)."""
+    bmods = dict(big.named_modules())
+    smods = dict(small.named_modules())
+    for name, (out, inp) in plan.modules.items():
+        b, s = bmods[name], smods[name]
+        for n, t in list(s.named_parameters(recurse=False)) + list(s.named_buffers(recurse=False)):
+            dst = getattr(b, n)
+            if dst is not None and t is not None:
+                yield n, out, inp, dst, t
+    bsd, ssd = big.state_dict(), small.state_dict()
+    for k, v in ssd.items():
+        if k.rpartition(".")[0] not in plan.modules and k in bsd and bsd[k].shape == v.shape:
+            yield k, None, None, bsd[k], v
+
+
 @torch.no_grad()
 def expand(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
     """Write ``small``'s trained tensors back into ``big`` at the kept positions, in place.
@@ -247,59 +265,31 @@ def expand(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
     Tensors of removed channels and modules the plan does not name keep their values in ``big``
     except that uncompacted modules are copied whole (they trained in ``small`` too).
     """
-    bmods = dict(big.named_modules())
-    smods = dict(small.named_modules())
-    done: set[str] = set()
-    for name, (out, inp) in plan.modules.items():
-        b, s = bmods[name], smods[name]
-        done.add(name)
-        for n, t in list(s.named_parameters(recurse=False)) + list(s.named_buffers(recurse=False)):
-            dst = getattr(b, n)
-            if dst is None or t is None:
-                continue
-            if n == "num_batches_tracked":
-                dst.copy_(t)
-                continue
-            view = dst
-            rows = out if out is not None else torch.arange(dst.shape[0])
-            if dst.dim() > 1 and n == "weight" and inp is not None:
-                sub = dst.index_select(0, rows)
-                sub.index_copy_(1, inp, t)
-                dst.index_copy_(0, rows, sub)
-            else:
-                view.index_copy_(0, rows, t)
-    bsd = big.state_dict()
-    for k, v in small.state_dict().items():
-        mod = k.rpartition(".")[0]
-        if mod not in done and k in bsd and bsd[k].shape == v.shape:
-            bsd[k].copy_(v)
+    for n, out, inp, dst, t in _pairs(big, small, plan):
+        if n == "num_batches_tracked" or (out is None and inp is None):
+            dst.copy_(t)
+            continue
+        rows = out if out is not None else torch.arange(dst.shape[0])
+        if dst.dim() > 1 and n == "weight" and inp is not None:
+            sub = dst.index_select(0, rows)
+            sub.index_copy_(1, inp, t)
+            dst.index_copy_(0, rows, sub)
+        else:
+            dst.index_copy_(0, rows, t)
 
 
 @torch.no_grad()
 def gather(big: nn.Module, small: nn.Module, plan: CompactPlan) -> None:
     """Load ``big``'s tensors at the kept positions into ``small`` (the inverse of :func:`expand`),
     so one compact network built by :func:`compact` serves any model of the same architecture."""
-    bmods = dict(big.named_modules())
-    smods = dict(small.named_modules())
-    done: set[str] = set()
-    for name, (out, inp) in plan.modules.items():
-        b, s = bmods[name], smods[name]
-        done.add(name)
-        for n, dst in list(s.named_parameters(recurse=False)) + list(s.named_buffers(recurse=False)):
-            src = getattr(b, n)
-            if src is None or dst is None:
-                continue
-            if n == "num_batches_tracked":
-                dst.copy_(src)
-                continue
-            t = src if out is None else src.index_select(0, out)
-            if t.dim() > 1 and n == "weight" and inp is not None:
-                t = t.index_select(1, inp)
-            dst.copy_(t)
-    ssd = small.state_dict()
-    for k, v in big.state_dict().items():
-        if k.rpartition(".")[0] not in done and k in ssd and ssd[k].shape == v.shape:
-            ssd[k].copy_(v)
+    for n, out, inp, src, dst in _pairs(big, small, plan):
+        if n == "num_batches_tracked":
+            dst.copy_(src)
+            continue
+        t = src if out is None else src.index_select(0, out)
+        if t.dim() > 1 and n == "weight" and inp is not None:
+            t = t.index_select(1, inp)
+        dst.copy_(t)
 
 
 def channel_masks(mask: Mapping[str, Tensor]) -> dict[str, Tensor]:
