@@ -117,6 +117,7 @@ from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
 from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
+from sparsefl.kernels.skeleton import compute_dtype
 from sparsefl.kernels.topk import kth_largest, nonzero_fraction, shrink, topk_flat
 from sparsefl.masks import default_scope
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
@@ -253,14 +254,6 @@ class CachedTopK:
 # --------------------------------------------------------------------------------------------------
 
 
-def _compute_dtype(x: Tensor) -> torch.dtype:
-    """The dtype the products run in: the autocast dtype under ``local.precision=bf16`` (the
-    backward runs outside autocast, so the functions cast explicitly), else the input's."""
-    if x.is_floating_point() and torch.is_autocast_enabled(x.device.type):
-        return torch.get_autocast_dtype(x.device.type)
-    return x.dtype
-
-
 class SwatConv(torch.autograd.Function):
     """Convolution (1d/2d/3d) with SWAT's sparse forward and backward.
 
@@ -285,7 +278,7 @@ class SwatConv(torch.autograd.Function):
         dilation: Sequence[int],
         groups: int,
     ) -> Tensor:
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         ws = w_sparse.to(dt)
         b = None if bias is None else bias.to(dt)
         y = torch.ops.aten.convolution(
@@ -343,7 +336,7 @@ class SwatLinear(torch.autograd.Function):
     def forward(  # type: ignore[override]
         ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_sparse: Tensor, x_sparse: Tensor
     ) -> Tensor:
-        dt = _compute_dtype(x)
+        dt = compute_dtype(x)
         ws = w_sparse.to(dt)
         y = F.linear(x.to(dt), ws, None if bias is None else bias.to(dt))
         ctx.save_for_backward(x_sparse.to(dt), ws)
