@@ -42,7 +42,6 @@ from collections.abc import Callable
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -50,6 +49,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sparsefl.accounting import profile_model  # noqa: E402
 from sparsefl.config import ModelConfig  # noqa: E402
+from sparsefl.fl.client import train_step  # noqa: E402
+from sparsefl.fl.sgd import SGD  # noqa: E402
 from sparsefl.kernels.skeleton import SkeletonConvFn  # noqa: E402
 from sparsefl.masks import default_scope  # noqa: E402
 from sparsefl.methods.base import LocalHooks  # noqa: E402
@@ -103,26 +104,14 @@ def table(title: str, res: dict, extra: dict | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------- steps
 def make_step(hooks: LocalHooks, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
-    """One step of ``train_local``'s body with ``hooks``."""
-    opt = torch.optim.SGD(hooks.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
+    """One step of ``train_local`` (:func:`sparsefl.fl.client.train_step`) with ``hooks``."""
+    opt = SGD(hooks.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     hooks.model.train()
     state = {"step": 0}
 
     def step() -> None:
-        s = state["step"]
-        if bf16:
-            with torch.autocast("cpu", dtype=torch.bfloat16):
-                logits = hooks.forward(x)
-                loss = hooks.loss(logits, y, x)
-        else:
-            logits = hooks.forward(x)
-            loss = hooks.loss(logits, y, x)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        hooks.after_backward(s)
-        opt.step()
-        hooks.after_step(s)
-        state["step"] = s + 1
+        train_step(hooks, opt, x, y, state["step"], bf16)
+        state["step"] += 1
 
     return step
 
@@ -423,7 +412,6 @@ def main() -> None:
     if a.json is not None:
         a.json.write_text(json.dumps(RESULTS, indent=1))
     print(f"\npeak RSS of the benchmark process: {resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024:.0f} MB")
-    _ = F
 
 
 if __name__ == "__main__":

@@ -13,6 +13,8 @@ from torch import nn
 
 from sparsefl.accounting import profile_model
 from sparsefl.config import ModelConfig
+from sparsefl.fl.client import train_step
+from sparsefl.fl.sgd import SGD
 from sparsefl.kernels import choice
 from sparsefl.kernels.masked import CsrLinears
 from sparsefl.kernels.skeleton import skeleton_batch_norm, skeleton_conv, skeleton_linear
@@ -79,18 +81,12 @@ def _train_fedskel(backward: str, bn: str, steps: int = 6, bf16: bool = False) -
         for i, la in enumerate(layers)
     }
     hooks = SkeletonHooks(model, prof, layers, 0.25, skel, 1, mask_bn_output=bn == "skeleton", backward=backward)
-    opt = torch.optim.SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+    opt = SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(3)
     try:
         for s in range(steps):
             x, y = torch.randn(8, 3, 8, 8, generator=g), torch.randint(0, 10, (8,), generator=g)
-            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
-                loss = hooks.loss(hooks.forward(x), y, x)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            hooks.after_backward(s)
-            opt.step()
-            hooks.after_step(s)
+            train_step(hooks, opt, x, y, s, bf16)
     finally:
         hooks.close()
     assert "forward" not in dict(model.named_modules())["conv1"].__dict__  # restored
@@ -144,16 +140,11 @@ def test_static_mask_csr_training_equals_dense_masked() -> None:
         sd = model.state_dict()
         mask = {n: torch.rand(sd[n].shape, generator=g) >= 0.9 for n in ("fc1.weight", "fc2.weight")}
         hooks = StaticMaskHooks(model, prof, mask, kernel, 16)  # type: ignore[arg-type]
-        opt = torch.optim.SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
+        opt = SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
         try:
             for s in range(5):
                 x, y = torch.randn(16, 1, 8, 8, generator=g), torch.randint(0, 10, (16,), generator=g)
-                loss = hooks.loss(hooks.forward(x), y, x)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                hooks.after_backward(s)
-                opt.step()
-                hooks.after_step(s)
+                train_step(hooks, opt, x, y, s)
         finally:
             hooks.close()
         if kernel == "csr":
@@ -272,8 +263,6 @@ def test_channel_masks_reject_a_mask_that_is_not_whole_rows() -> None:
 def test_static_mask_compact_training_leaves_the_big_model_computing_the_compact_network(
     name: str, shape: tuple[int, ...]
 ) -> None:
-    from sparsefl.fl.sgd import SGD
-
     model = build_model(ModelConfig(name=name), shape, 10, 0)
     prof = profile_model(model, shape)
     mask = {}
@@ -287,12 +276,9 @@ def test_static_mask_compact_training_leaves_the_big_model_computing_the_compact
     assert set(mask) <= set(d) and all(0 < v.forward < 1 for v in d.values())  # + layers whose inputs shrank
     opt = SGD(hooks.parameters(), lr=0.05, momentum=0.9, weight_decay=5e-4)
     g = torch.Generator().manual_seed(0)
-    for _ in range(3):
+    for step in range(3):
         x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
-        loss = nn.functional.cross_entropy(hooks.forward(x), y)
-        opt.zero_grad()
-        loss.backward()
-        opt.step()
+        train_step(hooks, opt, x, y, step)
     hooks.close()
     small = hooks._compact.small
     model.eval()
@@ -337,8 +323,6 @@ def test_compact_network_is_reused_for_another_model_of_the_same_architecture() 
 
 
 def test_static_mask_removed_weights_stay_exactly_zero_without_reapplying_the_mask() -> None:
-    from sparsefl.fl.sgd import SGD
-
     shape = (1, 8, 8)
     model = build_model(ModelConfig(name="cnn"), shape, 10, 0)
     g = torch.Generator().manual_seed(0)
@@ -347,11 +331,7 @@ def test_static_mask_removed_weights_stay_exactly_zero_without_reapplying_the_ma
     opt = SGD(hooks.parameters(), lr=0.1, momentum=0.9, weight_decay=5e-4)
     for step in range(5):
         x, y = torch.randn(8, *shape, generator=g), torch.randint(0, 10, (8,), generator=g)
-        opt.zero_grad()
-        nn.functional.cross_entropy(hooks.forward(x), y).backward()
-        hooks.after_backward(step)
-        opt.step()
-        hooks.after_step(step)
+        train_step(hooks, opt, x, y, step)
     hooks.close()
     params = dict(model.named_parameters())
     for n, m in mask.items():
