@@ -317,11 +317,11 @@ def open_container(data: bytes | bytearray | memoryview) -> tuple[Reader, int]:
         raise DecodeError(f"wrong magic {data[:4]!r} (expected {MAGIC!r}): not a sparsefl message")
     if data[4] != CONTAINER_VERSION:
         raise DecodeError(f"unsupported message version {data[4]} (this build reads version {CONTAINER_VERSION})")
-    body, trailer = data[:-4], data[-4:]
-    crc = zlib.crc32(body)
-    if int.from_bytes(trailer, "little") != crc:
+    stored = int.from_bytes(data[-4:], "little")
+    crc = zlib.crc32(memoryview(data)[:-4])  # no copy of the body
+    if stored != crc:
         raise DecodeError(
-            f"checksum mismatch (stored {int.from_bytes(trailer, 'little'):#010x}, computed "
+            f"checksum mismatch (stored {stored:#010x}, computed "
             f"{crc:#010x}): the message was corrupted, truncated or extended"
         )
     r = Reader(data, 5, len(data) - 4)
@@ -339,31 +339,36 @@ def read_name(r: Reader) -> str:
         raise r.fail(f"tensor name is not valid UTF-8 ({e.reason})") from None
 
 
+_VFMTS = frozenset(int(v) for v in VFmt)
+_MODES = frozenset(int(m) for m in MaskMode)
+#: the field a header truncated after ``i`` of its fixed bytes misses
+_FIXED_FIELDS = ("tensor magic",) * 2 + ("tensor version", "codec id", "dtype code", "value format", "mask mode")
+_FIXED_FIELDS += ("flags", "codec parameter", "ndim")
+
+
 def read_header(r: Reader) -> TensorHeader:
     """Parse one tensor header, checking every code is known (not yet its consistency)."""
-    magic = r.take(2, "tensor magic")
+    left = r.end - r.pos
+    if left < TENSOR_FIXED_BYTES:
+        r.pos = r.end
+        raise r.fail(f"truncated: missing {_FIXED_FIELDS[left]}")
+    fixed = r.data[r.pos : r.pos + TENSOR_FIXED_BYTES]  # one slice for the 10 fixed bytes
+    magic, version, codec, dtype, vfmt, mode, flags, param, ndim = fixed[:2], *fixed[2:]
     if magic != TENSOR_MAGIC:
-        raise r.fail(f"wrong tensor magic {magic!r} (expected {TENSOR_MAGIC!r})")
-    version = r.u8("tensor version")
+        raise r.fail(f"wrong tensor magic {bytes(magic)!r} (expected {TENSOR_MAGIC!r})")
     if version != TENSOR_VERSION:
         raise r.fail(f"unsupported tensor version {version} (this build reads {TENSOR_VERSION})")
-    codec = r.u8("codec id")
-    dtype = r.u8("dtype code")
     if dtype not in CODE_DTYPES:
         raise r.fail(f"unknown dtype code {dtype}")
-    vfmt = r.u8("value format")
-    if vfmt not in VFmt._value2member_map_:
+    if vfmt not in _VFMTS:
         raise r.fail(f"unknown value format {vfmt}")
-    mode = r.u8("mask mode")
-    if mode not in MaskMode._value2member_map_:
+    if mode not in _MODES:
         raise r.fail(f"unknown mask mode {mode}")
-    flags = r.u8("flags")
     if flags & ~FLAGS_ALL:
         raise r.fail(f"unknown flag bits {flags:#04x}")
-    param = r.u8("codec parameter")
-    ndim = r.u8("ndim")
     if ndim > MAX_NDIM:
         raise r.fail(f"ndim {ndim} exceeds {MAX_NDIM}")
+    r.pos += TENSOR_FIXED_BYTES
     shape = tuple(r.varint(f"shape[{i}]", MAX_NUMEL) for i in range(ndim))
     numel = 1
     for d in shape:
