@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sys
 
 import pytest
+import torch
 
 from sparsefl.config import load_config
 from sparsefl.engines.embedded import EmbeddedEngine
@@ -149,3 +151,52 @@ def test_worker_processes_give_the_same_bits(tmp_path):
     a = run_experiment(load_config(overrides=TINY), tmp_path / "j1")
     b = run_experiment(load_config(overrides=[*TINY, "jobs=2"]), tmp_path / "j2")
     assert a["model_sha256"] == b["model_sha256"]
+
+
+def _rounds(cfg, engine_jobs, wait, rounds=3):
+    """Run ``rounds`` rounds on an engine of ``engine_jobs``; returns (final params, engine)."""
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, engine_jobs)
+    try:
+        if wait:
+            assert eng.wait_ready()
+        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+        state = b.method.init_state(dict(b.spec.build().state_dict()))
+        for rnd in range(1, rounds + 1):
+            state, _ = server.run_round(state, rnd)
+    finally:
+        eng.close()
+    return state.params, eng
+
+
+def test_clients_split_between_this_process_and_workers_give_the_same_bits():
+    """Once the workers run, clients are shared between them and this process (which takes
+    tasks from the other end): every parameter equals the one-process run bit for bit."""
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
+    one, _ = _rounds(cfg, 1, wait=False)
+    three, eng = _rounds(cfg, 3, wait=True)
+    assert 0 < eng.ran_in_workers < 3 * 6  # both the workers and this process ran clients
+    assert one.keys() == three.keys()
+    for k in one:
+        assert torch.equal(one[k], three[k]), k
+
+
+def test_workers_that_cannot_start_leave_every_client_to_this_process(monkeypatch):
+    """A pool whose workers fail to start (here: a method that cannot be pickled to them) is
+    reported with a warning, and the run goes on in this process with the same result."""
+    cfg = load_config(overrides=TINY)
+    one, _ = _rounds(cfg, 1, wait=False)
+    real_build = build
+
+    def unpicklable_build(c):
+        b = real_build(c)
+        b.method.unpicklable = lambda: None  # lambdas do not pickle
+        return b
+
+    monkeypatch.setattr(sys.modules[__name__], "build", unpicklable_build)
+    with pytest.warns(RuntimeWarning, match="worker processes could not start"):
+        two, eng = _rounds(cfg, 2, wait=False)
+        eng_ready = eng.wait_ready()
+    assert not eng_ready and eng.ran_in_workers == 0
+    for k in one:
+        assert torch.equal(one[k], two[k]), k

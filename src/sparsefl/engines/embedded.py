@@ -10,9 +10,11 @@ from __future__ import annotations
 
 import multiprocessing as mp
 import os
+import threading
 import traceback
+import warnings
 from collections.abc import Sequence
-from concurrent.futures import ProcessPoolExecutor
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
 
@@ -107,6 +109,9 @@ def _worker_init(
     method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, comm_up: str, seed: int, owner: int
 ) -> None:
     exit_with_parent(owner)
+    # clients run with local.threads; setting it once here spares every task a switch (and a
+    # wake-up of idle OpenMP threads) in run_client
+    torch.set_num_threads(method.experiment.local.threads)
     _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
 
 
@@ -166,7 +171,13 @@ def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFa
 
 
 class EmbeddedEngine:
-    """Runs client tasks in-process (``jobs == 1``) or in a pool of worker processes."""
+    """Runs client tasks in this process, helped by ``jobs - 1`` worker processes.
+
+    With ``jobs > 1`` this process computes clients too: it takes tasks from the end of the
+    round's list while the workers take them from the front, so the work balances itself
+    and no core waits on the others. Until the workers have started (a fresh process needs
+    1-2 s to import torch) every task runs here. Where a client runs never changes its result.
+    """
 
     def __init__(
         self,
@@ -184,62 +195,124 @@ class EmbeddedEngine:
         self.comm_up, self.seed = comm_up, seed
         self.jobs = jobs
         self.store = store or ClientStateStore()
+        self.ran_in_workers = 0  # tasks the worker processes ran (for tests and benchmarks)
         self._pool: ProcessPoolExecutor | None = None
+        self._warmup: list[Future[None]] = []
+        self._starter: threading.Thread | None = None
+        self._start_error: str | None = None
         if jobs > 1:
-            self._get_pool()
+            self._start_pool()
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
         states = [self.store.get(t.client_id) for t in tasks]
-        if self.jobs == 1:
-            outs = [
-                execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, t, s)
-                for t, s in zip(tasks, states)
-            ]
-        else:
-            outs = self._run_pool(tasks, states)
+        outs = (
+            self._run_shared(tasks, states)
+            if self._ready_pool() is not None
+            else [self._run_here(t, s) for t, s in zip(tasks, states)]
+        )
         for o in outs:
             if isinstance(o, ClientResult):
                 self.store.put(o.client_id, o.state, o.round)
         return outs
 
-    def _run_pool(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
-        """Run tasks in the worker pool; a worker that dies fails only its own tasks (the pool
-        is rebuilt for the next round)."""
-        futures = None
-        for _ in range(2):  # a pool broken before the round (e.g. a worker died starting) is rebuilt once
-            pool = self._get_pool()
-            try:
-                futures = [pool.submit(_worker_run, t, s) for t, s in zip(tasks, states)]
-                break
-            except BrokenProcessPool:
-                self.close()
-        if futures is None:
-            return [ClientFailure(t.client_id, "worker processes could not be started") for t in tasks]
-        outs: list[ClientResult | ClientFailure] = []
+    def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
+        return execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, task, state)
+
+    def _run_shared(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
+        """Workers take tasks from the front (at most two queued per worker, so that none idles
+        while this process computes), this process from the back. A worker that dies fails
+        only the tasks it held; the pool is rebuilt for the next round."""
+        pool = self._pool
+        assert pool is not None
+        outs: list[ClientResult | ClientFailure | None] = [None] * len(tasks)
+        lo, hi = 0, len(tasks)  # tasks[lo:hi] are not started yet
+        inflight: dict[Future[ClientResult | ClientFailure], int] = {}
         broken = False
-        for t, f in zip(tasks, futures):
-            try:
-                outs.append(f.result())
-            except BrokenProcessPool:
-                broken = True
-                outs.append(ClientFailure(t.client_id, "worker process died"))
+
+        def collect(block: bool) -> None:
+            nonlocal broken
+            done = wait(inflight, return_when=FIRST_COMPLETED)[0] if block else [f for f in inflight if f.done()]
+            for f in done:
+                i = inflight.pop(f)
+                try:
+                    outs[i] = f.result()
+                    self.ran_in_workers += 1
+                except BrokenProcessPool:
+                    broken = True
+                    outs[i] = ClientFailure(tasks[i].client_id, "worker process died")
+
+        while lo < hi or inflight:
+            while not broken and lo < hi and len(inflight) < 2 * (self.jobs - 1):
+                try:
+                    inflight[pool.submit(_worker_run, tasks[lo], states[lo])] = lo
+                except BrokenProcessPool:
+                    broken = True
+                    break
+                lo += 1
+            if lo < hi:
+                hi -= 1
+                outs[hi] = self._run_here(tasks[hi], states[hi])
+                collect(block=False)
+            elif inflight:
+                collect(block=True)
         if broken:
             self.close()
-        return outs
+        assert all(o is not None for o in outs)
+        return outs  # type: ignore[return-value]
 
-    def _get_pool(self) -> ProcessPoolExecutor:
-        if self._pool is None:
-            self._pool = ProcessPoolExecutor(
-                max_workers=self.jobs,
-                mp_context=_pool_context(),
-                initializer=_worker_init,
-                initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid()),
-            )
-            for _ in range(self.jobs):
-                self._pool.submit(_worker_ready)
+    def _start_pool(self) -> None:
+        """Make the pool in a background thread: starting a worker blocks until the fork server
+        has imported torch, and this process has clients to run meanwhile."""
+
+        def start() -> None:
+            try:
+                pool = ProcessPoolExecutor(
+                    max_workers=self.jobs - 1,
+                    mp_context=_pool_context(),
+                    initializer=_worker_init,
+                    initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid()),
+                )
+                # one no-op per worker: they start (import, unpickle) while this process runs clients
+                self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
+                self._pool = pool
+            except Exception as e:  # noqa: BLE001 - reported by _ready_pool, which carries on without workers
+                self._start_error = f"{type(e).__name__}: {e}"
+
+        self._starter = threading.Thread(target=start, name="sparsefl-pool-start", daemon=True)
+        self._starter.start()
+
+    def _ready_pool(self) -> ProcessPoolExecutor | None:
+        """The pool once every worker has started (restarted after a worker died); None before,
+        and for good if the workers cannot start (this process then runs every client)."""
+        if self.jobs == 1:
+            return None
+        if self._starter is None:
+            self._start_pool()
+        assert self._starter is not None
+        if self._starter.is_alive() or not all(f.done() for f in self._warmup):
+            return None
+        failed = [f.exception() for f in self._warmup if f.exception() is not None]
+        if self._pool is None or failed:
+            why = self._start_error or (f"{type(failed[0]).__name__}: {failed[0]}" if failed else "unknown")
+            msg = f"jobs={self.jobs}: worker processes could not start ({why}); every client runs in this process"
+            warnings.warn(msg, RuntimeWarning, stacklevel=2)
+            self.close()
+            self.jobs = 1
+            return None
         return self._pool
 
+    def wait_ready(self) -> bool:
+        """Block until the workers have started (tests and benchmarks); False without workers."""
+        if self._starter is not None:
+            self._starter.join()
+        wait(self._warmup)
+        return self._ready_pool() is not None
+
     def close(self) -> None:
+        if self._starter is not None:
+            self._starter.join()
+            self._starter = None
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
+        self._warmup = []
