@@ -48,3 +48,49 @@ def test_training_a_client_does_not_import_the_compiler() -> None:
         "assert 'torch._dynamo' not in sys.modules\n"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+@pytest.mark.parametrize("momentum,wd", [(0.9, 5e-4), (0.0, 1e-3)])
+def test_row_restricted_step_updates_only_those_rows(momentum: float, wd: float) -> None:
+    """``step(rows)``: the listed rows follow plain SGD (with full steps before, as FedSkel's
+    SetSkel steps are); every other row, and its momentum, is never written."""
+    g = torch.Generator().manual_seed(3)
+    init = torch.randn(64, 3, 3, 3, generator=g)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours, ref = (
+        SGD([a], lr=0.05, momentum=momentum, weight_decay=wd),
+        SGD([b], lr=0.05, momentum=momentum, weight_decay=wd),
+    )
+    rows = torch.tensor([1, 5, 6, 40, 63])
+    frozen = torch.ones(64, dtype=torch.bool)
+    frozen[rows] = False
+    for step in range(6):
+        grad = torch.randn(init.shape, generator=g)
+        grad[frozen] = 0  # what the skeleton backward gives
+        a.grad, b.grad = grad.clone(), grad.clone()
+        restricted = step >= 2
+        before = a.detach().clone()
+        ours.step({a: rows} if restricted else None)
+        ref.step()
+        assert torch.allclose(a[rows], b[rows], rtol=1e-6, atol=1e-7)
+        if restricted:
+            assert torch.equal(a[frozen], before[frozen])
+        else:
+            assert torch.equal(a, b)
+
+
+def test_row_restricted_first_step_follows_the_first_step_rule() -> None:
+    """With momentum, a first step restricted to some rows sets their buffer to the gradient
+    (torch's rule), exactly as an unrestricted first step does for those rows."""
+    g = torch.Generator().manual_seed(4)
+    init = torch.randn(8, 4, generator=g)
+    a, b = torch.nn.Parameter(init.clone()), torch.nn.Parameter(init.clone())
+    ours, ref = SGD([a], lr=0.1, momentum=0.9), torch.optim.SGD([b], lr=0.1, momentum=0.9)
+    rows = torch.tensor([0, 3])
+    for _ in range(3):
+        grad = torch.randn(init.shape, generator=g)
+        a.grad, b.grad = grad.clone(), grad.clone()
+        ours.step({a: rows})
+        ref.step()
+        assert torch.allclose(a[rows], b[rows], rtol=1e-6, atol=1e-7)
+    assert torch.equal(a[[1, 2, 4, 5, 6, 7]], init[[1, 2, 4, 5, 6, 7]])

@@ -11,11 +11,16 @@ Per parameter ``p`` with gradient ``g``::
     g = g + weight_decay * p          (when weight_decay != 0)
     buf = g  (first step)  |  buf = momentum * buf + g
     p = p - lr * buf                  (buf = g when momentum == 0)
+
+``step(rows)`` restricts the update of a parameter to the rows (indices along dim 0) given for
+it: the other rows, and their momentum, stay exactly as they are (FedSkel's frozen filters).
+Before, such rows were updated by weight decay and momentum and then copied back, a pass over
+every weight per step (23 ms of a 726 ms FedSkel resnet18 step here).
 """
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Iterable, Mapping
 
 import torch
 from torch import nn
@@ -43,10 +48,16 @@ class SGD:
                 p.grad.detach_().zero_()
 
     @torch.no_grad()
-    def step(self) -> None:
+    def step(self, rows: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+        """One update of every parameter with a gradient; ``rows`` maps a parameter to the
+        int64 indices of the only rows (dim 0) that may change (see the module docstring)."""
         for i, p in enumerate(self.params):
             g = p.grad
             if g is None:
+                continue
+            idx = rows.get(p) if rows else None
+            if idx is not None:
+                self._step_rows(i, p, g, idx)
                 continue
             if self.weight_decay != 0:
                 g = g.add(p, alpha=self.weight_decay)
@@ -58,6 +69,24 @@ class SGD:
                     buf.mul_(self.momentum).add_(g)
                 g = buf
             p.add_(g, alpha=-self.lr)
+
+    def _step_rows(self, i: int, p: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> None:
+        """The same update on the rows ``idx`` of ``p`` only, on gathered copies."""
+        ps = p.index_select(0, idx)
+        gs = g.index_select(0, idx)
+        if self.weight_decay != 0:
+            gs = gs.add(ps, alpha=self.weight_decay)
+        if self.momentum != 0:
+            buf = self._buf[i]
+            if buf is None:
+                # rows never updated hold 0, and momentum * 0 + g == g: the first-step rule
+                buf = self._buf[i] = torch.zeros_like(p)
+                bs = gs.clone()
+            else:
+                bs = buf.index_select(0, idx).mul_(self.momentum).add_(gs)
+            buf.index_copy_(0, idx, bs)
+            gs = bs
+        p.index_copy_(0, idx, ps.add_(gs, alpha=-self.lr))
 
 
 __all__ = ["SGD"]

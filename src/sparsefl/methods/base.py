@@ -113,6 +113,12 @@ class LocalHooks:
     def after_step(self, step: int) -> None:
         """Called after the optimiser step."""
 
+    def update_rows(self) -> Mapping[torch.Tensor, torch.Tensor]:
+        """Parameters whose update this step is restricted to some rows (dim 0): parameter ->
+        int64 row indices; the optimiser leaves every other row, and its momentum, untouched.
+        Default: none (every parameter is updated whole)."""
+        return {}
+
     def densities(self) -> Mapping[str, LayerDensity]:
         """Per-layer fractions of the dense FLOPs that really ran in the last step."""
         return {}

@@ -39,10 +39,10 @@ Choices and departures (every one is a config key where it is a choice)
   sent densely. Measured on digits (20 clients, 10 per round, 30 rounds, alpha 0.5, ratio 0.25)
   both reach 0.972 global test accuracy (dense FedAvg 0.983).
 * **Frozen means bit-identical.** Zeroed gradients alone do not stop SGD weight decay (and
-  momentum carried over from the SetSkel steps) from moving a frozen filter, so after every
-  skeleton-only step the frozen rows (and the bias entries and, with ``bn="skeleton"``, the BN
-  affine entries of frozen channels) are restored from a copy taken when the skeleton became
-  active.
+  momentum carried over from the SetSkel steps) from moving a frozen filter, so during
+  skeleton-only steps the optimiser updates only the skeleton rows of each skeletonised tensor
+  (the weight, its bias and, with ``bn="skeleton"``, the BN affine entries;
+  :meth:`LocalHooks.update_rows`): the frozen rows are never written.
 * **Scope**: convolutions only (the reference's ``sconv``); linear layers train densely.
   ``method.skeleton_linear=true`` (a departure, off by default) also skeletonises every hidden
   linear layer by output feature (the classifier, the last linear layer, stays dense), which
@@ -182,7 +182,7 @@ def rows_mask(channels: torch.Tensor, shape: torch.Size | tuple[int, ...]) -> to
 class SkelLayer:
     """One skeletonised layer: its weight name, module name, whether linear, and the tensors that
     belong to each of its output channels (``personal``: sent for skeleton rows only and kept
-    personal otherwise; ``frozen``: restored for non-skeleton rows after every masked step)."""
+    personal otherwise; ``frozen``: only its skeleton rows are updated during skeleton-only steps)."""
 
     name: str
     module: str
@@ -262,7 +262,7 @@ class SkeletonHooks(LocalHooks):
         self.skeleton: dict[str, torch.Tensor] | None = None
         self.importance: dict[str, torch.Tensor] = {}
         self._masked_step = False
-        self._frozen: dict[str, torch.Tensor] = {}
+        self._rows: dict[torch.Tensor, torch.Tensor] = {}
         self._tensors = dict(model.named_parameters())
         mods = dict(model.named_modules())
         self._handles: list[RemovableHandle] = []
@@ -292,7 +292,7 @@ class SkeletonHooks(LocalHooks):
         return hook
 
     def _activate(self, skeleton: dict[str, torch.Tensor]) -> None:
-        """Start skeleton-only backprop: snapshot the tensors frozen rows are restored from."""
+        """Start skeleton-only backprop: from now on the optimiser updates skeleton rows only."""
         self.skeleton = {k: v.clone() for k, v in skeleton.items()}
         self._views: dict[tuple[str, int, bool], torch.Tensor] = {}
         for layer in self.layers:
@@ -301,8 +301,9 @@ class SkeletonHooks(LocalHooks):
                 # the channel dim is 1 for conv and BN outputs, the last dim for linear outputs
                 self._views[(layer.name, nd, False)] = ch.view(1, -1, *([1] * (nd - 2)))
                 self._views[(layer.name, nd, True)] = ch.view(*([1] * (nd - 1)), -1)
+            rows = ch.nonzero().flatten()
             for t in layer.frozen:
-                self._frozen[t] = self._tensors[t].detach().clone()
+                self._rows[self._tensors[t]] = rows
         if self._compact_on:
             self._compact.install(self.skeleton)
         if self.client_state is not None:
@@ -326,15 +327,11 @@ class SkeletonHooks(LocalHooks):
         return self.model(x)
 
     def after_step(self, step: int) -> None:
-        if self.skeleton is None:
-            if step + 1 >= self.setskel_steps:
-                self._select()
-            return
-        with torch.no_grad():
-            for layer in self.layers:
-                frozen = ~self.skeleton[layer.name]
-                for t in layer.frozen:
-                    self._tensors[t][frozen] = self._frozen[t][frozen]
+        if self.skeleton is None and step + 1 >= self.setskel_steps:
+            self._select()
+
+    def update_rows(self) -> Mapping[torch.Tensor, torch.Tensor]:
+        return self._rows
 
     def densities(self) -> Mapping[str, LayerDensity]:
         if not self._masked_step or self.skeleton is None:
