@@ -17,7 +17,7 @@ from sparsefl.fl.client import train_step
 from sparsefl.fl.sgd import SGD
 from sparsefl.kernels import choice
 from sparsefl.kernels.masked import CsrLinears
-from sparsefl.kernels.skeleton import skeleton_batch_norm, skeleton_conv, skeleton_linear
+from sparsefl.kernels.skeleton import CompactSkeleton, skeleton_batch_norm, skeleton_conv, skeleton_linear
 from sparsefl.kernels.sparse_linear import CsrPattern, csr_linear, masked_linear
 from sparsefl.kernels.structured import compact, expand
 from sparsefl.methods.fedskel import SkeletonHooks, skeleton_layers
@@ -99,6 +99,17 @@ def test_fedskel_compact_training_equals_mask_reference(bn: str) -> None:
     new = _train_fedskel("compact", bn)
     for k in ref:
         torch.testing.assert_close(new[k].double(), ref[k].double(), atol=1e-5, rtol=0)
+
+
+def test_compact_kernels_only_where_the_padded_skeleton_is_at_most_half_the_layer() -> None:
+    """A 2-channel skeleton of a 16-channel conv pads to all 16 channels (CHANNEL_ALIGN): it
+    keeps the masked dense backward; in a 64-channel conv it runs compact."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3))
+    keep = {"0.weight": _keep(16, 2), "1.weight": _keep(64, 6)}
+    cs = CompactSkeleton(model, [("0.weight", "0", None), ("1.weight", "1", None)])
+    cs.install(keep)
+    assert not cs.active("0.weight") and cs.active("1.weight")
+    cs.remove()
 
 
 def test_fedskel_compact_training_in_bf16_follows_the_mask_reference() -> None:

@@ -38,6 +38,18 @@ Tensor = torch.Tensor
 CHANNEL_ALIGN = 16
 
 
+def padded_size(k: int, channels: int) -> int:
+    """The channel count the compact backward runs at for a skeleton of ``k`` of ``channels``."""
+    return min(-(-k // CHANNEL_ALIGN) * CHANNEL_ALIGN, channels)
+
+
+def compact_pays(k: int, channels: int) -> bool:
+    """Whether the compact backward can beat the dense one: its padded skeleton is at most half
+    the layer. A 16-channel layer at ratio 0.1 pads to all 16 channels, and gathering then costs
+    more than it saves (resnet20's first stage); such layers mask the dense backward instead."""
+    return 2 * padded_size(k, channels) <= channels
+
+
 def compute_dtype(x: Tensor) -> torch.dtype:
     """The dtype the products run in: the CPU autocast dtype when autocast is on (the backward
     runs outside autocast, so the functions cast explicitly), else the input's."""
@@ -84,7 +96,7 @@ class SkeletonConvFn(torch.autograd.Function):
         gys = gy.to(wc.dtype).index_select(1, idx)
         ws = wc.index_select(0, idx)
         k = len(idx)
-        pad = min(-(-k // CHANNEL_ALIGN) * CHANNEL_ALIGN, wc.shape[0]) - k
+        pad = padded_size(k, wc.shape[0]) - k
         if pad > 0:
             # zero filters fed zero gradients: the input gradient is unchanged, and their weight
             # gradient rows are dropped below; oneDNN runs aligned channel counts much faster
@@ -299,6 +311,8 @@ class CompactSkeleton:
             if not (is_lin or conv_supported(mod)):
                 continue
             idx = torch.nonzero(skeleton[name].to(mod.weight.device)).flatten()  # type: ignore[union-attr]
+            if not is_lin and not compact_pays(len(idx), len(skeleton[name])):
+                continue
             self._replace(mod, self._layer_forward(name, mod, idx, is_lin))
             self._active.add(name)
             bn = self._mods.get(bn_name) if bn_name is not None else None
@@ -343,6 +357,7 @@ __all__ = [
     "SkeletonBatchNormFn",
     "SkeletonConvFn",
     "SkeletonLinearFn",
+    "compact_pays",
     "compute_dtype",
     "conv_supported",
     "skeleton_batch_norm",

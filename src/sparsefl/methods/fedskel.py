@@ -66,8 +66,10 @@ Choices and departures (every one is a config key where it is a choice)
   skeleton channels only), which is where FedSkel's wall-clock saving comes from; ``mask`` zeroes
   the non-skeleton output-gradient channels with a tensor hook and runs the dense backward (the
   reference; as slow as dense). Both train the same model up to floating-point summation order
-  (tests/kernels check 1e-5). Layers the kernels do not cover (grouped convs, string padding)
-  use the mask in either mode. ``benchmarks/speed.py`` measures the two.
+  (tests/kernels check 1e-5). Layers the kernels do not cover (grouped convs, string padding),
+  and convs whose skeleton padded to 16 channels would be more than half the layer (where
+  gathering costs more than it saves: resnet20's 16-channel stage at ratio 0.1), use the mask
+  in either mode. ``benchmarks/speed.py`` measures the two.
 * **Personalisation** is the client's state: its skeleton, the round it was chosen, and its own
   copy of every skeletonised tensor (``personal_params`` is simply its trained model).
 """
