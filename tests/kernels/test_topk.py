@@ -1,4 +1,4 @@
-"""The shared exact top-k: against a stable sort, on the bracketed (large) and direct paths."""
+"""The shared exact top-k: against a stable sort and torch.kthvalue."""
 
 from __future__ import annotations
 
@@ -32,13 +32,15 @@ def test_topk_flat_equals_stable_sort(n: int, kind: str) -> None:
         assert tau == float(torch.kthvalue(a, n - k + 1).values)
 
 
-def test_kth_largest_bracket_miss_falls_back() -> None:
-    # a sample taken at a fixed stride sees only one value; the rest sits elsewhere
+@pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16, torch.float16])
+def test_kth_largest_equals_kthvalue_in_every_dtype(dtype: torch.dtype) -> None:
     n = 1 << 17
     a = torch.zeros(n)
-    a[1::2] = torch.arange(n // 2, dtype=torch.float32)
+    a[1::2] = torch.arange(n // 2, dtype=torch.float32) / 7
+    a = a.to(dtype).view(8, -1)  # any shape: the flat entries count
     for k in (1, 10, n // 4, n // 2 + 3, n):
-        assert topk.kth_largest(a, k) == float(torch.kthvalue(a, n - k + 1).values)
+        assert topk.kth_largest(a, k) == float(torch.kthvalue(a.flatten().float(), n - k + 1).values)
+        assert topk.count_at_least(a, topk.kth_largest(a, k)) == int((a >= topk.kth_largest(a, k)).sum())
     with pytest.raises(ValueError, match="out of range"):
         topk.kth_largest(a, 0)
 

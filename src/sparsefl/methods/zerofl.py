@@ -118,7 +118,7 @@ from sparsefl.errors import ConfigError
 from sparsefl.fl import aggregate as agg
 from sparsefl.fl.messages import ClientState
 from sparsefl.kernels.skeleton import compute_dtype
-from sparsefl.kernels.topk import kth_largest, nonzero_fraction, shrink, topk_flat
+from sparsefl.kernels.topk import count_at_least, kth_largest, nonzero_fraction, shrink, topk_flat
 from sparsefl.masks import default_scope
 from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
 from sparsefl.patching import ForwardPatches
@@ -238,10 +238,10 @@ class CachedTopK:
         if self.refresh_due(step):
             a = v.detach().abs().flatten()
             k = keep_count(n, self.density)
-            tau = kth_largest(a, k)
+            tau = kth_largest(a, k, scratch=a.dtype in (torch.float32, torch.float64))  # reorders a
             self.tau, self.refreshed_at = tau, step
-            if tau > 0 and int((a >= tau).sum()) > k:
-                mask, _ = topk_flat(a, k)
+            if tau > 0 and count_at_least(a, tau) > k:
+                mask, _ = topk_flat(v.detach().abs().flatten(), k)  # ties: in index order
                 return v.detach() * mask.view(v.shape), k / n
             return shrink(v, tau), k / n  # tau == 0: every nonzero is kept, plus zeros
         assert self.tau is not None
