@@ -579,8 +579,23 @@ def encode_tensor_parts(
 # --------------------------------------------------------------------------------------------
 
 
+#: headers already checked against a (shape, dtype): dense uploads repeat theirs every round
+_CHECKED: dict[tuple[TensorHeader, tuple[int, ...], torch.dtype], Codec] = {}
+
+
 def _check_header(h: TensorHeader, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Codec:
     """Every consistency rule between header fields, and against the receiver's spec."""
+    key = (h, shape, dtype)
+    known = _CHECKED.get(key)
+    if known is not None:
+        return known
+    codec = _check_header_fields(h, shape, dtype, what)
+    if len(_CHECKED) < 4096:
+        _CHECKED[key] = codec
+    return codec
+
+
+def _check_header_fields(h: TensorHeader, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Codec:
     codec = BY_ID.get(h.codec)
     if codec is None:
         raise DecodeError(f"{what}: unknown codec id {h.codec}")
@@ -722,8 +737,11 @@ def _convert(vals: np.ndarray, dtype: torch.dtype, allow_nonfinite: bool, what: 
             if vals.min() < lo or vals.max() > hi:
                 raise DecodeError(f"{what}: integer values out of the range of {dtype}")
         return vals.astype(target)
-    with np.errstate(over="ignore"):
-        out = vals.astype(target)
+    if vals.dtype == target:
+        out = vals.copy()  # (no conversion: nothing can overflow)
+    else:
+        with np.errstate(over="ignore"):
+            out = vals.astype(target)
     if not allow_nonfinite and not _all_finite(out):
         raise DecodeError(f"{what}: NaN or infinite values (the receiver forbids them)")
     return out
