@@ -11,7 +11,10 @@ Sections (each prints a table; every ratio is dense time / variant time, so > 1 
 
 * ``steps``: one local-training step (batch 32, SGD momentum, the method's hooks exactly as in
   ``train_local``) per method and sparsity, for the default CNN, resnet20 and resnet18 at 32x32
-  and the 1024-wide MLP (width 4).
+  and the 1024-wide MLP (width 4). The medians leave out ZeroFL's exact top-k refreshes (one
+  every ``topk_period`` steps), so a second row, ``zerofl 90%, refresh every 10 steps``, adds
+  the extra time of a refresh step (timed against ordinary ZeroFL steps) divided by the period:
+  what a client pays per step on average.
 * ``convbwd``: FedSkel's conv backward alone at skeleton ratio 0.1 on resnet18's 128-512 channel
   layers (compact kernel vs the dense backward).
 * ``bf16``: bf16 autocast vs fp32 on a resnet18 step.
@@ -63,6 +66,8 @@ from sparsefl.models import build_model  # noqa: E402
 SHAPE = (3, 32, 32)
 BATCH = 32
 RESULTS: dict[str, list[dict]] = {}
+#: model -> (a ZeroFL step that refreshes its top-k thresholds, the refresh period), set by step_variants
+REFRESH: dict[str, tuple[Callable[[], None], int]] = {}
 
 
 def loadavg() -> str:
@@ -164,7 +169,16 @@ def step_variants(name: str, shape: tuple[int, ...], width: float, quick: bool) 
             )
     m = fresh()
     zc = ZeroFLConfig(sparsity=0.9)
-    v["zerofl 90%"] = make_step(ZeroFLHooks(m, prof, sparse_scope(m, zc), zc), x, y)
+    zh = ZeroFLHooks(m, prof, sparse_scope(m, zc), zc)
+    v["zerofl 90%"] = zstep = make_step(zh, x, y)
+
+    def zerofl_refresh() -> None:
+        """A step that recomputes every exact top-k threshold (every topk_period-th step)."""
+        for c in (*zh.weight_topk.values(), *zh.act_topk.values()):
+            c.tau = None
+        zstep()
+
+    REFRESH[name] = (zerofl_refresh, zc.topk_period)
     m = fresh()
     hc = HideNseekConfig(sparsity=0.9)
     roles = tensor_roles(m, hc)
@@ -184,7 +198,14 @@ def bench_steps(quick: bool) -> None:
         big = name == "resnet18"
         rounds = (3 if big else 5) if quick else (7 if big else 11)
         inner = 1 if big else (3 if quick else 5)
-        res = interleaved(step_variants(name, shape, width, quick), rounds, inner)
+        variants = step_variants(name, shape, width, quick)
+        res = interleaved(variants, rounds, inner)
+        # the step medians leave out ZeroFL's exact top-k refreshes; a client pays one every
+        # topk_period steps: time refresh steps against ordinary ones and add the amortised row
+        refresh, period = REFRESH[name]
+        both = interleaved({"zerofl": variants["zerofl 90%"], "refresh": refresh}, 3 if big else 5, 1, ref="zerofl")
+        ms = res["zerofl 90%"]["ms"] + (both["refresh"]["ms"] - both["zerofl"]["ms"]) / period
+        res[f"zerofl 90%, refresh every {period} steps"] = {"ms": ms, "ratio": res["dense"]["ms"] / ms}
         table(f"step: {name} (width {width}) at {shape}, batch {BATCH}, fp32", res, {"model": name})
 
 
@@ -306,19 +327,28 @@ def bench_jobs(quick: bool) -> None:
     rounds = 5 if quick else 20
     base = [f"federation.rounds={rounds}"]
     t: dict[int, list[float]] = {1: [], 2: []}
+    late: dict[int, list[float]] = {1: [], 2: []}
     shas: dict[int, set] = {1: set(), 2: set()}
-    ratios = []
-    for _ in range(1 if quick else 2):
-        r1 = run_cfg([*base, "jobs=1"])
-        r2 = run_cfg([*base, "jobs=2"])
-        t[1].append(r1["seconds"])
-        t[2].append(r2["seconds"])
-        shas[1].add(r1["sha"])
-        shas[2].add(r2["sha"])
-        ratios.append(r1["seconds"] / r2["seconds"])
+    ratios, late_ratios = [], []
+    for _ in range(1 if quick else 3):
+        for j in (1, 2):
+            r = run_cfg([*base, f"jobs={j}"])
+            t[j].append(r["seconds"])
+            shas[j].add(r["sha"])
+            # the second half of the rounds: the workers have started (a fresh process imports
+            # torch for 1-2 s, during which this process runs every client)
+            recs = [json.loads(line) for line in open(Path(r["folder"]) / "metrics.jsonl")]
+            late[j].append(statistics.median([x["round_seconds"] for x in recs[len(recs) // 2 :]]))
+        ratios.append(t[1][-1] / t[2][-1])
+        late_ratios.append(late[1][-1] / late[2][-1])
     res = {
         "dense": {"ms": 1e3 * statistics.median(t[1]), "ratio": 1.0},
         "jobs=2": {"ms": 1e3 * statistics.median(t[2]), "ratio": statistics.median(ratios)},
+        "jobs=1, median round of the second half": {"ms": 1e3 * statistics.median(late[1]), "ratio": 1.0},
+        "jobs=2, median round of the second half": {
+            "ms": 1e3 * statistics.median(late[2]),
+            "ratio": statistics.median(late_ratios),
+        },
     }
     table(
         f"jobs: {rounds}-round default digits run, jobs=2 vs jobs=1 (column 'dense' = jobs=1)",

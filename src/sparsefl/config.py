@@ -144,7 +144,7 @@ class ExperimentConfig:
 
     seed: int = opt(0, "master seed; every random draw derives from it")
     engine: Literal["embedded", "flower-sim", "flower-local"] = opt("embedded", "where clients run")
-    jobs: int = opt(1, "worker processes for client training (embedded engine)", ge=1)
+    jobs: int = opt(1, "processes training clients (embedded engine): this one plus jobs - 1 workers", ge=1)
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)

@@ -1,4 +1,4 @@
-"""The embedded engine: clients run in this process, or in worker processes with ``jobs > 1``.
+"""The embedded engine: clients run in this process, helped by ``jobs - 1`` worker processes.
 
 Per-client state lives between rounds in memory or on disk (one safetensors file per client);
 only the sampled clients' models exist at any time. Results do not depend on ``jobs``: each
