@@ -249,11 +249,16 @@ def bench_bf16(quick: bool) -> None:
     prof = profile_model(m1, SHAPE)
     m3 = model_of("resnet18").to(memory_format=torch.channels_last)
     xc = x.contiguous(memory_format=torch.channels_last)
+    # FedSkel r=0.1 in bf16 + channels_last (what local.precision=bf16 runs): the two stack
+    m4 = model_of("resnet18").to(memory_format=torch.channels_last)
+    layers = skeleton_layers(m4, False, "train")
+    skel = SkeletonHooks(m4, prof, layers, 0.1, first_skeleton(m4, 0.1), 1, backward="compact")
     res = interleaved(
         {
             "dense": make_step(LocalHooks(m1, prof), x, y),
             "dense bf16 autocast": make_step(LocalHooks(m2, prof), x, y, bf16=True),
             "dense bf16 autocast + channels_last": make_step(LocalHooks(m3, prof), xc, y, bf16=True),
+            "fedskel r=0.1 bf16 autocast + channels_last": make_step(skel, xc, y, bf16=True),
         },
         3 if quick else 7,
         1,
