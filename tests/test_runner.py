@@ -176,6 +176,9 @@ def test_clients_split_between_this_process_and_workers_give_the_same_bits():
     one, _ = _rounds(cfg, 1, wait=False)
     three, eng = _rounds(cfg, 3, wait=True)
     assert 0 < eng.ran_in_workers < 3 * 6  # both the workers and this process ran clients
+    # shared before the pool's thread pickled them (that move raced with this thread's reads)
+    assert eng.x.is_shared() and eng.y.is_shared()
+    assert all(p.is_shared() for p in eng.method.spec.template.parameters())
     assert one.keys() == three.keys()
     for k in one:
         assert torch.equal(one[k], three[k]), k

@@ -183,6 +183,36 @@ def test_composes_with_other_students(teacher_path: Path, student: str) -> None:
     )
 
 
+def test_fedskel_student_keeps_its_frozen_rows_frozen(teacher_path: Path) -> None:
+    """Every LocalHooks call reaches the student's hooks, update_rows included: FedSkel's frozen
+    rows do not move after its skeleton is chosen (SetSkel of one step, then 5 skeleton steps)."""
+    m = make(teacher_path, "method.student.name=fedskel", "method.student.setskel_steps=1", "local.steps=6")
+    state = m.init_state(m.spec.build().state_dict())
+    model = m.new_model()
+    cstate = m.receive(model, m.downlink(state, 0) or m.broadcast(state), teacher_state(m))
+    x, y = data(32)
+    hooks = m.hooks(model, cstate, LocalContext(0, 1, 0.05, 0, m.experiment.local, 32))
+    after_setskel: dict[str, torch.Tensor] = {}
+    inner_after_step = hooks.inner.after_step
+
+    def after_step(step: int) -> None:
+        inner_after_step(step)
+        if step == 0:
+            after_setskel.update({k: v.detach().clone() for k, v in model.state_dict().items()})
+
+    hooks.inner.after_step = after_step  # type: ignore[method-assign]
+    try:
+        train_local(hooks, x, y, m.experiment.local, 0.05, torch_gen(0, "t"), m.profile)
+    finally:
+        hooks.close()
+    inner = hooks.inner
+    assert inner.skeleton is not None and hooks.update_rows() is inner.update_rows()
+    for layer in inner.layers:
+        frozen = ~inner.skeleton[layer.name]
+        for t in layer.frozen:
+            assert torch.equal(model.state_dict()[t][frozen], after_setskel[t][frozen]), t
+
+
 @pytest.mark.parametrize(
     ("overrides", "key"),
     [

@@ -8,8 +8,10 @@ order on the server.
 
 from __future__ import annotations
 
+import io
 import multiprocessing as mp
 import os
+import pickle
 import threading
 import traceback
 import warnings
@@ -141,8 +143,8 @@ def execute_task(
 
 
 def _worker_ready() -> None:
-    """A no-op task: submitted once per worker when the pool is made, so the workers start (and
-    import and unpickle what they need) while the server prepares its first round."""
+    """A no-op task, submitted once per worker when the pool is made, so that the workers start
+    (import and unpickle what they need) while this process runs the first rounds' clients."""
 
 
 def _pool_context() -> mp.context.BaseContext:
@@ -170,13 +172,32 @@ def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFa
     return execute_task(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
 
 
+def share_tensors(obj: object) -> None:
+    """Move every tensor reachable from ``obj`` into shared memory, in this thread.
+
+    Pickling a tensor for a worker process moves its storage into shared memory and frees the
+    old buffer; done by the pool's starting thread, that raced with this thread reading the
+    same tensors (a segfault, reproduced). After this call the move is a no-op.
+    """
+
+    class _Walk(pickle.Pickler):
+        def persistent_id(self, o: object) -> int | None:
+            if isinstance(o, torch.Tensor):
+                o.share_memory_()
+                return 0  # the pickle is thrown away: only the side effect matters
+            return None
+
+    _Walk(io.BytesIO()).dump(obj)
+
+
 class EmbeddedEngine:
     """Runs client tasks in this process, helped by ``jobs - 1`` worker processes.
 
     With ``jobs > 1`` this process computes clients too: it takes tasks from the end of the
     round's list while the workers take them from the front, so the work balances itself
-    and no core waits on the others. Until the workers have started (a fresh process needs
-    1-2 s to import torch) every task runs here. Where a client runs never changes its result.
+    and no core waits on the others. The workers start at the first round, in the background
+    (a fresh process needs 1-2 s to import torch); until they are up, every task runs here.
+    Where a client runs never changes its result.
     """
 
     def __init__(
@@ -200,8 +221,7 @@ class EmbeddedEngine:
         self._warmup: list[Future[None]] = []
         self._starter: threading.Thread | None = None
         self._start_error: str | None = None
-        if jobs > 1:
-            self._start_pool()
+        self._closed = False
 
     def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
         states = [self.store.get(t.client_id) for t in tasks]
@@ -220,8 +240,9 @@ class EmbeddedEngine:
 
     def _run_shared(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
         """Workers take tasks from the front (at most two queued per worker, so that none idles
-        while this process computes), this process from the back. A worker that dies fails
-        only the tasks it held; the pool is rebuilt for the next round."""
+        while this process computes), this process from the back. When a worker dies, the pool
+        breaks: every task then in the pool fails (``worker process died``), this process runs
+        the rest of the round, and the pool is restarted for the next one."""
         pool = self._pool
         assert pool is not None
         outs: list[ClientResult | ClientFailure | None] = [None] * len(tasks)
@@ -256,35 +277,45 @@ class EmbeddedEngine:
             elif inflight:
                 collect(block=True)
         if broken:
-            self.close()
+            self._stop_pool()
         assert all(o is not None for o in outs)
         return outs  # type: ignore[return-value]
 
     def _start_pool(self) -> None:
         """Make the pool in a background thread: starting a worker blocks until the fork server
-        has imported torch, and this process has clients to run meanwhile."""
+        has imported torch, and this process has clients to run meanwhile. The workers get the
+        method and data as they are now (after the server's ``init_state``)."""
+        initargs: tuple | None = (self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid())
+        try:
+            share_tensors(initargs)
+        except Exception as e:  # noqa: BLE001 - e.g. a method that cannot be pickled: no workers
+            self._start_error = f"{type(e).__name__}: {e}"
+            initargs = None
 
         def start() -> None:
+            if initargs is None:
+                return
+            pool = None
             try:
                 pool = ProcessPoolExecutor(
-                    max_workers=self.jobs - 1,
-                    mp_context=_pool_context(),
-                    initializer=_worker_init,
-                    initargs=(self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid()),
+                    max_workers=self.jobs - 1, mp_context=_pool_context(), initializer=_worker_init, initargs=initargs
                 )
                 # one no-op per worker: they start (import, unpickle) while this process runs clients
                 self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
                 self._pool = pool
             except Exception as e:  # noqa: BLE001 - reported by _ready_pool, which carries on without workers
                 self._start_error = f"{type(e).__name__}: {e}"
+                if pool is not None:
+                    pool.shutdown(wait=False, cancel_futures=True)
 
         self._starter = threading.Thread(target=start, name="sparsefl-pool-start", daemon=True)
         self._starter.start()
 
     def _ready_pool(self) -> ProcessPoolExecutor | None:
-        """The pool once every worker has started (restarted after a worker died); None before,
-        and for good if the workers cannot start (this process then runs every client)."""
-        if self.jobs == 1:
+        """The pool once its warm-up tasks ran (started at the first call and again after a
+        worker died); None before, and for good if the workers cannot start (this process then
+        runs every client) or after :meth:`close`."""
+        if self.jobs == 1 or self._closed:
             return None
         if self._starter is None:
             self._start_pool()
@@ -296,19 +327,24 @@ class EmbeddedEngine:
             why = self._start_error or (f"{type(failed[0]).__name__}: {failed[0]}" if failed else "unknown")
             msg = f"jobs={self.jobs}: worker processes could not start ({why}); every client runs in this process"
             warnings.warn(msg, RuntimeWarning, stacklevel=2)
-            self.close()
+            self._stop_pool()
             self.jobs = 1
             return None
         return self._pool
 
     def wait_ready(self) -> bool:
-        """Block until the workers have started (tests and benchmarks); False without workers."""
-        if self._starter is not None:
-            self._starter.join()
+        """Start the workers if needed and block until they are up (tests and benchmarks);
+        False when there are none."""
+        if self.jobs == 1 or self._closed:
+            return False
+        if self._starter is None:
+            self._start_pool()
+        assert self._starter is not None
+        self._starter.join()
         wait(self._warmup)
         return self._ready_pool() is not None
 
-    def close(self) -> None:
+    def _stop_pool(self) -> None:
         if self._starter is not None:
             self._starter.join()
             self._starter = None
@@ -316,3 +352,8 @@ class EmbeddedEngine:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None
         self._warmup = []
+
+    def close(self) -> None:
+        """Shut the workers down; later rounds (if any) run in this process."""
+        self._closed = True
+        self._stop_pool()

@@ -31,7 +31,8 @@ _INT_OF = {
 
 
 def _np(a: Tensor) -> np.ndarray:
-    """A flat numpy view (or, for bfloat16 and non-CPU tensors, copy) of ``a``'s values."""
+    """A flat numpy view of ``a``'s values, or a copy for bfloat16, non-contiguous and non-CPU
+    tensors."""
     a = a.detach()
     if a.device.type != "cpu":
         a = a.cpu()
@@ -43,15 +44,16 @@ def _np(a: Tensor) -> np.ndarray:
 def kth_largest(a: Tensor, k: int, scratch: bool = False) -> float:
     """The exact k-th largest value of the tensor ``a`` (``1 <= k <= a.numel()``, no NaN).
 
-    ``scratch=True`` lets it reorder ``a``'s entries in place (a CPU float32/64 tensor the caller
-    made for this) instead of copying them: the copy was a third of a ZeroFL refresh.
+    ``scratch=True`` lets it reorder ``a``'s entries in place instead of copying them (the copy
+    was a third of a ZeroFL refresh): only for a tensor the caller made for this, since a view
+    reorders the tensor it views. Where ``a`` cannot be viewed from numpy it is copied anyway.
     """
     n = a.numel()
     if not 1 <= k <= n:
         raise ValueError(f"k={k} out of range for {n} values")
     r = n - k  # 0-based ascending rank
     arr = _np(a)
-    if scratch and np.shares_memory(arr, a.detach().numpy()):
+    if scratch and a.device.type == "cpu" and arr.ctypes.data == a.data_ptr():  # a view of a itself
         arr.partition(r)
         return float(arr[r])
     return float(np.partition(arr, r)[r])

@@ -301,6 +301,9 @@ class KDHooks(LocalHooks):
             for i, p in enumerate(self.projections):
                 self._state[f"{_PROJ}{i}.weight"] = p.weight.detach().clone()
 
+    def update_rows(self) -> Mapping[Tensor, Tensor]:
+        return self.inner.update_rows()
+
     def densities(self) -> Mapping[str, LayerDensity]:
         return self.inner.densities()
 
