@@ -11,6 +11,7 @@ import torch
 from sparsefl.config import load_config
 from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import RunFolderError
+from sparsefl.experiment.runfolder import RunFolder
 from sparsefl.experiment.runner import build, run_experiment
 from sparsefl.fl.server import Server
 
@@ -129,6 +130,42 @@ def test_interrupted_run_resumes_to_the_same_bits(tmp_path, interrupted_run):
     resumed = run_experiment(cfg, tmp_path / "cut")
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert resumed["rounds"] == 4
+
+
+def test_metrics_log_is_appended_and_resume_drops_lines_past_the_checkpoint(tmp_path, interrupted_run):
+    """metrics.jsonl is an append-only log; the checkpoint records how many of its lines it
+    covers. A line appended after the checkpoint (a crash before the checkpoint was written)
+    or a torn last line is dropped on resume, which then gives the uninterrupted run's bits."""
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    whole = run_experiment(cfg, tmp_path / "whole")
+    interrupted_run(cfg, tmp_path / "cut", at=3)
+    folder = RunFolder(tmp_path / "cut")
+    ckpt = folder.latest_checkpoint()
+    assert ckpt is not None and ckpt["metrics_count"] == 2 and "metrics" not in ckpt
+    log = tmp_path / "cut" / "metrics.jsonl"
+    lines = log.read_text().splitlines(keepends=True)
+    log.write_text("".join(lines) + lines[-1].replace('"round": 2', '"round": 3') + '{"round": 4, "acc')
+    assert len(folder.read_metrics()) == 3  # the torn line is not read
+    resumed = run_experiment(cfg, tmp_path / "cut")
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    strip = lambda line: {k: v for k, v in json.loads(line).items() if "seconds" not in k and k != "clients"}  # noqa: E731
+    ma = (tmp_path / "whole" / "metrics.jsonl").read_text().splitlines()
+    mb = log.read_text().splitlines()
+    assert [strip(x) for x in ma] == [strip(x) for x in mb]
+
+
+def test_checkpoints_that_carry_their_records_still_resume(tmp_path, interrupted_run):
+    """Checkpoints written before metrics.jsonl became append-only hold every record."""
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    whole = run_experiment(cfg, tmp_path / "whole")
+    interrupted_run(cfg, tmp_path / "cut", at=3)
+    folder = RunFolder(tmp_path / "cut")
+    ckpt = folder.latest_checkpoint()
+    assert ckpt is not None
+    records = folder.read_metrics()[: ckpt.pop("metrics_count")]
+    folder.save_checkpoint({**ckpt, "metrics": records})
+    (tmp_path / "cut" / "metrics.jsonl").write_text("")  # the old layout rewrote it; the checkpoint rules
+    assert run_experiment(cfg, tmp_path / "cut")["model_sha256"] == whole["model_sha256"]
 
 
 def test_client_state_on_disk_gives_the_same_result(tmp_path):

@@ -57,13 +57,34 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         os.close(dir_fd)
 
 
+def durable_append(path: str | Path, data: bytes) -> None:
+    """Append ``data`` to ``path`` and fsync it (and the folder, when the file is new).
+
+    A crash can leave a torn tail; readers of append-only logs must ignore an unterminated last
+    record (the run folder's ``metrics.jsonl`` does, and resume truncates it to its checkpoint).
+    """
+    path = Path(path)
+    new = not path.exists()
+    with open(path, "ab") as f:
+        _failpoint(path.name, f, data)
+        f.write(data)
+        f.flush()
+        os.fsync(f.fileno())
+    if new:
+        dir_fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(dir_fd)
+        finally:
+            os.close(dir_fd)
+
+
 _WRITES: dict[str, int] = {}
 
 
 def _failpoint(name: str, f, data: bytes) -> None:  # type: ignore[no-untyped-def]
     """Test hook for crash safety: with ``SPARSEFL_KILL_DURING_WRITE=<file name>:<n>`` in the
-    environment, the n-th atomic write of that file writes half its bytes, syncs them, and the
-    process SIGKILLs itself, i.e. dies in the middle of the write."""
+    environment, the n-th atomic write (or append) of that file writes half its bytes, syncs
+    them, and the process SIGKILLs itself, i.e. dies in the middle of the write."""
     spec = os.environ.get("SPARSEFL_KILL_DURING_WRITE")
     if not spec:
         return

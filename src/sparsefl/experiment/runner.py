@@ -130,12 +130,19 @@ def run_experiment(
                 log(f"resuming {folder.path} after round {ckpt['server']['round']}")
             else:
                 log(f"{folder.path}: no usable checkpoint; starting again from round 1")
-        records: list[dict[str, Any]]
+        records: list[dict[str, Any]] = []
+        if ckpt is not None:
+            # metrics.jsonl holds at least the checkpoint's rounds (each line is fsync'ed before
+            # the checkpoint that counts it); checkpoints of earlier versions carry the records
+            records = list(ckpt["metrics"]) if "metrics" in ckpt else folder.read_metrics()[: ckpt["metrics_count"]]
+            if len(records) != ckpt["server"]["round"]:
+                if log is not None:
+                    log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint; starting again from round 1")
+                ckpt = None
         if ckpt is not None:
             state = _state_from_ckpt(ckpt["server"])
             server.initialised = set(ckpt["initialised"])
             store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
-            records = list(ckpt["metrics"])
             wall_before = float(ckpt["wall_seconds"])
         else:
             params = clone_state(b.spec.build().state_dict())
@@ -148,14 +155,14 @@ def run_experiment(
         for rnd in range(state.round + 1, cfg.federation.rounds + 1):
             state, record = server.run_round(state, rnd)
             records.append(record.to_json())
-            folder.write_metrics(records)
+            folder.append_metrics(records[-1])
             folder.save_checkpoint(
                 {
                     "config_hash": config_hash(cfg),
                     "server": _state_to_ckpt(state),
                     "initialised": sorted(server.initialised),
                     "clients": {str(k): v for k, v in store.snapshot().items()},
-                    "metrics": records,
+                    "metrics_count": len(records),
                     "wall_seconds": wall_before + time.perf_counter() - t_start,
                 }
             )
