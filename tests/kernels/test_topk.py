@@ -45,6 +45,18 @@ def test_kth_largest_equals_kthvalue_in_every_dtype(dtype: torch.dtype) -> None:
         topk.kth_largest(a, 0)
 
 
+def test_kth_largest_when_the_sample_misleads() -> None:
+    """Every sampled entry is far above the rest: the bound misses and the whole tensor is
+    selected; a ReLU-like tensor (half zeros, in runs) takes the bounded path. Both exact."""
+    n = 1 << 17
+    a = torch.arange(n, dtype=torch.float32) / n
+    a[:: (n // topk.SAMPLE) | 1] = 1e6
+    relu = torch.relu(torch.sin(torch.arange(n, dtype=torch.float32) / 50))
+    for t in (a, relu):
+        for k in (1, 10, n // 10, n // 2, n - 3, n):
+            assert topk.kth_largest(t, k) == float(torch.kthvalue(t, n - k + 1).values), k
+
+
 @pytest.mark.parametrize("dtype", [torch.float32, torch.float64, torch.bfloat16])
 def test_shrink_keeps_exactly_magnitude_at_or_above_tau(dtype: torch.dtype) -> None:
     v = torch.tensor([0.5, -0.5, 0.499, -0.51, 0.0, 2.0], dtype=dtype)

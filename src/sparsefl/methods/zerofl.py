@@ -238,10 +238,10 @@ class CachedTopK:
         if self.refresh_due(step):
             a = v.detach().abs().flatten()
             k = keep_count(n, self.density)
-            tau = kth_largest(a, k, scratch=a.dtype in (torch.float32, torch.float64))  # reorders a
+            tau = kth_largest(a, k)
             self.tau, self.refreshed_at = tau, step
             if tau > 0 and count_at_least(a, tau) > k:
-                mask, _ = topk_flat(v.detach().abs().flatten(), k)  # ties: in index order
+                mask, _ = topk_flat(a, k)
                 return v.detach() * mask.view(v.shape), k / n
             return shrink(v, tau), k / n  # tau == 0: every nonzero is kept, plus zeros
         assert self.tau is not None
