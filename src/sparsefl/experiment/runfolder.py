@@ -92,16 +92,17 @@ class RunFolder:
         """
         durable_append(self.path / "metrics.jsonl", (json.dumps(record) + "\n").encode())
 
-    def read_metrics(self) -> list[dict[str, Any]]:
-        """Every complete line of ``metrics.jsonl`` (a torn last line, from a crash or a write
-        in progress, is left out)."""
+    def read_metrics(self, limit: int | None = None) -> list[dict[str, Any]]:
+        """Every complete line of ``metrics.jsonl``, or the first ``limit`` (a torn last line,
+        from a crash or a write in progress, is left out; lines past ``limit`` are not parsed)."""
         p = self.path / "metrics.jsonl"
         if not p.exists():
             return []
         text = p.read_text()
         if not text.endswith("\n"):
             text = text[: text.rfind("\n") + 1]
-        return [json.loads(line) for line in text.splitlines() if line.strip()]
+        lines = [line for line in text.splitlines() if line.strip()]
+        return [json.loads(line) for line in lines[:limit]]
 
     def write_summary(self, summary: dict[str, Any]) -> None:
         atomic_write_text(self.path / "summary.json", json.dumps(summary, indent=2))

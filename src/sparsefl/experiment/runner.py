@@ -126,19 +126,23 @@ def run_experiment(
         if status == "resume" and log is not None:
             for name in folder.damaged_checkpoints():
                 log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
-            if ckpt is not None:
-                log(f"resuming {folder.path} after round {ckpt['server']['round']}")
-            else:
-                log(f"{folder.path}: no usable checkpoint; starting again from round 1")
         records: list[dict[str, Any]] = []
         if ckpt is not None:
             # metrics.jsonl holds at least the checkpoint's rounds (each line is fsync'ed before
             # the checkpoint that counts it); checkpoints of earlier versions carry the records
-            records = list(ckpt["metrics"]) if "metrics" in ckpt else folder.read_metrics()[: ckpt["metrics_count"]]
+            try:
+                records = list(ckpt["metrics"]) if "metrics" in ckpt else folder.read_metrics(ckpt["metrics_count"])
+            except ValueError:  # a damaged line (JSONDecodeError)
+                records = []
             if len(records) != ckpt["server"]["round"]:
                 if log is not None:
-                    log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint; starting again from round 1")
+                    log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint")
                 ckpt = None
+        if status == "resume" and log is not None:
+            if ckpt is not None:
+                log(f"resuming {folder.path} after round {ckpt['server']['round']}")
+            else:
+                log(f"{folder.path}: no usable checkpoint; starting again from round 1")
         if ckpt is not None:
             state = _state_from_ckpt(ckpt["server"])
             server.initialised = set(ckpt["initialised"])

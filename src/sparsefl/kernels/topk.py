@@ -68,16 +68,27 @@ def kth_largest(a: Tensor, k: int) -> float:
     m = sample.size
     f = (r + 0.5) / n
     d = int(math.ceil(5.0 * math.sqrt(m * f * (1.0 - f)))) + 2
-    if f >= 0.5:  # the value is among the largest entries: keep those >= a lower bound
+    if f >= 0.5:  # the value is among the largest entries: keep those above a lower bound
         i = int(f * m) - d
-        side = np.compress(arr >= sample[i], arr) if i >= 0 else arr  # (2x a boolean index)
+        if i < 0:
+            return float(np.partition(arr, r)[r])
+        bound = sample[i]
+        side = np.compress(arr > bound, arr)  # strictly: a bound many entries share (0.0) stays out
         j = r - (n - side.size)
-    else:  # among the smallest: keep those <= an upper bound
+        if j >= 0:
+            return float(np.partition(side, j)[j])
+        if j >= -int(np.count_nonzero(arr == bound)):
+            return float(bound)  # the value is the bound itself
+    else:  # among the smallest: keep those below an upper bound
         i = int(f * m) + d
-        side = np.compress(arr <= sample[i], arr) if i < m else arr
-        j = r
-    if 0 <= j < side.size:
-        return float(np.partition(side, j)[j])
+        if i >= m:
+            return float(np.partition(arr, r)[r])
+        bound = sample[i]
+        side = np.compress(arr < bound, arr)
+        if r < side.size:
+            return float(np.partition(side, r)[r])
+        if r < side.size + int(np.count_nonzero(arr == bound)):
+            return float(bound)
     # the bound missed: torch's selection, slower than introselect at its best but never as
     # slow as introselect at its worst (38 ms on a ReLU output, above)
     return float(torch.kthvalue(torch.from_numpy(np.ascontiguousarray(arr)), r + 1).values)
