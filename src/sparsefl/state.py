@@ -50,7 +50,12 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     os.replace(tmp, path)
-    dir_fd = os.open(path.parent, os.O_RDONLY)
+    _fsync_dir(path.parent)
+
+
+def _fsync_dir(folder: Path) -> None:
+    """Make a rename or a new file in ``folder`` durable."""
+    dir_fd = os.open(folder, os.O_RDONLY)
     try:
         os.fsync(dir_fd)
     finally:
@@ -71,11 +76,7 @@ def durable_append(path: str | Path, data: bytes) -> None:
         f.flush()
         os.fsync(f.fileno())
     if new:
-        dir_fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        _fsync_dir(path.parent)
 
 
 _WRITES: dict[str, int] = {}

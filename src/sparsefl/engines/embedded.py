@@ -315,12 +315,8 @@ class EmbeddedEngine:
         """The pool once its warm-up tasks ran (started at the first call and again after a
         worker died); None before, and for good if the workers cannot start (this process then
         runs every client) or after :meth:`close`."""
-        if self.jobs == 1 or self._closed:
-            return None
-        if self._starter is None:
-            self._start_pool()
-        assert self._starter is not None
-        if self._starter.is_alive() or not all(f.done() for f in self._warmup):
+        starter = self._started()
+        if starter is None or starter.is_alive() or not all(f.done() for f in self._warmup):
             return None
         failed = [f.exception() for f in self._warmup if f.exception() is not None]
         if self._pool is None or failed:
@@ -335,14 +331,20 @@ class EmbeddedEngine:
     def wait_ready(self) -> bool:
         """Start the workers if needed and block until they are up (tests and benchmarks);
         False when there are none."""
-        if self.jobs == 1 or self._closed:
+        starter = self._started()
+        if starter is None:
             return False
-        if self._starter is None:
-            self._start_pool()
-        assert self._starter is not None
-        self._starter.join()
+        starter.join()
         wait(self._warmup)
         return self._ready_pool() is not None
+
+    def _started(self) -> threading.Thread | None:
+        """The thread starting the pool (started now if it was not), or None without workers."""
+        if self.jobs == 1 or self._closed:
+            return None
+        if self._starter is None:
+            self._start_pool()
+        return self._starter
 
     def _stop_pool(self) -> None:
         if self._starter is not None:

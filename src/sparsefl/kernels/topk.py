@@ -69,10 +69,7 @@ def kth_largest(a: Tensor, k: int) -> float:
     f = (r + 0.5) / n
     d = int(math.ceil(5.0 * math.sqrt(m * f * (1.0 - f)))) + 2
     if f >= 0.5:  # the value is among the largest entries: keep those above a lower bound
-        i = int(f * m) - d
-        if i < 0:
-            return float(np.partition(arr, r)[r])
-        bound = sample[i]
+        bound = sample[max(int(f * m) - d, 0)]
         side = np.compress(arr > bound, arr)  # strictly: a bound many entries share (0.0) stays out
         j = r - (n - side.size)
         if j >= 0:
@@ -80,10 +77,7 @@ def kth_largest(a: Tensor, k: int) -> float:
         if j >= -int(np.count_nonzero(arr == bound)):
             return float(bound)  # the value is the bound itself
     else:  # among the smallest: keep those below an upper bound
-        i = int(f * m) + d
-        if i >= m:
-            return float(np.partition(arr, r)[r])
-        bound = sample[i]
+        bound = sample[min(int(f * m) + d, m - 1)]
         side = np.compress(arr < bound, arr)
         if r < side.size:
             return float(np.partition(side, r)[r])
