@@ -64,6 +64,14 @@ _PASS_FUNCS = {
 }
 
 
+class _Tracer(fx.Tracer):
+    """Keeps the pass-through modules whole, also subclasses defined outside torch.nn (e.g.
+    :class:`sparsefl.kernels.pool.MaxPool2d`), which fx would otherwise trace into."""
+
+    def is_leaf_module(self, m: nn.Module, module_qualified_name: str) -> bool:
+        return isinstance(m, _PASS_MODULES) or super().is_leaf_module(m, module_qualified_name)
+
+
 class ScatterChannels(nn.Module):
     """Place a compact tensor's channels at ``pos`` (dim 1) of a zero tensor with ``size`` channels."""
 
@@ -152,7 +160,8 @@ def compact(
     The compact ``GraphModule`` (same inputs and output shape as ``model``) and the
     :class:`CompactPlan` that :func:`expand` needs.
     """
-    gm = fx.symbolic_trace(copy.deepcopy(model))
+    root = copy.deepcopy(model)
+    gm = fx.GraphModule(root, _Tracer().trace(root))
     was_training = gm.training
     gm.eval()
     ShapeProp(gm).propagate(torch.zeros(2, *input_shape))

@@ -13,6 +13,7 @@ import torch
 from torch import nn
 
 from sparsefl.errors import ConfigError
+from sparsefl.kernels.pool import MaxPool2d
 from sparsefl.registry import MODELS
 
 
@@ -57,7 +58,7 @@ class CNN(nn.Module):
         self.bn1 = nn.BatchNorm2d(c1)
         self.conv2 = nn.Conv2d(c1, c2, 3, padding=1, bias=False)
         self.bn2 = nn.BatchNorm2d(c2)
-        self.pool = nn.MaxPool2d(2)
+        self.pool = MaxPool2d(2)
         self.fc1 = nn.Linear(c2 * (h // 4) * (w // 4), f)
         self.fc2 = nn.Linear(f, num_classes)
         if h < 4 or w < 4:
@@ -161,7 +162,7 @@ class VGG(nn.Module):
         for v in plan:
             if v == "M":
                 if min(h, w) >= 2:
-                    layers.append(nn.MaxPool2d(2))
+                    layers.append(MaxPool2d(2))
                     h, w = h // 2, w // 2
                 continue
             out = _w(v, width)
