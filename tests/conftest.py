@@ -38,18 +38,18 @@ def interrupted_run():
     from sparsefl.fl.server import Server
 
     def run(cfg, out, at: int) -> None:  # type: ignore[no-untyped-def]
-        real = Server.run_round
+        real = Server.train_round
 
         def stop(self, state, rnd):  # type: ignore[no-untyped-def]
             if rnd == at:
                 raise KeyboardInterrupt
             return real(self, state, rnd)
 
-        Server.run_round = stop  # type: ignore[method-assign]
+        Server.train_round = stop  # type: ignore[method-assign]
         try:
             with pytest.raises(KeyboardInterrupt):
                 run_experiment(cfg, out)
         finally:
-            Server.run_round = real  # type: ignore[method-assign]
+            Server.train_round = real  # type: ignore[method-assign]
 
     return run

@@ -34,7 +34,7 @@ PARENT = textwrap.dedent(
 )
 
 
-@pytest.mark.parametrize("context", ["spawn", "forkserver"])
+@pytest.mark.parametrize("context", ["spawn", "forkserver", "fork"])
 def test_worker_exits_when_its_owner_is_killed(tmp_path: Path, context: str) -> None:
     script = tmp_path / "parent.py"
     script.write_text(PARENT)

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from sparsefl.config import load_config
+from sparsefl.engines import embedded
 from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import RunFolderError
 from sparsefl.experiment.runfolder import RunFolder
@@ -95,9 +96,9 @@ def test_uplink_and_downlink_bytes_are_the_real_payload_lengths():
     seen = {"up": 0, "down": 0}
 
     class Recording(EmbeddedEngine):
-        def run(self, tasks):
+        def run(self, tasks, on_result=None):
             seen["down"] += sum(len(t.payload) for t in tasks)
-            outs = super().run(tasks)
+            outs = super().run(tasks, on_result)
             seen["up"] += sum(len(o.payload) for o in outs)
             return outs
 
@@ -206,24 +207,34 @@ def _rounds(cfg, engine_jobs, wait, rounds=3):
     return state.params, eng
 
 
-def test_clients_split_between_this_process_and_workers_give_the_same_bits():
+@pytest.mark.parametrize("fork", [True, False], ids=["forked", "fork-server"])
+def test_clients_split_between_this_process_and_workers_give_the_same_bits(monkeypatch, fork):
     """Once the workers run, clients are shared between them and this process (which takes
-    tasks from the other end): every parameter equals the one-process run bit for bit."""
+    tasks from the other end): every parameter equals the one-process run bit for bit, with
+    workers forked from this process and from the fork server alike."""
+    monkeypatch.setattr(embedded, "forks", lambda threads: fork)
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
     one, _ = _rounds(cfg, 1, wait=False)
     three, eng = _rounds(cfg, 3, wait=True)
     assert 0 < eng.ran_in_workers < 3 * 6  # both the workers and this process ran clients
-    # shared before the pool's thread pickled them (that move raced with this thread's reads)
-    assert eng.x.is_shared() and eng.y.is_shared()
-    assert all(p.is_shared() for p in eng.method.spec.template.parameters())
+    if not fork:  # shared before the pool's thread pickled them (that move raced with our reads)
+        assert eng.x.is_shared() and eng.y.is_shared()
+        assert all(p.is_shared() for p in eng.method.spec.template.parameters())
     assert one.keys() == three.keys()
     for k in one:
         assert torch.equal(one[k], three[k]), k
 
 
+def test_workers_fork_only_where_gnu_openmp_allows():
+    assert embedded.forks(1) == (sys.platform == "linux")
+    assert not embedded.forks(2)  # a forked child's OpenMP parallel region hangs
+
+
 def test_workers_that_cannot_start_leave_every_client_to_this_process(monkeypatch):
-    """A pool whose workers fail to start (here: a method that cannot be pickled to them) is
-    reported with a warning, and the run goes on in this process with the same result."""
+    """A pool whose workers fail to start (here: a method that cannot be pickled to the fork
+    server's workers) is reported with a warning, and the run goes on in this process with the
+    same result."""
+    monkeypatch.setattr(embedded, "forks", lambda threads: False)
     cfg = load_config(overrides=TINY)
     one, _ = _rounds(cfg, 1, wait=False)
     real_build = build
@@ -240,3 +251,83 @@ def test_workers_that_cannot_start_leave_every_client_to_this_process(monkeypatc
     assert not eng_ready and eng.ran_in_workers == 0
     for k in one:
         assert torch.equal(one[k], two[k]), k
+
+
+def test_pipelined_round_ends_record_what_the_serial_loop_computes(tmp_path):
+    """The runner evaluates and records round r in its server thread while round r+1 trains;
+    every record (accuracy and loss included) equals the one of a plain run_round loop."""
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    run_experiment(cfg, tmp_path / "run")
+    got = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed)
+    server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+    state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
+    timed = {"client_seconds", "round_seconds", "eval_seconds", "seconds"}
+    for rnd, rec in enumerate(got, start=1):
+        state, want = server.run_round(state, rnd)
+        w = want.to_json()
+        assert [c["id"] for c in rec["clients"]] == [c["id"] for c in w["clients"]]
+        assert {k: v for k, v in rec.items() if k not in timed and k != "clients"} == {
+            k: v for k, v in w.items() if k not in timed and k != "clients"
+        }
+        assert rec["accuracy"] is not None and rec["loss"] is not None
+
+
+def test_a_failed_round_end_stops_the_run_and_records_nothing_after_it(tmp_path, monkeypatch):
+    """A write that fails in the server thread (here: metrics.jsonl at round 2) stops the run
+    with that error; no later round is recorded, and the rerun resumes after round 1."""
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    real = RunFolder.append_metrics
+
+    def full_disk(self, record):
+        if record["round"] == 2:
+            raise OSError(28, "No space left on device")
+        real(self, record)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", full_disk)
+    with pytest.raises(OSError, match="No space left"):
+        run_experiment(cfg, tmp_path / "run")
+    folder = RunFolder(tmp_path / "run")
+    assert [r["round"] for r in folder.read_metrics()] == [1]
+    ckpt = folder.latest_checkpoint()
+    assert ckpt is not None and ckpt["server"]["round"] == 1
+    monkeypatch.setattr(RunFolder, "append_metrics", real)
+    logs: list[str] = []
+    again = run_experiment(cfg, tmp_path / "run", log=logs.append)
+    assert any("resuming" in line and "after round 1" in line for line in logs)
+    assert again["model_sha256"] == run_experiment(cfg, tmp_path / "fresh")["model_sha256"]
+
+
+def test_disk_state_commit_keeps_what_its_checkpoint_needs(tmp_path):
+    """commit(r) runs in the server thread while round r+1 writes newer files: it deletes only
+    files older than the versions of round r's end."""
+    store = embedded.ClientStateStore(tmp_path)
+    s = {"v": torch.ones(2)}
+    store.put(1, s, 1)
+    store.put(1, s, 2)
+    at_round_2 = store.versions()
+    store.put(1, s, 3)  # round 3 is under way
+    store.commit(2, at_round_2)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["client-1.r2.safetensors", "client-1.r3.safetensors"]
+    store.restore({}, 2)  # a crash now resumes from round 2's checkpoint: its file is there
+    assert torch.equal(store.get(1)["v"], s["v"]) and store.versions() == {1: 2}
+
+
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_engines_report_every_outcome_once_as_it_is_done(jobs):
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=5"])
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, jobs)
+    try:
+        if jobs > 1:
+            assert eng.wait_ready()
+        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+        state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
+        tasks = server.make_tasks(state, 1, [0, 1, 2, 3, 4])
+        seen: list[int] = []
+        outs = eng.run(tasks, on_result=lambda i, out: seen.append(i) or None)
+    finally:
+        eng.close()
+    assert sorted(seen) == list(range(5))
+    assert all(o.client_id == t.client_id for o, t in zip(outs, tasks))

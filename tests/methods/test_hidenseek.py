@@ -291,7 +291,7 @@ def test_frozen_weights_bit_identical_and_magnitudes_unchanged() -> None:
     for rnd in (1, 2):
         prev = {k: v.clone() for k, v in m.signs(state).items()}
         state, rec = server.run_round(state, rnd)
-        store.commit(rnd)
+        store.commit(rnd, store.versions())
         assert rec.personal_accuracy is not None  # per-client validation on their own signs
         flips += sum(int((m.signs(state)[k] != prev[k]).sum()) for k in prev)
         for k, v in w0.items():

@@ -12,10 +12,11 @@ import io
 import multiprocessing as mp
 import os
 import pickle
+import sys
 import threading
 import traceback
 import warnings
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
 from pathlib import Path
@@ -25,7 +26,7 @@ import torch
 from sparsefl.data import ClientSplit
 from sparsefl.fl.client import run_client
 from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
-from sparsefl.fl.server import ClientFailure
+from sparsefl.fl.server import ClientFailure, ResultCallback
 from sparsefl.methods.base import Method
 from sparsefl.orphans import exit_with_parent
 
@@ -70,13 +71,19 @@ class ClientStateStore:
         atomic_write_bytes(self._path(cid, rnd), save({k: v.contiguous() for k, v in state.items()}))
         self._version[cid] = rnd
 
-    def commit(self, rnd: int) -> None:
-        """A checkpoint of round ``rnd`` is durable: drop older files of the clients it covers."""
+    def versions(self) -> dict[int, int]:
+        """Each client's newest state file's round now (for :meth:`commit`)."""
+        return dict(self._version)
+
+    def commit(self, rnd: int, versions: dict[int, int]) -> None:
+        """A checkpoint of round ``rnd`` is durable: drop the files it no longer needs, those
+        older than ``versions`` (:meth:`versions` taken at the end of round ``rnd``; the next
+        round may be writing newer files meanwhile, which the checkpoint does not cover)."""
         if self.folder is None:
             return
         for p in self.folder.glob("client-*.r*.safetensors"):
             cid, r = _parse(p.name)
-            if r < self._version.get(cid, -1) and r <= rnd:
+            if r < versions.get(cid, -1) and r <= rnd:
                 p.unlink(missing_ok=True)
 
     def snapshot(self) -> dict[int, ClientState]:
@@ -147,22 +154,33 @@ def _worker_ready() -> None:
     (import and unpickle what they need) while this process runs the first rounds' clients."""
 
 
-def _pool_context() -> mp.context.BaseContext:
-    """Worker processes come from a fork server that has imported torch and sparsefl once.
+def forks(threads: int) -> bool:
+    """Whether the first workers are forked from this process: on Linux, when clients run on
+    one intra-op thread.
 
-    Each spawned worker would import torch itself (1-2 s here, on the critical path of the first
-    round). A plain fork is not safe once the parent's OpenMP threads exist, so workers are
-    forked from the fork server, which never runs torch code.
+    A forked worker is ready in milliseconds, with the method and data as they are. GNU OpenMP
+    cannot run a parallel region in a child forked after the parent used its thread pool (the
+    child hangs; reproduced with 2 threads), but a one-thread worker never starts one, as with
+    torch's DataLoader workers. Otherwise workers come from the fork server (:func:`_fork_server`).
     """
+    return sys.platform == "linux" and threads == 1
+
+
+def _fork_server() -> mp.context.BaseContext:
+    """Workers forked from a fork server that imported torch and sparsefl once (1-2 s here)
+    and never runs torch code; each spawned worker would import torch itself."""
     ctx = mp.get_context("forkserver")
     ctx.set_forkserver_preload(["sparsefl.engines.embedded"])
     return ctx
 
 
-def start_fork_server() -> None:
+def start_fork_server(threads: int) -> None:
     """Start the worker fork server now (it imports torch and sparsefl in the background), so
-    the first round's workers need not wait for it; a no-op when it already runs."""
-    _pool_context()
+    the first round's workers need not wait for it; a no-op when workers will be forked from
+    this process (:func:`forks`) or when it already runs."""
+    if forks(threads):
+        return
+    _fork_server()
     from multiprocessing import forkserver
 
     forkserver.ensure_running()
@@ -195,9 +213,10 @@ class EmbeddedEngine:
 
     With ``jobs > 1`` this process computes clients too: it takes tasks from the end of the
     round's list while the workers take them from the front, so the work balances itself
-    and no core waits on the others. The workers start at the first round, in the background
-    (a fresh process needs 1-2 s to import torch); until they are up, every task runs here.
-    Where a client runs never changes its result.
+    and no core waits on the others. The workers start at the first round: forked from this
+    process where :func:`forks` allows (milliseconds), else from the fork server in the
+    background (a fresh process needs 1-2 s to import torch; until they are up, every task
+    runs here). Where a client runs never changes its result.
     """
 
     def __init__(
@@ -219,26 +238,36 @@ class EmbeddedEngine:
         self.ran_in_workers = 0  # tasks the worker processes ran (for tests and benchmarks)
         self._pool: ProcessPoolExecutor | None = None
         self._warmup: list[Future[None]] = []
-        self._starter: threading.Thread | None = None
+        self._starting: Future[None] | None = None  # done once the pool is made (or failed to be)
+        self._starts = 0
         self._start_error: str | None = None
         self._closed = False
 
-    def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
+    def run(
+        self, tasks: Sequence[ClientTask], on_result: ResultCallback | None = None
+    ) -> list[ClientResult | ClientFailure]:
         states = [self.store.get(t.client_id) for t in tasks]
-        outs = (
-            self._run_shared(tasks, states)
-            if self._ready_pool() is not None
-            else [self._run_here(t, s) for t, s in zip(tasks, states)]
-        )
-        for o in outs:
-            if isinstance(o, ClientResult):
-                self.store.put(o.client_id, o.state, o.round)
-        return outs
+
+        def report(i: int, out: ClientResult | ClientFailure) -> ClientResult | ClientFailure:
+            if isinstance(out, ClientResult):
+                self.store.put(out.client_id, out.state, out.round)
+            if on_result is not None:
+                on_result(i, out)
+            return out
+
+        if self._ready_pool() is not None:
+            return self._run_shared(tasks, states, report)
+        return [report(i, self._run_here(t, s)) for i, (t, s) in enumerate(zip(tasks, states))]
 
     def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
         return execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, task, state)
 
-    def _run_shared(self, tasks: Sequence[ClientTask], states: list[ClientState]) -> list[ClientResult | ClientFailure]:
+    def _run_shared(
+        self,
+        tasks: Sequence[ClientTask],
+        states: list[ClientState],
+        report: Callable[[int, ClientResult | ClientFailure], ClientResult | ClientFailure],
+    ) -> list[ClientResult | ClientFailure]:
         """Workers take tasks from the front (at most two queued per worker, so that none idles
         while this process computes), this process from the back. When a worker dies, the pool
         breaks: every task then in the pool fails (``worker process died``), this process runs
@@ -256,11 +285,12 @@ class EmbeddedEngine:
             for f in done:
                 i = inflight.pop(f)
                 try:
-                    outs[i] = f.result()
+                    out = f.result()
                     self.ran_in_workers += 1
                 except BrokenProcessPool:
                     broken = True
-                    outs[i] = ClientFailure(tasks[i].client_id, "worker process died")
+                    out = ClientFailure(tasks[i].client_id, "worker process died")
+                outs[i] = report(i, out)
 
         while lo < hi or inflight:
             while not broken and lo < hi and len(inflight) < 2 * (self.jobs - 1):
@@ -272,7 +302,7 @@ class EmbeddedEngine:
                 lo += 1
             if lo < hi:
                 hi -= 1
-                outs[hi] = self._run_here(tasks[hi], states[hi])
+                outs[hi] = report(hi, self._run_here(tasks[hi], states[hi]))
                 collect(block=False)
             elif inflight:
                 collect(block=True)
@@ -282,41 +312,61 @@ class EmbeddedEngine:
         return outs  # type: ignore[return-value]
 
     def _start_pool(self) -> None:
-        """Make the pool in a background thread: starting a worker blocks until the fork server
-        has imported torch, and this process has clients to run meanwhile. The workers get the
-        method and data as they are now (after the server's ``init_state``)."""
+        """Make the pool. The workers get the method and data as they are now (after the
+        server's ``init_state``).
+
+        The first time, where :func:`forks` allows, the workers are forked right here: this
+        must be a moment when no other thread of this process runs torch code (the runner's
+        server thread starts after the first round). Otherwise (and when a pool is restarted
+        after a worker died) they come from the fork server, in a background thread: starting
+        one blocks until the server has imported torch, and this process has clients to run
+        meanwhile.
+        """
+        fork = forks(self.method.experiment.local.threads) and self._starts == 0
+        self._starts += 1
         initargs: tuple | None = (self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid())
-        try:
-            share_tensors(initargs)
-        except Exception as e:  # noqa: BLE001 - e.g. a method that cannot be pickled: no workers
-            self._start_error = f"{type(e).__name__}: {e}"
-            initargs = None
+        if not fork:  # a forked worker shares this memory as it is; others get pickled tensors
+            try:
+                share_tensors(initargs)
+            except Exception as e:  # noqa: BLE001 - e.g. a method that cannot be pickled: no workers
+                self._start_error = f"{type(e).__name__}: {e}"
+                initargs = None
+        starting: Future[None] = Future()
+        self._starting = starting
 
         def start() -> None:
-            if initargs is None:
-                return
             pool = None
             try:
+                if initargs is None:
+                    return
+                ctx = mp.get_context("fork") if fork else _fork_server()
                 pool = ProcessPoolExecutor(
-                    max_workers=self.jobs - 1, mp_context=_pool_context(), initializer=_worker_init, initargs=initargs
+                    max_workers=self.jobs - 1, mp_context=ctx, initializer=_worker_init, initargs=initargs
                 )
-                # one no-op per worker: they start (import, unpickle) while this process runs clients
-                self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
+                with warnings.catch_warnings():  # Python >= 3.12 warns on any fork with threads
+                    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                    # one no-op per worker: they start (import, unpickle) while this process runs clients
+                    self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
                 self._pool = pool
             except Exception as e:  # noqa: BLE001 - reported by _ready_pool, which carries on without workers
                 self._start_error = f"{type(e).__name__}: {e}"
                 if pool is not None:
                     pool.shutdown(wait=False, cancel_futures=True)
+            finally:
+                starting.set_result(None)
 
-        self._starter = threading.Thread(target=start, name="sparsefl-pool-start", daemon=True)
-        self._starter.start()
+        if fork:
+            start()
+            wait(self._warmup, timeout=30)  # milliseconds, normally; the first round can use them
+        else:
+            threading.Thread(target=start, name="sparsefl-pool-start", daemon=True).start()
 
     def _ready_pool(self) -> ProcessPoolExecutor | None:
         """The pool once its warm-up tasks ran (started at the first call and again after a
         worker died); None before, and for good if the workers cannot start (this process then
         runs every client) or after :meth:`close`."""
-        starter = self._started()
-        if starter is None or starter.is_alive() or not all(f.done() for f in self._warmup):
+        starting = self._started()
+        if starting is None or not starting.done() or not all(f.done() for f in self._warmup):
             return None
         failed = [f.exception() for f in self._warmup if f.exception() is not None]
         if self._pool is None or failed:
@@ -331,25 +381,25 @@ class EmbeddedEngine:
     def wait_ready(self) -> bool:
         """Start the workers if needed and block until they are up (tests and benchmarks);
         False when there are none."""
-        starter = self._started()
-        if starter is None:
+        starting = self._started()
+        if starting is None:
             return False
-        starter.join()
+        starting.result()
         wait(self._warmup)
         return self._ready_pool() is not None
 
-    def _started(self) -> threading.Thread | None:
-        """The thread starting the pool (started now if it was not), or None without workers."""
+    def _started(self) -> Future[None] | None:
+        """The pool's start (begun now if it was not), or None without workers."""
         if self.jobs == 1 or self._closed:
             return None
-        if self._starter is None:
+        if self._starting is None:
             self._start_pool()
-        return self._starter
+        return self._starting
 
     def _stop_pool(self) -> None:
-        if self._starter is not None:
-            self._starter.join()
-            self._starter = None
+        if self._starting is not None:
+            self._starting.result()
+            self._starting = None
         if self._pool is not None:
             self._pool.shutdown(cancel_futures=True)
             self._pool = None

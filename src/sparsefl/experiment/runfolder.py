@@ -117,17 +117,16 @@ class RunFolder:
 
     # -- checkpoints ------------------------------------------------------------------------------
     def save_checkpoint(self, payload: dict[str, Any]) -> None:
-        """Atomically write a checkpoint, keeping the previous one as a fallback.
+        """Atomically write a checkpoint, keeping the previous one as a fallback."""
+        self.write_checkpoint(checkpoint_bytes(payload))
 
-        Layout: 8-byte magic, 32-byte SHA-256 of the body, body (``torch.save`` of the dict).
-        """
-        buf = io.BytesIO()
-        torch.save(payload, buf)
-        body = buf.getvalue()
+    def write_checkpoint(self, data: bytes) -> None:
+        """Atomically write checkpoint bytes (:func:`checkpoint_bytes`), keeping the previous
+        checkpoint as a fallback."""
         cur = self.path / CHECKPOINT
         if cur.exists():
             cur.replace(self.path / PREV_CHECKPOINT)
-        atomic_write_bytes(cur, _MAGIC + hashlib.sha256(body).digest() + body)
+        atomic_write_bytes(cur, data)
 
     def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
         if not path.exists():
@@ -152,3 +151,13 @@ class RunFolder:
             for n in (CHECKPOINT, PREV_CHECKPOINT)
             if (self.path / n).exists() and self._read_checkpoint(self.path / n) is None
         ]
+
+
+def checkpoint_bytes(payload: dict[str, Any]) -> bytes:
+    """A checkpoint file's content: 8-byte magic, 32-byte SHA-256 of the body, body
+    (``torch.save`` of ``payload``). Serialising is separate from writing so that the writing can
+    happen later, in another thread, while the tensors move on."""
+    buf = io.BytesIO()
+    torch.save(payload, buf)
+    body = buf.getvalue()
+    return _MAGIC + hashlib.sha256(body).digest() + body

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import time
 from collections.abc import Callable
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -22,7 +23,7 @@ from sparsefl.accounting import profile_model
 from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine, start_fork_server
-from sparsefl.experiment.runfolder import RunFolder
+from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
 from sparsefl.fl.server import Engine, RoundRecord, Server
 from sparsefl.masks import Mask, default_scope
 from sparsefl.methods.base import Method, ModelSpec, ServerState
@@ -71,6 +72,17 @@ def _state_to_ckpt(state: ServerState) -> dict[str, Any]:
     }
 
 
+def _copied(obj: Any) -> Any:
+    """``obj`` with every dict and list copied and every tensor cloned (a snapshot)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj
+
+
 def _state_from_ckpt(d: dict[str, Any]) -> ServerState:
     return ServerState(
         round=int(d["round"]),
@@ -97,6 +109,9 @@ def run_experiment(
 
     An existing folder with the same config resumes from its last good checkpoint (or returns
     the finished run's summary, unless ``force``); a different config there is refused.
+
+    Each round is evaluated and recorded (metrics line, checkpoint, then ``progress``) in a
+    server thread while the next round trains, in round order; ``progress`` is called there.
     """
     if cfg.engine != "embedded" and engine is None:
         from sparsefl.engines.flower import run_on_flower  # lazy: Flower is the optional extra sparsefl[flower]
@@ -113,12 +128,19 @@ def run_experiment(
 
     t_start = time.perf_counter()
     if engine is None and cfg.jobs > 1:
-        start_fork_server()  # it imports torch while the data and the model are built
+        start_fork_server(cfg.local.threads)  # it imports torch while the data and the model are built
     b = build(cfg, model)
     method = b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
         engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
+    # one server thread: it evaluates and records each round while the next one trains. The
+    # evaluation is mostly long kernels, which release the GIL, so it takes the second core.
+    # Decoding uploads there was tried: it is pure Python, and sharing the GIL with the training
+    # loop slowed the clients more than it saved.
+    background = ThreadPoolExecutor(
+        1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
+    )
     try:  # the engine's worker processes are shut down whatever happens next
         server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
@@ -156,24 +178,49 @@ def run_experiment(
             wall_before = 0.0
             store.restore({}, 0)
         folder.write_metrics(records)
+        failed = False
+
+        def finish(record: RoundRecord, ckpt: dict[str, Any], versions: dict[int, int]) -> None:
+            """The end of a round, in the server thread while the next round trains: evaluate
+            (the checkpoint's copy of the state), then the metrics line, the checkpoint (durable
+            in that order) and progress."""
+            nonlocal failed
+            if failed:  # an earlier round's end failed: nothing later may be recorded
+                return
+            try:
+                server.evaluate_round(_state_from_ckpt(ckpt["server"]), record)
+                records.append(record.to_json())
+                folder.append_metrics(records[-1])
+                folder.write_checkpoint(checkpoint_bytes(ckpt))
+                store.commit(record.round, versions)
+                if progress is not None:
+                    progress(record, {"rounds": cfg.federation.rounds})
+            except BaseException:
+                failed = True
+                raise
+
+        ends: list[Future[None]] = []
         for rnd in range(state.round + 1, cfg.federation.rounds + 1):
-            state, record = server.run_round(state, rnd)
-            records.append(record.to_json())
-            folder.append_metrics(records[-1])
-            folder.save_checkpoint(
+            state, record = server.train_round(state, rnd)
+            # what the checkpoint holds is copied now (later rounds may change tensors in
+            # place); the server thread serialises and writes it
+            ckpt = _copied(
                 {
                     "config_hash": config_hash(cfg),
                     "server": _state_to_ckpt(state),
                     "initialised": sorted(server.initialised),
                     "clients": {str(k): v for k, v in store.snapshot().items()},
-                    "metrics_count": len(records),
+                    "metrics_count": rnd,
                     "wall_seconds": wall_before + time.perf_counter() - t_start,
                 }
             )
-            store.commit(rnd)
-            if progress is not None:
-                progress(record, {"rounds": cfg.federation.rounds})
+            ends.append(background.submit(finish, record, ckpt, store.versions()))
+            while ends and ends[0].done():
+                ends.pop(0).result()  # a failed round end stops the run here
+        for f in ends:
+            f.result()
     finally:
+        background.shutdown(wait=True)  # the rounds already trained are recorded first
         engine.close()
 
     final = method.eval_params(state)

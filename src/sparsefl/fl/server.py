@@ -3,6 +3,10 @@
 ``sample -> per-client tasks -> engine runs clients -> decode -> aggregate -> evaluate -> record``.
 The engine (embedded, worker processes, Flower) only executes client tasks; everything the
 server decides happens here, so every engine gives the same result.
+
+:meth:`Server.run_round` is :meth:`Server.train_round` (up to the new global model) then
+:meth:`Server.evaluate_round`; the runner calls the two separately to evaluate round r in a
+second thread while round r+1 trains.
 """
 
 from __future__ import annotations
@@ -33,10 +37,20 @@ class ClientFailure:
     reason: str
 
 
-class Engine(Protocol):
-    """Runs client tasks; returns one result or failure per task, in task order."""
+ResultCallback = Callable[[int, "ClientResult | ClientFailure"], None]
 
-    def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]: ...
+
+class Engine(Protocol):
+    """Runs client tasks; returns one result or failure per task, in task order.
+
+    An engine that can calls ``on_result(i, outcome)`` in the calling thread as soon as task
+    ``i`` is done: the server decodes it then, in time it would otherwise spend waiting for
+    other processes' clients. Tasks it does not report are decoded after ``run`` returns.
+    """
+
+    def run(
+        self, tasks: Sequence[ClientTask], on_result: ResultCallback | None = None
+    ) -> list[ClientResult | ClientFailure]: ...
 
     def close(self) -> None: ...
 
@@ -52,10 +66,10 @@ class RoundRecord:
     downlink_bytes: int
     train_flops: float
     train_flops_dense: float
-    client_seconds: float
-    round_seconds: float
+    client_seconds: float  # the clients' compute, summed
+    round_seconds: float  # from sampling to the new global model (evaluation not included)
     lr: float
-    eval_seconds: float = 0.0
+    eval_seconds: float = 0.0  # the global model's evaluation (overlaps the next round when pipelined)
     personal_accuracy: float | None = None
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
@@ -124,16 +138,36 @@ class Server:
             return f"decode: {e}"
 
     def run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
-        """Run round ``rnd`` (1-based) from ``state``; re-sample when too few clients succeed.
+        """:meth:`train_round` then :meth:`evaluate_round`: the complete round ``rnd``."""
+        new_state, record = self.train_round(state, rnd)
+        self.evaluate_round(new_state, record)
+        return new_state, record
 
-        The whole round runs with ``local.threads`` intra-op threads: in-process clients then
+    def train_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
+        """Run round ``rnd`` (1-based) from ``state`` up to the aggregation; re-sample when too
+        few clients succeed. The record's evaluation fields stay empty until
+        :meth:`evaluate_round`.
+
+        The round runs with ``local.threads`` intra-op threads: in-process clients then
         need no switch (switching and waking a second OpenMP thread made a 70-sample gather 17x
         slower on a busy machine), and evaluation uses the same count on every engine.
         """
         with torch_threads(self.cfg.local.threads):
-            return self._run_round(state, rnd)
+            return self._train_round(state, rnd)
 
-    def _run_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
+    def evaluate_round(self, new_state: ServerState, record: RoundRecord) -> None:
+        """Fill ``record``'s accuracy and loss on the test set (every ``eval_every`` rounds and
+        after the last), with ``local.threads`` intra-op threads wherever it runs."""
+        fed = self.cfg.federation
+        t = time.perf_counter()
+        if record.round % fed.eval_every == 0 or record.round == fed.rounds:
+            with torch_threads(self.cfg.local.threads):
+                record.accuracy, record.loss = evaluate(
+                    self._eval_model, self.method.eval_params(new_state), self.x_test, self.y_test
+                )
+        record.eval_seconds = time.perf_counter() - t
+
+    def _train_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
         cfg = self.cfg
         fed = cfg.federation
         t0 = time.perf_counter()
@@ -143,12 +177,17 @@ class Server:
             clients = sample_clients(cfg.seed, rnd, fed.num_clients, fed.clients_per_round, attempt)
             tasks = self.make_tasks(state, rnd, clients, attempt)
             down += sum(t.downlink_bytes for t in tasks)
-            outcomes = self.engine.run(tasks)
+            screened: dict[int, Received | str] = {}
+
+            def arrived(i: int, out: ClientResult | ClientFailure) -> None:
+                screened[i] = self._screen(state, tasks[i], out)  # noqa: B023 - called within this attempt
+
+            outcomes = self.engine.run(tasks, on_result=arrived)
             ok: list[tuple[ClientResult, Received]] = []
-            for task, out in zip(tasks, outcomes, strict=True):
+            for i, (task, out) in enumerate(zip(tasks, outcomes, strict=True)):
                 if isinstance(out, ClientResult):
                     up += out.uplink_bytes
-                verdict = self._screen(state, task, out)
+                verdict = screened[i] if i in screened else self._screen(state, task, out)
                 if isinstance(verdict, str):
                     failures.append(
                         {"client": task.client_id, "attempt": attempt, "reason": verdict, "injected": task.fault}
@@ -168,16 +207,11 @@ class Server:
                 + "); the run folder holds the last complete round: fix the cause and rerun to resume"
             )
         new_state = self.method.aggregate(state, [r for _, r in ok])
-        acc = loss = None
-        t_eval = time.perf_counter()
-        if rnd % fed.eval_every == 0 or rnd == fed.rounds:
-            acc, loss = evaluate(self._eval_model, self.method.eval_params(new_state), self.x_test, self.y_test)
-        eval_seconds = time.perf_counter() - t_eval
         results = [r for r, _ in ok]
         record = RoundRecord(
             round=rnd,
-            accuracy=acc,
-            loss=loss,
+            accuracy=None,
+            loss=None,
             uplink_bytes=up,
             downlink_bytes=down,
             train_flops=sum(r.flops for r in results),
@@ -185,7 +219,6 @@ class Server:
             client_seconds=sum(r.seconds for r in results),
             round_seconds=time.perf_counter() - t0,
             lr=tasks[0].lr,
-            eval_seconds=eval_seconds,
             clients=[
                 {
                     "id": r.client_id,

@@ -41,7 +41,7 @@ from sparsefl.engines.flower.records import (
     task_content,
 )
 from sparsefl.fl.messages import ClientResult, ClientTask
-from sparsefl.fl.server import ClientFailure
+from sparsefl.fl.server import ClientFailure, ResultCallback
 
 
 def serialized_bytes(obj: Any) -> int:
@@ -109,8 +109,12 @@ class FlowerEngine:
             waves[k].append(i)
         return waves
 
-    def run(self, tasks: Sequence[ClientTask]) -> list[ClientResult | ClientFailure]:
-        """Send every task to its node and collect one result or failure per task, in order.
+    def run(
+        self, tasks: Sequence[ClientTask], on_result: ResultCallback | None = None
+    ) -> list[ClientResult | ClientFailure]:
+        """Send every task to its node and collect one result or failure per task, in order
+        (``on_result`` is not called: the server decodes after this returns, rather than
+        delay the next wave's push).
 
         With ``trace`` set, appends per task: round, client, node, wave, ``down_bytes`` /
         ``up_bytes`` (our payload lengths), ``down_count_bytes`` / ``up_count_bytes``
