@@ -126,6 +126,30 @@ def test_damaged_checkpoint_falls_back_to_the_previous_one(tmp_path, interrupted
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
 
 
+def test_fallback_checkpoint_keeps_its_client_files_on_disk(tmp_path, interrupted_run):
+    """Resuming from checkpoint.prev.pt (round r-1) needs each client's newest state file as of
+    round r-1, which round r's commit used to delete when that client trained again in round r."""
+    cfg = load_config(
+        overrides=[
+            *TINY,
+            "federation.rounds=5",
+            "federation.client_state='disk'",
+            "method.name=hidenseek",
+            "method.sparsity=0.8",
+            "method.synflow_iterations=5",
+        ]
+    )
+    whole = run_experiment(cfg, tmp_path / "whole")
+    interrupted_run(cfg, tmp_path / "cut", at=5)
+    ck = tmp_path / "cut" / "checkpoint.pt"
+    ck.write_bytes(ck.read_bytes()[:-100])  # round 4's checkpoint is damaged: resume after round 3
+    logs: list[str] = []
+    resumed = run_experiment(cfg, tmp_path / "cut", log=logs.append)
+    assert any("after round 3" in m for m in logs)
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+
+
 def _run_cli(out, extra_env=None, kill_after=None):
     env = dict(os.environ, **(extra_env or {}))
     cmd = [sys.executable, "-m", "sparsefl.cli.main", "run", "--out", str(out)]

@@ -61,8 +61,8 @@ def test_run_folder_contract(tmp_path):
         "summary.json",
         "model.safetensors",
         "mask.safetensors",
-        "accuracy_vs_round.png",
-        "accuracy_vs_uplink.png",
+        "accuracy_vs_round.svg",
+        "accuracy_vs_uplink.svg",
     ):
         assert (d / f).is_file(), f
     summary = json.loads((d / "summary.json").read_text())
@@ -96,9 +96,9 @@ def test_uplink_and_downlink_bytes_are_the_real_payload_lengths():
     seen = {"up": 0, "down": 0}
 
     class Recording(EmbeddedEngine):
-        def run(self, tasks, on_result=None):
+        def run(self, tasks):  # an engine without on_result: the server decodes after run()
             seen["down"] += sum(len(t.payload) for t in tasks)
-            outs = super().run(tasks, on_result)
+            outs = super().run(tasks)
             seen["up"] += sum(len(o.payload) for o in outs)
             return outs
 
@@ -331,3 +331,24 @@ def test_engines_report_every_outcome_once_as_it_is_done(jobs):
         eng.close()
     assert sorted(seen) == list(range(5))
     assert all(o.client_id == t.client_id for o, t in zip(outs, tasks))
+
+
+def test_an_error_in_on_result_is_raised_once_every_task_is_back():
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=4"])
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    try:
+        assert eng.wait_ready()
+        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+        state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
+        tasks = server.make_tasks(state, 1, [0, 1, 2, 3])
+
+        def broken(i, out):
+            raise ValueError("bad callback")
+
+        with pytest.raises(ValueError, match="bad callback"):
+            eng.run(tasks, on_result=broken)
+        assert sorted(eng.store.snapshot()) == [0, 1, 2, 3]  # every result was stored
+        assert len(eng.run(tasks)) == 4  # and the engine is still usable
+    finally:
+        eng.close()

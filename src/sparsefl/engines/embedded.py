@@ -247,17 +247,25 @@ class EmbeddedEngine:
         self, tasks: Sequence[ClientTask], on_result: ResultCallback | None = None
     ) -> list[ClientResult | ClientFailure]:
         states = [self.store.get(t.client_id) for t in tasks]
+        errors: list[BaseException] = []
 
         def report(i: int, out: ClientResult | ClientFailure) -> ClientResult | ClientFailure:
             if isinstance(out, ClientResult):
                 self.store.put(out.client_id, out.state, out.round)
-            if on_result is not None:
-                on_result(i, out)
+            if on_result is not None and not errors:
+                try:
+                    on_result(i, out)
+                except Exception as e:  # noqa: BLE001 - raised below, once every task is back
+                    errors.append(e)
             return out
 
         if self._ready_pool() is not None:
-            return self._run_shared(tasks, states, report)
-        return [report(i, self._run_here(t, s)) for i, (t, s) in enumerate(zip(tasks, states))]
+            outs = self._run_shared(tasks, states, report)
+        else:
+            outs = [report(i, self._run_here(t, s)) for i, (t, s) in enumerate(zip(tasks, states))]
+        if errors:
+            raise errors[0]
+        return outs
 
     def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
         return execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, task, state)
@@ -317,7 +325,8 @@ class EmbeddedEngine:
 
         The first time, where :func:`forks` allows, the workers are forked right here: this
         must be a moment when no other thread of this process runs torch code (the runner's
-        server thread starts after the first round). Otherwise (and when a pool is restarted
+        server thread starts after the first round; other threads, such as a progress bar's,
+        hold no lock a worker needs). Otherwise (and when a pool is restarted
         after a worker died) they come from the fork server, in a background thread: starting
         one blocks until the server has imported torch, and this process has clients to run
         meanwhile.
@@ -343,9 +352,12 @@ class EmbeddedEngine:
                 pool = ProcessPoolExecutor(
                     max_workers=self.jobs - 1, mp_context=ctx, initializer=_worker_init, initargs=initargs
                 )
-                with warnings.catch_warnings():  # Python >= 3.12 warns on any fork with threads
-                    warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-                    # one no-op per worker: they start (import, unpickle) while this process runs clients
+                # one no-op per worker: they start (import, unpickle) while this process runs clients
+                if fork:  # the workers are forked by the first submit, here
+                    with warnings.catch_warnings():  # Python >= 3.12 warns on any fork with threads
+                        warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                        self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
+                else:
                     self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
                 self._pool = pool
             except Exception as e:  # noqa: BLE001 - reported by _ready_pool, which carries on without workers

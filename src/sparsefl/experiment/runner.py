@@ -8,6 +8,7 @@ good checkpoint, or reports a finished run.
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -24,6 +25,7 @@ from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine, start_fork_server
 from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
+from sparsefl.fl.client import torch_threads
 from sparsefl.fl.server import Engine, RoundRecord, Server
 from sparsefl.masks import Mask, default_scope
 from sparsefl.methods.base import Method, ModelSpec, ServerState
@@ -135,12 +137,14 @@ def run_experiment(
     if engine is None:
         engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
     # one server thread: it evaluates and records each round while the next one trains. The
-    # evaluation is mostly long kernels, which release the GIL, so it takes the second core.
-    # Decoding uploads there was tried: it is pure Python, and sharing the GIL with the training
-    # loop slowed the clients more than it saved.
+    # evaluation is mostly long kernels, which release the GIL, so it takes a free core (when
+    # there is one: its intra-op threads come on top of the training's). Decoding uploads there
+    # was tried: it is pure Python, and sharing the GIL with the training loop slowed the
+    # clients more than it saved.
     background = ThreadPoolExecutor(
         1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
     )
+    overlap = 2 * cfg.local.threads <= (os.cpu_count() or 1)
     try:  # the engine's worker processes are shut down whatever happens next
         server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
@@ -180,10 +184,10 @@ def run_experiment(
         folder.write_metrics(records)
         failed = False
 
-        def finish(record: RoundRecord, ckpt: dict[str, Any], versions: dict[int, int]) -> None:
+        def finish(record: RoundRecord, ckpt: dict[str, Any], keep: dict[int, int]) -> None:
             """The end of a round, in the server thread while the next round trains: evaluate
             (the checkpoint's copy of the state), then the metrics line, the checkpoint (durable
-            in that order) and progress."""
+            in that order), the client files no checkpoint needs any more, and progress."""
             nonlocal failed
             if failed:  # an earlier round's end failed: nothing later may be recorded
                 return
@@ -192,35 +196,45 @@ def run_experiment(
                 records.append(record.to_json())
                 folder.append_metrics(records[-1])
                 folder.write_checkpoint(checkpoint_bytes(ckpt))
-                store.commit(record.round, versions)
+                store.commit(record.round, keep)
                 if progress is not None:
                     progress(record, {"rounds": cfg.federation.rounds})
             except BaseException:
                 failed = True
                 raise
 
-        ends: list[Future[None]] = []
-        for rnd in range(state.round + 1, cfg.federation.rounds + 1):
-            state, record = server.train_round(state, rnd)
-            # what the checkpoint holds is copied now (later rounds may change tensors in
-            # place); the server thread serialises and writes it
-            ckpt = _copied(
-                {
-                    "config_hash": config_hash(cfg),
-                    "server": _state_to_ckpt(state),
-                    "initialised": sorted(server.initialised),
-                    "clients": {str(k): v for k, v in store.snapshot().items()},
-                    "metrics_count": rnd,
-                    "wall_seconds": wall_before + time.perf_counter() - t_start,
-                }
-            )
-            ends.append(background.submit(finish, record, ckpt, store.versions()))
-            while ends and ends[0].done():
-                ends.pop(0).result()  # a failed round end stops the run here
-        for f in ends:
-            f.result()
+        pending: Future[None] | None = None
+        # the client files of checkpoint.prev.pt (the fallback) stay until the next commit
+        prev_versions = store.versions()
+        try:
+            for rnd in range(state.round + 1, cfg.federation.rounds + 1):
+                state, record = server.train_round(state, rnd)
+                with torch_threads(cfg.local.threads):
+                    # the checkpoint's content is copied now (later rounds may change tensors in
+                    # place); the server thread serialises and writes it
+                    ckpt = _copied(
+                        {
+                            "config_hash": config_hash(cfg),
+                            "server": _state_to_ckpt(state),
+                            "initialised": sorted(server.initialised),
+                            "clients": {str(k): v for k, v in store.snapshot().items()},
+                            "metrics_count": rnd,
+                            "wall_seconds": wall_before + time.perf_counter() - t_start,
+                        }
+                    )
+                if pending is not None:  # at most one round end outstanding (a failed one stops here)
+                    pending.result()
+                pending = background.submit(finish, record, ckpt, prev_versions)
+                prev_versions = store.versions()
+                if not overlap:
+                    pending.result()
+            if pending is not None:
+                pending.result()
+        finally:
+            background.shutdown(wait=True)  # the rounds already trained are recorded first
+            if pending is not None and pending.done() and pending.exception() is not None and log is not None:
+                log(f"the last round end failed too: {pending.exception()!r}")
     finally:
-        background.shutdown(wait=True)  # the rounds already trained are recorded first
         engine.close()
 
     final = method.eval_params(state)

@@ -11,6 +11,7 @@ second thread while round r+1 trains.
 
 from __future__ import annotations
 
+import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -45,7 +46,8 @@ class Engine(Protocol):
 
     An engine that can calls ``on_result(i, outcome)`` in the calling thread as soon as task
     ``i`` is done: the server decodes it then, in time it would otherwise spend waiting for
-    other processes' clients. Tasks it does not report are decoded after ``run`` returns.
+    other processes' clients. Tasks it does not report are decoded after ``run`` returns, and
+    an engine whose ``run`` has no ``on_result`` parameter is called as ``run(tasks)``.
     """
 
     def run(
@@ -96,6 +98,9 @@ class Server:
     def __post_init__(self) -> None:
         self._eval_model = self.method.new_model()
         self._spec = param_spec(self._eval_model)
+        # engines written before on_result existed are called as run(tasks)
+        run = getattr(self.engine, "run", None)
+        self._engine_reports = run is not None and "on_result" in inspect.signature(run).parameters
 
     def make_tasks(self, state: ServerState, rnd: int, clients: list[int], attempt: int = 0) -> list[ClientTask]:
         """Encode each sampled client's downlink (the broadcast is encoded once per round) and
@@ -182,7 +187,7 @@ class Server:
             def arrived(i: int, out: ClientResult | ClientFailure) -> None:
                 screened[i] = self._screen(state, tasks[i], out)  # noqa: B023 - called within this attempt
 
-            outcomes = self.engine.run(tasks, on_result=arrived)
+            outcomes = self.engine.run(tasks, on_result=arrived) if self._engine_reports else self.engine.run(tasks)
             ok: list[tuple[ClientResult, Received]] = []
             for i, (task, out) in enumerate(zip(tasks, outcomes, strict=True)):
                 if isinstance(out, ClientResult):
