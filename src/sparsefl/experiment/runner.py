@@ -74,6 +74,11 @@ def _state_to_ckpt(state: ServerState) -> dict[str, Any]:
     }
 
 
+def _usable_cpus() -> int:
+    """The CPUs this process may run on (its affinity mask, where the OS has one)."""
+    return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
+
+
 def _copied(obj: Any) -> Any:
     """``obj`` with every dict and list copied and every tensor cloned (a snapshot)."""
     if isinstance(obj, torch.Tensor):
@@ -144,7 +149,7 @@ def run_experiment(
     background = ThreadPoolExecutor(
         1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
     )
-    overlap = 2 * cfg.local.threads <= (os.cpu_count() or 1)
+    overlap = 2 * cfg.local.threads <= _usable_cpus()
     try:  # the engine's worker processes are shut down whatever happens next
         server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
