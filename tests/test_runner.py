@@ -352,3 +352,26 @@ def test_an_error_in_on_result_is_raised_once_every_task_is_back():
         assert len(eng.run(tasks)) == 4  # and the engine is still usable
     finally:
         eng.close()
+
+
+def test_a_round_end_failing_behind_another_error_is_logged(tmp_path, monkeypatch):
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    real_append, real_train = RunFolder.append_metrics, Server.train_round
+
+    def full_disk(self, record):
+        if record["round"] == 2:
+            raise OSError(28, "No space left on device")
+        real_append(self, record)
+
+    def stop(self, state, rnd):
+        if rnd == 3:
+            raise KeyboardInterrupt
+        return real_train(self, state, rnd)
+
+    monkeypatch.setattr(RunFolder, "append_metrics", full_disk)
+    monkeypatch.setattr(Server, "train_round", stop)
+    logs: list[str] = []
+    with pytest.raises(KeyboardInterrupt):
+        run_experiment(cfg, tmp_path / "run", log=logs.append)
+    assert any("No space left" in line for line in logs)
+    assert [r["round"] for r in RunFolder(tmp_path / "run").read_metrics()] == [1]

@@ -8,6 +8,7 @@ order on the server.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import multiprocessing as mp
 import os
@@ -352,12 +353,11 @@ class EmbeddedEngine:
                 pool = ProcessPoolExecutor(
                     max_workers=self.jobs - 1, mp_context=ctx, initializer=_worker_init, initargs=initargs
                 )
-                # one no-op per worker: they start (import, unpickle) while this process runs clients
-                if fork:  # the workers are forked by the first submit, here
-                    with warnings.catch_warnings():  # Python >= 3.12 warns on any fork with threads
+                # one no-op per worker: they start (import, unpickle) while this process runs
+                # clients; forked workers are forked by the first submit, here
+                with warnings.catch_warnings() if fork else contextlib.nullcontext():
+                    if fork:  # Python >= 3.12 warns on any fork with threads
                         warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
-                        self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
-                else:
                     self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
                 self._pool = pool
             except Exception as e:  # noqa: BLE001 - reported by _ready_pool, which carries on without workers

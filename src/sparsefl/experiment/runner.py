@@ -235,10 +235,14 @@ def run_experiment(
                     pending.result()
             if pending is not None:
                 pending.result()
-        finally:
+        except BaseException as e:
             background.shutdown(wait=True)  # the rounds already trained are recorded first
-            if pending is not None and pending.done() and pending.exception() is not None and log is not None:
-                log(f"the last round end failed too: {pending.exception()!r}")
+            late = pending.exception() if pending is not None else None
+            if late is not None and late is not e and log is not None:  # not lost behind `e`
+                log(f"recording the last trained round failed too: {late!r}")
+            raise
+        finally:
+            background.shutdown(wait=True)
     finally:
         engine.close()
 
