@@ -375,3 +375,11 @@ def test_a_round_end_failing_behind_another_error_is_logged(tmp_path, monkeypatc
         run_experiment(cfg, tmp_path / "run", log=logs.append)
     assert any("No space left" in line for line in logs)
     assert [r["round"] for r in RunFolder(tmp_path / "run").read_metrics()] == [1]
+
+
+def test_force_removes_every_file_of_the_previous_run(tmp_path):
+    cfg = load_config(overrides=TINY)
+    run_experiment(cfg, tmp_path / "r")
+    (tmp_path / "r" / "accuracy_vs_round.png").write_bytes(b"from an older version")
+    RunFolder(tmp_path / "r").reset()
+    assert sorted(p.name for p in (tmp_path / "r").iterdir()) == []

@@ -72,7 +72,9 @@ class RunFolder:
             PREV_CHECKPOINT,
             "model.safetensors",
             "mask.safetensors",
-            "accuracy_vs_round.png",
+            "accuracy_vs_round.svg",
+            "accuracy_vs_uplink.svg",
+            "accuracy_vs_round.png",  # the plots of runs from before they were SVG
             "accuracy_vs_uplink.png",
         ):
             (self.path / name).unlink(missing_ok=True)
