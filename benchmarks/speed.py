@@ -313,7 +313,6 @@ if __name__ == "__main__":
     s = run_experiment(cfg, {out!r}, progress=lambda rec, info: ends.append(time.perf_counter()))
     dt = time.perf_counter() - t
     json.dump([b - a for a, b in zip(ends, ends[1:])], open({out!r} + "/round_walls.json", "w"))
-    recs = [json.loads(l) for l in open({out!r} + "/metrics.jsonl")] if False else None
     # VmHWM, not ru_maxrss: after fork + exec, ru_maxrss keeps the (large) benchmark parent's peak
     hwm = [l for l in open("/proc/self/status") if l.startswith("VmHWM:")][0].split()[1]
     print(json.dumps({{"seconds": dt, "sha": s.get("model_sha256"), "acc": s.get("final_accuracy"),
@@ -344,8 +343,8 @@ def bench_jobs(quick: bool) -> None:
             r = run_cfg([*base, f"jobs={j}"])
             t[j].append(r["seconds"])
             shas[j].add(r["sha"])
-            # the second half of the rounds: the workers have started (a fresh process imports
-            # torch for 1-2 s, during which this process runs every client)
+            # the second half of the rounds: steady state (round_seconds is the critical path:
+            # sampling to the new global model; the evaluation overlaps the next round)
             recs = [json.loads(line) for line in open(Path(r["folder"]) / "metrics.jsonl")]
             late[j].append(statistics.median([x["round_seconds"] for x in recs[len(recs) // 2 :]]))
         ratios.append(t[1][-1] / t[2][-1])

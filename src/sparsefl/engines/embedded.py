@@ -77,9 +77,10 @@ class ClientStateStore:
         return dict(self._version)
 
     def commit(self, rnd: int, versions: dict[int, int]) -> None:
-        """A checkpoint of round ``rnd`` is durable: drop the files it no longer needs, those
-        older than ``versions`` (:meth:`versions` taken at the end of round ``rnd``; the next
-        round may be writing newer files meanwhile, which the checkpoint does not cover)."""
+        """A checkpoint of round ``rnd`` is durable: drop each client's files of rounds up to
+        ``rnd`` older than its round in ``versions``. The runner passes :meth:`versions` of the
+        end of round ``rnd - 1``, so the files the previous checkpoint (the fallback) needs
+        stay, and so do newer files the next round may be writing meanwhile."""
         if self.folder is None:
             return
         for p in self.folder.glob("client-*.r*.safetensors"):

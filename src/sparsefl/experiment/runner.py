@@ -187,26 +187,20 @@ def run_experiment(
             wall_before = 0.0
             store.restore({}, 0)
         folder.write_metrics(records)
-        failed = False
 
         def finish(record: RoundRecord, ckpt: dict[str, Any], keep: dict[int, int]) -> None:
             """The end of a round, in the server thread while the next round trains: evaluate
             (the checkpoint's copy of the state), then the metrics line, the checkpoint (durable
-            in that order), the client files no checkpoint needs any more, and progress."""
-            nonlocal failed
-            if failed:  # an earlier round's end failed: nothing later may be recorded
-                return
-            try:
-                server.evaluate_round(_state_from_ckpt(ckpt["server"]), record)
-                records.append(record.to_json())
-                folder.append_metrics(records[-1])
-                folder.write_checkpoint(checkpoint_bytes(ckpt))
-                store.commit(record.round, keep)
-                if progress is not None:
-                    progress(record, {"rounds": cfg.federation.rounds})
-            except BaseException:
-                failed = True
-                raise
+            in that order), the client files no checkpoint needs any more, and progress. The
+            loop waits for each round end before queuing the next, so a failed one stops the
+            run and nothing after it is recorded."""
+            server.evaluate_round(_state_from_ckpt(ckpt["server"]), record)
+            records.append(record.to_json())
+            folder.append_metrics(records[-1])
+            folder.write_checkpoint(checkpoint_bytes(ckpt))
+            store.commit(record.round, keep)
+            if progress is not None:
+                progress(record, {"rounds": cfg.federation.rounds})
 
         pending: Future[None] | None = None
         # the client files of checkpoint.prev.pt (the fallback) stay until the next commit
@@ -236,7 +230,7 @@ def run_experiment(
             if pending is not None:
                 pending.result()
         except BaseException as e:
-            background.shutdown(wait=True)  # the rounds already trained are recorded first
+            # the round already trained is recorded first (exception() waits for it)
             late = pending.exception() if pending is not None else None
             if late is not None and late is not e and log is not None:  # not lost behind `e`
                 log(f"recording the last trained round failed too: {late!r}")

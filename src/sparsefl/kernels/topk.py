@@ -104,7 +104,7 @@ def topk_flat(a: Tensor, k: int) -> tuple[Tensor, float]:
         return torch.ones(n, dtype=torch.bool, device=a.device), float(a.min())
     tau = kth_largest(a, k)
     keep = a >= tau
-    excess = count_at_least(a, tau) - k
+    excess = int(np.count_nonzero(_np(keep))) - k
     if excess > 0:  # drop the highest-index ties
         ties = torch.nonzero(a == tau).flatten()
         keep[ties[ties.numel() - excess :]] = False
