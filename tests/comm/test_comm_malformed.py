@@ -367,3 +367,47 @@ def test_fuzz_only_decode_errors_and_no_silent_corruption(codec: str, data: st.D
         if k in got.sent:
             assert got.sent[k].dtype == torch.bool and got.sent[k].shape == v.shape
             assert bool((v[~got.sent[k]] == 0).all())
+
+
+def _verdict(data: bytes, spec: dict) -> Update | str:
+    try:
+        return decode_update(data, spec)
+    except DecodeError as e:
+        return str(e)
+
+
+def test_remembered_headers_change_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A header the decoder has checked before is recognised by its bytes: every resealed
+    edit of every header byte of a dense message gets the same result, error message
+    included, with the cache warm as with a cold one."""
+    import sparsefl.comm.codecs as C
+
+    u = Update(
+        {
+            "a": torch.randn(3, 5),
+            "b": torch.tensor(7),
+            "c": torch.zeros(4),
+            "d": torch.randn(6, dtype=torch.float64),
+            "e": torch.randn(2).half(),
+        }
+    )
+    data = encode_update(u, "auto")
+    spec = spec_of(u.values)
+    assert _same(decode_update(data, spec), u)  # warms the cache with every header
+    mutants = []
+    for f, s, e in field_spans(data):
+        if f.endswith(("_section", "crc32")) or e == s:
+            continue
+        for value in (0, 1, 2, 0x7F, 0x80, 0xFF, data[s] ^ 1):
+            b = bytearray(data)
+            b[s] = value
+            mutants.append(_reseal(bytes(b)))
+    mutants.append(encode_update(Update({**u.values, "a": u.values["a"] * float("nan")}), "auto"))
+    for spec2 in (spec, {**spec, "a": ((5, 3), torch.float32)}, {**spec, "a": ((3, 5), torch.float64)}):
+        warm = [_verdict(m, spec2) for m in mutants]
+        monkeypatch.setattr(C, "_CHECKED", {})
+        cold = [_verdict(m, spec2) for m in mutants]
+        assert len(C._CHECKED) > 0 or spec2 is not spec  # (a wrong spec fails at the first record)
+        for w, c in zip(warm, cold):
+            assert (isinstance(w, str) and w == c) or (isinstance(w, Update) and isinstance(c, Update) and _same(w, c))
+        monkeypatch.undo()

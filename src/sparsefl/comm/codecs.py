@@ -30,6 +30,7 @@ Wire ids of the codecs are part of the format; never renumber them.
 
 from __future__ import annotations
 
+import functools
 import math
 import zlib
 from collections.abc import Sequence
@@ -63,6 +64,7 @@ from sparsefl.comm.format import (
     MAX_NUMEL,
     MaskMode,
     Reader,
+    TENSOR_FIXED_BYTES,
     TensorHeader,
     VFmt,
     dtype_kind,
@@ -455,6 +457,12 @@ def _candidates(c: Codec, formats: tuple[VFmt, ...], info: _MaskInfo, sent: bool
     return out
 
 
+@functools.lru_cache(maxsize=4096)
+def _header_bytes(h: TensorHeader) -> bytes:
+    """``h.to_bytes()``, remembered: a dense tensor's header is the same every round."""
+    return h.to_bytes()
+
+
 def encode_tensor(
     values: Tensor,
     sent: Tensor | None = None,
@@ -511,10 +519,12 @@ def encode_tensor_parts(
     formats = c.formats(values.dtype) if arr.dtype.kind == "f" else (VFmt.INT,)
 
     cands: list[_Cand] = []
+    info: _MaskInfo | None = None
     if m is None:
         cands += [_Cand(MaskMode.NONE, 0, f, 0, "all") for f in formats]
-        info = _MaskInfo(arr != 0, tuple(values.shape))  # NaN counts as nonzero, -0.0 as zero
-        if not c.dense and info.nnz < n:
+        # the nonzero support (NaN counts as nonzero, -0.0 as zero), when it may be smaller
+        if not c.dense and np.count_nonzero(arr) < n:
+            info = _MaskInfo(arr != 0, tuple(values.shape))
             cands += _candidates(c, formats, info, False, kn)
     else:
         info = _MaskInfo(m, tuple(values.shape))
@@ -528,19 +538,24 @@ def encode_tensor_parts(
             if sel == "all":
                 gathered[sel] = arr
             elif sel == "dense":
+                assert info is not None
                 gathered[sel] = np.where(info.m, arr, arr.dtype.type(0))
             else:
-                gathered[sel] = arr[kn if sel == "known" else info.m]
+                assert info is not None or sel == "known"
+                gathered[sel] = arr[kn if sel == "known" else info.m]  # type: ignore[union-attr]
         return gathered[sel]
 
     best_total, chosen, chosen_vals = -1, None, None
-    for cand in cands:
-        vals = vals_of(cand.values)
-        if cand.vfmt == VFmt.SIGN and not V.is_sign(vals):
-            continue
-        total = cand.mask_nbytes + V.nbytes(cand.vfmt, vals)
-        if chosen is None or total < best_total:
-            best_total, chosen, chosen_vals = total, cand, vals
+    if len(cands) == 1 and cands[0].vfmt != VFmt.SIGN:  # nothing to compare
+        chosen, chosen_vals = cands[0], vals_of(cands[0].values)
+    else:
+        for cand in cands:
+            vals = vals_of(cand.values)
+            if cand.vfmt == VFmt.SIGN and not V.is_sign(vals):
+                continue
+            total = cand.mask_nbytes + V.nbytes(cand.vfmt, vals)
+            if chosen is None or total < best_total:
+                best_total, chosen, chosen_vals = total, cand, vals
     if chosen is None or chosen_vals is None:
         raise ValueError(f"{what}: sign encoding needs every sent value to be +1 or -1")
 
@@ -550,6 +565,7 @@ def encode_tensor_parts(
         assert kn is not None
         mask_bytes, k = known_fingerprint(kn), 0
     else:
+        assert info is not None
         mask_bytes, k = info.encode(chosen.mode)
     value_bytes = V.encode(chosen.vfmt, chosen_vals, what)
     if chosen.mode == MaskMode.NONE:
@@ -558,6 +574,7 @@ def encode_tensor_parts(
         assert kn is not None
         nnz = int(np.count_nonzero(kn))
     else:
+        assert info is not None
         nnz = info.nnz
     header = TensorHeader(
         codec=c.wire_id,
@@ -571,7 +588,7 @@ def encode_tensor_parts(
         mask_len=len(mask_bytes),
         value_len=len(value_bytes),
     )
-    return [header.to_bytes(), mask_bytes, value_bytes]
+    return [_header_bytes(header), mask_bytes, value_bytes]
 
 
 # --------------------------------------------------------------------------------------------
@@ -579,21 +596,30 @@ def encode_tensor_parts(
 # --------------------------------------------------------------------------------------------
 
 
-#: headers already checked against a (shape, dtype): dense uploads repeat theirs every round
-_CHECKED: dict[tuple[TensorHeader, tuple[int, ...], torch.dtype], Codec] = {}
+#: headers already read and checked against a (shape, dtype), by their bytes: a dense tensor's
+#: header (and a FULL, EMPTY or KNOWN one) is the same every round, and comparing its bytes costs a
+#: fraction of parsing and checking it again. Keyed by the 10 fixed bytes, shape and dtype;
+#: the value is the whole header's bytes and its parsed fields.
+_CHECKED: dict[tuple[bytes, tuple[int, ...], torch.dtype], tuple[bytes, TensorHeader]] = {}
+_CONSTANT_MODES = frozenset((MaskMode.NONE, MaskMode.FULL, MaskMode.EMPTY, MaskMode.KNOWN))
 
 
-def _check_header(h: TensorHeader, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Codec:
-    """Every consistency rule between header fields, and against the receiver's spec."""
-    key = (h, shape, dtype)
-    known = _CHECKED.get(key)
-    if known is not None:
-        return known
-    codec = _check_header_fields(h, shape, dtype, what)
+def _read_checked_header(r: Reader, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> TensorHeader:
+    """:func:`read_header` at ``r``, then every consistency rule between its fields and against
+    the receiver's spec (:func:`_check_header_fields`); a header seen before is recognised by
+    its bytes."""
+    start = r.pos
+    key = (bytes(r.data[start : start + TENSOR_FIXED_BYTES]), shape, dtype)
+    hit = _CHECKED.get(key)
+    if hit is not None and r.data[start : start + len(hit[0])] == hit[0]:
+        r.pos = start + len(hit[0])
+        return hit[1]
+    h = read_header(r)
+    _check_header_fields(h, shape, dtype, what)
     # sparse headers carry their nnz and section lengths, which change every round
-    if h.mode in (MaskMode.NONE, MaskMode.FULL, MaskMode.KNOWN) and len(_CHECKED) < 4096:
-        _CHECKED[key] = codec
-    return codec
+    if h.mode in _CONSTANT_MODES and len(_CHECKED) < 4096:
+        _CHECKED[key] = (bytes(r.data[start : r.pos]), h)
+    return h
 
 
 def _check_header_fields(h: TensorHeader, shape: tuple[int, ...], dtype: torch.dtype, what: str) -> Codec:
@@ -676,7 +702,7 @@ def _decode_mask(
             raise DecodeError(f"{what}: bitmask has {np.count_nonzero(m)} entries, payload says {h.nnz}")
         return m, None
     if mode == MaskMode.ROWS:
-        # _check_header guarantees ndim >= 2, n > 0 and nnz = kept * row
+        # _check_header_fields guarantees ndim >= 2, n > 0 and nnz = kept * row
         c = h.shape[0]
         row = n // c
         kept = h.nnz // row
@@ -720,6 +746,14 @@ _NP_DTYPE = {
     torch.bfloat16: np.dtype(np.float32),
     torch.float32: np.dtype(np.float32),
     torch.float64: np.dtype(np.float64),
+}
+
+
+#: dtype -> (value format, wire dtype) of a dense record in the tensor's own precision
+_DENSE_SAME = {
+    torch.float32: (VFmt.F32, np.dtype("<f4")),
+    torch.float64: (VFmt.F64, np.dtype("<f8")),
+    torch.float16: (VFmt.F16, np.dtype("<f2")),
 }
 
 
@@ -770,11 +804,20 @@ def decode_record(
     what = r.where
     if dtype not in _NP_DTYPE:
         raise ValueError(f"{what}: the receiver's spec asks for {dtype}, which no codec carries")
-    h = read_header(r)
-    _check_header(h, shape, dtype, what)
+    h = _read_checked_header(r, shape, dtype, what)
     n = math.prod(shape)
+    fast = _DENSE_SAME.get(dtype)
+    if fast is not None and h.mode == MaskMode.NONE and h.vfmt == fast[0]:
+        # the common record (a dense tensor in its own precision): one copy and one check;
+        # anything inconsistent takes the general path below, which says what is wrong
+        wire = fast[1]
+        if h.mask_len == 0 and h.value_len == n * wire.itemsize:
+            vals = np.frombuffer(r.view(h.value_len, "value section"), wire).astype(wire.newbyteorder("="))
+            if allow_nonfinite or _all_finite(vals):
+                return torch.from_numpy(vals.reshape(shape)), None
+            raise DecodeError(f"{what}: NaN or infinite values (the receiver forbids them)")
     mask_buf = r.take(h.mask_len, "mask section")
-    value_buf = r.take(h.value_len, "value section")
+    value_buf = r.view(h.value_len, "value section")  # copied once, by _convert
     m, idx = _decode_mask(h, mask_buf, n, known, what)
     dense_values = h.mode == MaskMode.NONE or bool(h.flags & FLAG_DENSE_VALUES)
     if m is None and idx is not None and (dense_values or not h.flags & FLAG_SUPPORT):

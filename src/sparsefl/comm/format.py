@@ -276,6 +276,14 @@ class Reader:
         self.pos += n
         return out
 
+    def view(self, n: int, field: str) -> memoryview:
+        """The next ``n`` bytes without copying them (valid while the message is)."""
+        if n > self.end - self.pos:
+            raise self.fail(f"truncated: {field} needs {n} bytes, only {self.end - self.pos} remain")
+        out = memoryview(self.data)[self.pos : self.pos + n]
+        self.pos += n
+        return out
+
     def varint(self, field: str, limit: int) -> int:
         """One canonical LEB128 varint no larger than ``limit``."""
         pos = self.pos

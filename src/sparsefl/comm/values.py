@@ -66,6 +66,8 @@ def nbytes(fmt: VFmt, vals: np.ndarray) -> int:
 
 
 def _cast(vals: np.ndarray, dtype: np.dtype, what: str) -> np.ndarray:
+    if vals.dtype == dtype:  # nothing to convert, nothing can overflow
+        return vals
     with np.errstate(over="ignore", invalid="ignore"):
         out = vals.astype(dtype)
     bad = np.isfinite(vals) & ~np.isfinite(out)
