@@ -59,3 +59,32 @@ def test_exponential_lr_decay_hits_both_ends():
     assert abs(round_lr(0.1, 0.01, 11, 11) - 0.01) < 1e-12
     assert abs(round_lr(0.1, 0.01, 6, 11) - 0.1 * 0.1**0.5) < 1e-12
     assert round_lr(0.1, None, 5, 11) == 0.1
+
+
+def test_weighted_mean_of_many_tensors_equals_the_per_tensor_float64_loop_bit_for_bit():
+    # the flat path (tensors every client sent, one dtype) against the definition, with mixed
+    # shapes, a tensor only some clients sent, an integer buffer and a float64 tensor
+    g = torch.Generator().manual_seed(0)
+    shapes = {"a": (3, 4), "b": (7,), "c": (2, 2, 2), "d": ()}
+    ups = []
+    for k in range(5):
+        vals = {n: torch.randn(s, generator=g) * 10 ** (k - 2) for n, s in shapes.items()}
+        vals["n"] = torch.tensor(10 + k)
+        vals["e"] = torch.randn(3, generator=g, dtype=torch.float64)
+        if k % 2:
+            vals["part"] = torch.randn(5, generator=g)
+        ups.append(Update(vals))
+    ns = [3, 17, 1, 8, 40]
+    names = ["a", "b", "c", "d", "e", "n", "part"]
+    out = agg.weighted_mean(ups, ns, names)
+    assert list(out) == names
+    for name in names:
+        ref = next(u.values[name] for u in ups if name in u.values)
+        acc = torch.zeros(ref.shape, dtype=torch.float64)
+        for u, n in zip(ups, ns):
+            if name in u.values:
+                acc += u.values[name].to(torch.float64) * (n / sum(ns))
+        want = acc.floor().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
+        assert out[name].dtype == want.dtype and out[name].shape == want.shape
+        assert torch.equal(out[name], want), name
+        assert out[name].untyped_storage().nbytes() == want.numel() * want.element_size()  # no shared buffer

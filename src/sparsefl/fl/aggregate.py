@@ -13,6 +13,7 @@ what an unsent coordinate means (METHODS.md section 0.1):
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -34,15 +35,40 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
     ``num_batches_tracked``) take the weighted mean rounded down.
     """
     total = float(sum(num_examples))
+    weights = [n / total for n in num_examples]
     out: Tensors = {}
+    # the floating tensors that every client sent in one dtype are summed as one flat vector
+    # per client: four tensor operations per client instead of three per client and tensor.
+    # Each coordinate still gets the same float64 product and the same sums in client order,
+    # so the result is bit for bit that of the per-tensor loop below.
+    first = updates[0].values if updates else {}
+    flat = [
+        n
+        for n in names
+        if n in first
+        and first[n].is_floating_point()
+        and all(n in u.values and u.values[n].dtype == first[n].dtype for u in updates)
+    ]
+    if len(flat) > 1:
+        size = sum(first[n].numel() for n in flat)
+        acc = torch.zeros(size, dtype=torch.float64)
+        raw = torch.empty(size, dtype=functools.reduce(torch.promote_types, (first[n].dtype for n in flat)))
+        term = torch.empty(size, dtype=torch.float64)
+        for u, w in zip(updates, weights):
+            torch.cat([u.values[n].reshape(-1) for n in flat], out=raw)
+            acc += term.copy_(raw).mul_(w)  # not add_(alpha=w): a fused multiply-add rounds once
+        for n, part in zip(flat, acc.split([first[n].numel() for n in flat])):
+            out[n] = part.to(first[n].dtype, copy=True).reshape(first[n].shape)  # its own buffer
     for name in names:
+        if name in out:
+            continue
         ref = next(u.values[name] for u in updates if name in u.values)
         acc = torch.zeros(ref.shape, dtype=torch.float64)
-        for u, n in zip(updates, num_examples):
+        for u, w in zip(updates, weights):
             if name in u.values:
-                acc += u.values[name].to(torch.float64) * (n / total)
+                acc += u.values[name].to(torch.float64) * w
         out[name] = acc.floor().to(ref.dtype) if not ref.is_floating_point() else acc.to(ref.dtype)
-    return out
+    return {name: out[name] for name in names}
 
 
 zero_as_value = weighted_mean
