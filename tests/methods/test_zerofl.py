@@ -14,6 +14,7 @@ from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import run_experiment
+from sparsefl.kernels.topk import shrink
 from sparsefl.methods.base import LocalContext, ModelSpec, Received, ServerState
 from sparsefl.methods.zerofl import (
     CachedTopK,
@@ -395,3 +396,41 @@ def test_mask_ratio_zero_is_worse_on_skewed_digits(tmp_path) -> None:  # type: i
         for r in (0.0, 0.1, 0.2)
     }
     assert acc[0.0] < min(acc[0.1], acc[0.2]), acc
+
+
+@pytest.mark.parametrize("kind", ["conv", "linear"])
+def test_deferred_input_threshold_gives_the_same_grads_and_keeps_x_for_backward(kind: str) -> None:
+    """A threshold in place of the sparse input (CachedTopK.deferred): the input is shrunk in
+    the backward, with exactly the numbers of the explicit sparse input."""
+    torch.manual_seed(4)
+    x = torch.randn(2, 3, 6, 6) if kind == "conv" else torch.randn(4, 9)
+    w = torch.randn(5, 3, 3, 3) if kind == "conv" else torch.randn(5, 9)
+    tau = float(x.abs().flatten().kthvalue(int(0.7 * x.numel())).values)
+    ws = shrink(w, float(w.abs().flatten().kthvalue(int(0.6 * w.numel())).values))
+    grads = []
+    for xsp in (shrink(x, tau), tau):
+        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
+        if kind == "conv":
+            y = SwatConv.apply(xr, wr, None, ws, xsp, (1, 1), (1, 1), (1, 1), 1)
+        else:
+            y = SwatLinear.apply(xr, wr, None, ws, xsp)
+        (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
+        grads.append((y.detach(), xr.grad, wr.grad))
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
+    # the cache's deferred answer: the threshold, and the density sparsify would report
+    c1, c2 = CachedTopK(0.3, 10, 0), CachedTopK(0.3, 10, 0)
+    c1.sparsify(x, 0), c2.deferred(x, 0)
+    d1, d2 = c1.sparsify(x * 1.1, 1), c2.deferred(x * 1.1, 1)
+    assert d2[0] == c1.tau and torch.equal(shrink(x * 1.1, d2[0]), d1[0]) and d1[1] == d2[1]
+    # an in-place change of x after the forward is caught, as for a dense layer
+    xr = x.clone().requires_grad_()
+    h = xr * 1.0
+    y = (
+        SwatConv.apply(h, w, None, ws, tau, (1, 1), (1, 1), (1, 1), 1)
+        if kind == "conv"
+        else SwatLinear.apply(h, w.clone().requires_grad_(), None, ws, tau)
+    )
+    h.mul_(2)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        y.sum().backward()

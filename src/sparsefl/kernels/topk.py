@@ -111,7 +111,7 @@ def topk_flat(a: Tensor, k: int) -> tuple[Tensor, float]:
     return keep, tau
 
 
-def nonzero_fraction(t: Tensor, max_exact: int = 8192) -> float:
+def nonzero_fraction(t: Tensor, max_exact: int = 8192, tau: float | None = None) -> float:
     """The fraction of nonzero entries of ``t``: exact up to ``max_exact`` entries, else measured
     on a fixed sample of ``max_exact`` entries in evenly spaced runs of 64 (deterministic).
 
@@ -120,6 +120,9 @@ def nonzero_fraction(t: Tensor, max_exact: int = 8192) -> float:
     density of every sparsified tensor on every step samples the large ones. The standard error
     is about ``sqrt(d (1 - d) / max_exact)`` in absolute density ``d`` (0.0033 at ``d = 0.1``)
     when neighbouring entries are independent, more when they are correlated within a run.
+
+    With ``tau``, the fraction of ``shrink(t, tau)`` (the same entries, so the same number),
+    without building the shrunk tensor: only the sampled entries are shrunk.
     """
     n = t.numel()
     if n == 0:
@@ -130,6 +133,8 @@ def nonzero_fraction(t: Tensor, max_exact: int = 8192) -> float:
         # sample, which cost as much as the sparsification pass itself
         runs = max(1, max_exact // 64)
         flat = flat.as_strided((runs, 64), (n // runs, 1))
+    if tau is not None:
+        flat = shrink(flat, tau)
     return int(flat.bool().sum()) / flat.numel()
 
 

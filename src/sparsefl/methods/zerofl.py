@@ -94,8 +94,11 @@ Speed
 -----
 Exact top-k refreshes take linear time (:mod:`sparsefl.kernels.topk`; a sort of a 2.4M-weight
 layer took 0.9 s here), and a threshold step sparsifies each weight and input tensor in one pass
-(``hardshrink`` at the cached threshold). What remains over a dense step is that pass over each
-sparsified layer's input activations and weights: oneDNN's dense convolutions do not get faster on
+(``hardshrink`` at the cached threshold). An input's pass runs in the backward, right before the
+weight-gradient product that reads it (:class:`SwatConv`), so no sparse copy is held from the
+forward and both products read tensors still in cache. What remains over a dense step is that
+pass over each sparsified layer's input activations and weights, and the autograd functions'
+Python: oneDNN's dense convolutions do not get faster on
 zeros, and unstructured sparse convolutions lose to them on this CPU (PERF_PROBE), so SWAT's
 sparsity cannot pay for itself in wall-clock time here. ``benchmarks/speed.py`` measures it.
 """
@@ -248,10 +251,41 @@ class CachedTopK:
         out = shrink(v, self.tau)
         return out, nonzero_fraction(out)
 
+    def deferred(self, v: Tensor, step: int) -> tuple[Tensor | float, float]:
+        """:meth:`sparsify` for a tensor that is only needed sparse later (a layer's input in
+        the backward): the threshold to apply then (``shrink(v, tau)`` is exactly what
+        :meth:`sparsify` returns) and the same density, without building the sparse tensor
+        now; the sparse tensor itself when an exact top-k with ties needs an explicit mask."""
+        n = v.numel()
+        if self.density >= 1.0 or n == 0 or self.refresh_due(step):
+            return self.sparsify(v, step)
+        assert self.tau is not None
+        return self.tau, nonzero_fraction(v.detach(), tau=self.tau)
+
 
 # --------------------------------------------------------------------------------------------------
 # The SWAT autograd functions
 # --------------------------------------------------------------------------------------------------
+
+
+def _save_sparse_input(ctx: Any, x: Tensor, x_sparse: Tensor | float, dt: torch.dtype, ws: Tensor) -> None:
+    """Save the sparse input (or the input and its threshold, see :class:`SwatConv`) and the
+    sparse weights, in the products' dtype ``dt``."""
+    if isinstance(x_sparse, Tensor):
+        ctx.tau = None
+        ctx.save_for_backward(x_sparse.to(dt), ws)
+    else:
+        ctx.tau = float(x_sparse)
+        ctx.save_for_backward(x.detach(), ws)
+
+
+def _saved_sparse_input(ctx: Any) -> tuple[Tensor, Tensor]:
+    """``(x_sparse, w_sparse)`` as :func:`_save_sparse_input` saved them."""
+    x, ws = ctx.saved_tensors
+    if ctx.tau is None:
+        return x, ws
+    # shrunk in the input's own dtype, then cast: exactly the tensor the forward would have saved
+    return shrink(x, ctx.tau).to(ws.dtype), ws
 
 
 class SwatConv(torch.autograd.Function):
@@ -263,6 +297,12 @@ class SwatConv(torch.autograd.Function):
     goes to ``weight``, straight through its sparsification), and the dense bias gradient.
     ``w_sparse`` and ``x_sparse`` are ``weight`` and ``x`` with the entries outside their top-k
     zeroed (:meth:`CachedTopK.sparsify`); they get no gradient.
+
+    ``x_sparse`` may instead be a threshold ``tau`` (:meth:`CachedTopK.deferred`): ``x`` is then
+    saved, and ``shrink(x, tau)`` is built in the backward, right before the product that reads
+    it. The same numbers, one tensor fewer held from the forward to the backward (``x`` is held
+    anyway, by the layer before), and the convolutions read tensors that are still in cache: a
+    ResNet-20 step was 0.90x dense with the sparse input built in the forward.
     """
 
     @staticmethod
@@ -272,7 +312,7 @@ class SwatConv(torch.autograd.Function):
         weight: Tensor,
         bias: Tensor | None,
         w_sparse: Tensor,
-        x_sparse: Tensor,
+        x_sparse: Tensor | float,
         stride: Sequence[int],
         padding: Sequence[int],
         dilation: Sequence[int],
@@ -284,8 +324,9 @@ class SwatConv(torch.autograd.Function):
         y = torch.ops.aten.convolution(
             x.to(dt), ws, b, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
         )
-        # SWAT saves the sparse input and the sparse weights for the backward pass.
-        ctx.save_for_backward(x_sparse.to(dt), ws)
+        # SWAT saves the sparse input (or, deferred, the input and its threshold) and the
+        # sparse weights for the backward pass.
+        _save_sparse_input(ctx, x, x_sparse, dt, ws)
         ctx.conf = (
             list(stride),
             list(padding),
@@ -299,7 +340,7 @@ class SwatConv(torch.autograd.Function):
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_sparse, w_sparse = ctx.saved_tensors
+        x_sparse, w_sparse = _saved_sparse_input(ctx)
         stride, padding, dilation, groups, x_dtype, w_dtype, bias_info = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         # aten's convolution_backward: grad_input uses only the weight (sparse), grad_weight only
@@ -334,18 +375,18 @@ class SwatLinear(torch.autograd.Function):
 
     @staticmethod
     def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_sparse: Tensor, x_sparse: Tensor
+        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_sparse: Tensor, x_sparse: Tensor | float
     ) -> Tensor:
         dt = compute_dtype(x)
         ws = w_sparse.to(dt)
         y = F.linear(x.to(dt), ws, None if bias is None else bias.to(dt))
-        ctx.save_for_backward(x_sparse.to(dt), ws)
+        _save_sparse_input(ctx, x, x_sparse, dt, ws)
         ctx.conf = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
         return y
 
     @staticmethod
     def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_sparse, w_sparse = ctx.saved_tensors
+        x_sparse, w_sparse = _saved_sparse_input(ctx)
         x_dtype, w_dtype, b_dtype = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         gy = gy.to(w_sparse.dtype)
@@ -356,14 +397,14 @@ class SwatLinear(torch.autograd.Function):
         return gx, gw, gb, None, None
 
 
-def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_sparse: Tensor, x_sparse: Tensor) -> Tensor:
+def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
     """Apply :class:`SwatConv` with the geometry of ``conv``."""
     return SwatConv.apply(
         x, conv.weight, conv.bias, w_sparse, x_sparse, conv.stride, conv.padding, conv.dilation, conv.groups
     )
 
 
-def swat_linear(x: Tensor, lin: nn.Linear, w_sparse: Tensor, x_sparse: Tensor) -> Tensor:
+def swat_linear(x: Tensor, lin: nn.Linear, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
     """Apply :class:`SwatLinear` with the parameters of ``lin``."""
     return SwatLinear.apply(x, lin.weight, lin.bias, w_sparse, x_sparse)
 
@@ -454,7 +495,7 @@ class ZeroFLHooks(LocalHooks):
 
     def _swat_forward(self, name: str, mod: nn.Module, x: Tensor) -> Tensor:
         ws, wd = self._weight_sparse(name, mod.weight)
-        xs, xd = self.act_topk[name].sparsify(x, self.step)
+        xs, xd = self.act_topk[name].deferred(x, self.step)  # applied in the backward
         self._density[name] = LayerDensity(forward=wd, grad_input=wd, grad_weight=xd)
         if isinstance(mod, nn.Linear):
             return swat_linear(x, mod, ws, xs)
