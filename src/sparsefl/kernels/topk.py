@@ -14,6 +14,7 @@ order a stable descending sort gives), so every mask here is deterministic.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import numpy as np
@@ -147,8 +148,12 @@ def _flat_view(t: Tensor) -> Tensor:
     return t.reshape(-1)
 
 
+@functools.lru_cache(maxsize=1024)
 def below(tau: float, dtype: torch.dtype) -> float:
-    """The largest value of ``dtype`` strictly below ``tau`` (``tau > 0`` finite, representable)."""
+    """The largest value of ``dtype`` strictly below ``tau`` (``tau > 0`` finite, representable).
+
+    Remembered: a cached threshold is shrunk with every step (numpy's scalar ``nextafter`` took
+    about 1 ms of a 130 ms ResNet-20 ZeroFL step, over its 58 calls)."""
     if dtype == torch.float32:
         return float(np.nextafter(np.float32(tau), np.float32(0)))
     if dtype == torch.float64:
