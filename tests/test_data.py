@@ -192,3 +192,22 @@ def test_digits_read_from_the_csv_equal_scikit_learn() -> None:
     d = sk_digits()
     assert np.array_equal(x, d.images.astype(np.float32) / 16.0) and x.dtype == np.float32
     assert np.array_equal(y, d.target) and y.dtype == np.int64
+
+
+def test_class_labels_equal_np_unique_without_importing_numpy_ma():
+    import subprocess
+    import sys
+
+    import numpy as np
+
+    from sparsefl.data.partition import class_labels
+
+    for a in (np.array([3, 1, 2, 3, 1]), np.array([], np.int64), np.array([5]), np.arange(-3, 9).repeat(3)[::-1]):
+        assert np.array_equal(class_labels(a), np.unique(a))
+    # a default run's data never imports numpy.ma (np.unique does, 65 ms)
+    code = (
+        "import sys; from sparsefl.config import load_config; from sparsefl.experiment.runner import build; "
+        "build(load_config(None, [])); print('numpy.ma' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.strip() == "False"

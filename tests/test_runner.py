@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import sys
+import threading
 
 import pytest
 import torch
@@ -223,6 +224,37 @@ def test_clients_split_between_this_process_and_workers_give_the_same_bits(monke
     assert one.keys() == three.keys()
     for k in one:
         assert torch.equal(one[k], three[k]), k
+    assert not [t for t in threading.enumerate() if t.name == "sparsefl-feeder"]  # stopped after each round
+
+
+def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
+    """A task the pool does not take (here: submit raises, as after a shutdown) runs in this
+    process: same bits, no failure recorded."""
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
+    one, _ = _rounds(cfg, 1, wait=False, rounds=1)
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    try:
+        assert eng.wait_ready()
+        pool = eng._pool
+        real = pool.submit
+        calls: list[int] = []
+
+        def refuse_second(*a, **k):  # type: ignore[no-untyped-def]
+            calls.append(1)
+            if len(calls) == 2:
+                raise RuntimeError("cannot schedule new futures after shutdown")
+            return real(*a, **k)
+
+        monkeypatch.setattr(pool, "submit", refuse_second)
+        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+        state = b.method.init_state(dict(b.spec.build().state_dict()))
+        state, record = server.run_round(state, 1)
+    finally:
+        eng.close()
+    assert len(calls) >= 2 and not record.failures
+    for k in one:
+        assert torch.equal(one[k], state.params[k]), k
 
 
 def test_workers_fork_only_where_gnu_openmp_allows():

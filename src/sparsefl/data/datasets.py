@@ -19,6 +19,7 @@ import numpy as np
 import torch
 
 from sparsefl.config import DataConfig
+from sparsefl.data.partition import class_labels
 from sparsefl.errors import DataError
 from sparsefl.registry import DATASETS
 from sparsefl.rng import np_rng
@@ -105,12 +106,14 @@ def _holdout(x: np.ndarray, y: np.ndarray, fraction: float, seed: int) -> tuple[
     """Stratified, seeded train/test split for datasets that ship without a test split."""
     rng = np_rng(seed, "holdout")
     test = []
-    for c in np.unique(y):
+    for c in class_labels(y):
         idx = np.flatnonzero(y == c)
         rng.shuffle(idx)
         test.append(idx[: max(1, int(round(fraction * len(idx))))])
     test_idx = np.sort(np.concatenate(test))
-    train_idx = np.setdiff1d(np.arange(len(y)), test_idx)
+    train = np.ones(len(y), bool)
+    train[test_idx] = False
+    train_idx = np.flatnonzero(train)
     return x[train_idx], y[train_idx], x[test_idx], y[test_idx]
 
 

@@ -55,6 +55,13 @@ def make_partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: 
     return ClientSplit(tuple(train), tuple(val))
 
 
+def class_labels(labels: np.ndarray) -> np.ndarray:
+    """The sorted distinct labels: ``np.unique(labels)``, which imports ``numpy.ma`` on its
+    first call (65 ms here, 2% of a default run)."""
+    s = np.sort(labels)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
 @PARTITIONERS.register("iid")
 def iid(labels: np.ndarray, num_clients: int, cfg: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """Uniformly random, equal-sized (within one) shares."""
@@ -65,7 +72,7 @@ def iid(labels: np.ndarray, num_clients: int, cfg: DataConfig, rng: np.random.Ge
 def dirichlet(labels: np.ndarray, num_clients: int, cfg: DataConfig, rng: np.random.Generator) -> list[np.ndarray]:
     """Latent Dirichlet allocation (Hsu et al. 2019): each class is split among clients with
     proportions drawn from Dir(alpha); redrawn until every client has ``data.min_samples``."""
-    classes = np.unique(labels)
+    classes = class_labels(labels)
     need = cfg.min_samples
     if need * num_clients > len(labels):
         raise DataError(
