@@ -94,3 +94,27 @@ def test_row_restricted_first_step_follows_the_first_step_rule() -> None:
         ref.step()
         assert torch.equal(a[rows], b[rows])
     assert torch.equal(a[[1, 2, 4, 5, 6, 7]], init[[1, 2, 4, 5, 6, 7]])
+
+
+def test_row_gradients_given_compact_equal_the_full_gradient_path() -> None:
+    """``step(rows, row_grads)``: a gradient given for the rows alone (p.grad None) updates
+    exactly as the full gradient that is zero elsewhere; with p.grad set too, both add."""
+    g = torch.Generator().manual_seed(5)
+    init = torch.randn(16, 3, 3, generator=g)
+    rows = torch.tensor([2, 3, 11])
+    a, b, c, d = (torch.nn.Parameter(init.clone()) for _ in range(4))
+    opts = [SGD([p], lr=0.1, momentum=0.9, weight_decay=1e-3) for p in (a, b, c, d)]
+    for _ in range(4):
+        part = torch.randn(len(rows), 3, 3, generator=g)
+        extra = torch.randn(init.shape, generator=g)
+        full = torch.zeros(init.shape).index_copy_(0, rows, part)
+        a.grad, b.grad = None, full
+        opts[0].step({a: rows}, {a: part})
+        opts[1].step({b: rows})
+        assert torch.equal(a, b)
+        c.grad, d.grad = extra.clone(), extra + full  # both: the rows get extra[rows] + part
+        opts[2].step({c: rows}, {c: part})
+        opts[3].step({d: rows})
+        assert torch.equal(c, d)
+    with pytest.raises(ValueError, match="without rows"):
+        SGD([a], lr=0.1).step(None, {a: part})

@@ -348,3 +348,30 @@ def test_static_mask_removed_weights_stay_exactly_zero_without_reapplying_the_ma
     for n, m in mask.items():
         assert torch.equal(params[n].detach()[~m], torch.zeros(int((~m).sum())))  # exactly +0.0
         assert bool((params[n].detach()[m] != 0).any())
+
+
+def test_skeleton_kernels_hand_compact_weight_rows_to_a_sink() -> None:
+    """With a sink, the conv and linear kernels return no full weight gradient: the skeleton
+    rows' gradient goes to sink[weight], equal to those rows of the full gradient, and a layer
+    run twice accumulates there as autograd would."""
+    torch.manual_seed(6)
+    conv = nn.Conv2d(4, 8, 3, padding=1, bias=True)
+    lin = nn.Linear(8 * 25, 6)
+    idx = torch.tensor([1, 4, 5])
+    lidx = torch.tensor([0, 3])
+    x = torch.randn(2, 4, 5, 5)
+
+    def loss(sink):  # type: ignore[no-untyped-def]
+        h = skeleton_conv(x, conv, idx, sink)
+        h = skeleton_conv(h[:, :4], conv, idx, sink)  # the same layer twice
+        return skeleton_linear(h.flatten(1), lin, lidx, sink).square().sum()
+
+    loss(None).backward()
+    full_c, full_l = conv.weight.grad.clone(), lin.weight.grad.clone()
+    conv.weight.grad = lin.weight.grad = None
+    sink: dict[torch.Tensor, torch.Tensor] = {}
+    loss(sink).backward()
+    assert conv.weight.grad is None and lin.weight.grad is None
+    torch.testing.assert_close(sink[conv.weight], full_c[idx], rtol=1e-6, atol=1e-7)
+    torch.testing.assert_close(sink[lin.weight], full_l[lidx], rtol=1e-6, atol=1e-7)
+    assert conv.bias.grad is not None  # biases keep their (small) full gradients

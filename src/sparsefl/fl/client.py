@@ -43,7 +43,7 @@ def train_step(
     opt.zero_grad(set_to_none=True)
     loss.backward()
     hooks.after_backward(step)
-    opt.step(hooks.update_rows())
+    opt.step(hooks.update_rows(), hooks.row_grads())
     hooks.after_step(step)
     return loss
 

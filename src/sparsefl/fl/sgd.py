@@ -50,16 +50,30 @@ class SGD:
                 p.grad.detach_().zero_()
 
     @torch.no_grad()
-    def step(self, rows: Mapping[torch.Tensor, torch.Tensor] | None = None) -> None:
+    def step(
+        self,
+        rows: Mapping[torch.Tensor, torch.Tensor] | None = None,
+        row_grads: Mapping[torch.Tensor, torch.Tensor] | None = None,
+    ) -> None:
         """One update of every parameter with a gradient; ``rows`` maps a parameter to the
-        int64 indices of the only rows (dim 0) that may change (see the module docstring)."""
+        int64 indices of the only rows (dim 0) that may change (see the module docstring).
+
+        ``row_grads`` maps a parameter in ``rows`` to the gradient of those rows alone (in the
+        order of its indices), for gradients computed row-compact (FedSkel's skeleton kernels):
+        it is added to ``p.grad``'s rows, or stands alone when ``p.grad`` is None."""
         for i, p in enumerate(self.params):
             g = p.grad
-            if g is None:
+            compact = row_grads.get(p) if row_grads else None
+            if g is None and compact is None:
                 continue
             idx = rows.get(p) if rows else None
+            if compact is not None:
+                if idx is None:
+                    raise ValueError("SGD.step: a row gradient for a parameter without rows")
+                self._step_rows(i, p, compact if g is None else g.index_select(0, idx) + compact, idx)
+                continue
             if idx is not None:
-                self._step_rows(i, p, g, idx)
+                self._step_rows(i, p, g.index_select(0, idx), idx)
                 continue
             if self.weight_decay != 0:
                 g = g.add(p, alpha=self.weight_decay)
@@ -72,10 +86,10 @@ class SGD:
                 g = buf
             p.add_(g, alpha=-self.lr)
 
-    def _step_rows(self, i: int, p: torch.Tensor, g: torch.Tensor, idx: torch.Tensor) -> None:
-        """The same update on the rows ``idx`` of ``p`` only, on gathered copies."""
+    def _step_rows(self, i: int, p: torch.Tensor, gs: torch.Tensor, idx: torch.Tensor) -> None:
+        """The same update on the rows ``idx`` of ``p`` only, on gathered copies (``gs``: the
+        gradient of those rows)."""
         ps = p.index_select(0, idx)
-        gs = g.index_select(0, idx)
         if self.weight_decay != 0:
             gs = gs.add(ps, alpha=self.weight_decay)
         if self.momentum != 0:

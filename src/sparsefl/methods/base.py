@@ -119,6 +119,12 @@ class LocalHooks:
         Default: none (every parameter is updated whole)."""
         return {}
 
+    def row_grads(self) -> Mapping[torch.Tensor, torch.Tensor]:
+        """Gradients computed row-compact this step: parameter -> the gradient of its
+        :meth:`update_rows` rows, in their order (kernels that skip the full zero gradient).
+        Default: none."""
+        return {}
+
     def densities(self) -> Mapping[str, LayerDensity]:
         """Per-layer fractions of the dense FLOPs that really ran in the last step."""
         return {}

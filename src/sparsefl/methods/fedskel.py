@@ -269,7 +269,10 @@ class SkeletonHooks(LocalHooks):
         mods = dict(model.named_modules())
         self._handles: list[RemovableHandle] = []
         # compact backward: the kernels replace the output-gradient hook of the layers they cover
-        self._compact = CompactSkeleton(model, [(la.name, la.module, la.bn_module) for la in layers])
+        # the compact kernels hand the skeleton rows' weight gradients over here, not as full
+        # zero-filled gradients; the optimiser reads them (row_grads), after_step clears them
+        self._row_grads: dict[torch.Tensor, torch.Tensor] = {}
+        self._compact = CompactSkeleton(model, [(la.name, la.module, la.bn_module) for la in layers], self._row_grads)
         self._compact_on = backward == "compact"
         for layer in layers:
             self._handles.append(mods[layer.module].register_forward_hook(self._make_hook(layer)))
@@ -329,11 +332,15 @@ class SkeletonHooks(LocalHooks):
         return self.model(x)
 
     def after_step(self, step: int) -> None:
+        self._row_grads.clear()
         if self.skeleton is None and step + 1 >= self.setskel_steps:
             self._select()
 
     def update_rows(self) -> Mapping[torch.Tensor, torch.Tensor]:
         return self._rows
+
+    def row_grads(self) -> Mapping[torch.Tensor, torch.Tensor]:
+        return self._row_grads
 
     def densities(self) -> Mapping[str, LayerDensity]:
         if not self._masked_step or self.skeleton is None:
