@@ -194,3 +194,20 @@ def test_sigkill_at_any_point_then_resume_gives_the_same_bits(tmp_path, uninterr
     assert _metrics(out) == _metrics(uninterrupted)
     assert a["rounds"] == 6
     assert not list(out.glob(".*.tmp-*")), "temporary files of the killed write are cleaned up"
+
+
+def test_metrics_lacking_the_last_round_resume_from_the_previous_checkpoint(tmp_path, interrupted_run):
+    """A metrics.jsonl that lost the newest checkpoint's line (damaged, hand-edited) no longer
+    restarts the run from round 1: the previous checkpoint, whose rounds it holds, is used."""
+    cfg = load_config(overrides=TINY)
+    whole = run_experiment(cfg, tmp_path / "whole")
+    interrupted_run(cfg, tmp_path / "cut", at=4)
+    m = tmp_path / "cut" / "metrics.jsonl"
+    lines = m.read_text().splitlines(keepends=True)
+    m.write_text("".join(lines[:2]))  # round 3's line is gone
+    logs: list[str] = []
+    resumed = run_experiment(cfg, tmp_path / "cut", log=logs.append)
+    assert any("lacks rounds of the checkpoint of round 3" in x for x in logs)
+    assert any("after round 2" in x for x in logs)
+    assert resumed["model_sha256"] == whole["model_sha256"]
+    assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")

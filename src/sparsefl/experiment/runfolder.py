@@ -12,6 +12,7 @@ import hashlib
 import io
 import json
 import shutil
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
@@ -138,13 +139,16 @@ class RunFolder:
             return None
         return torch.load(io.BytesIO(raw[40:]), weights_only=True)
 
-    def latest_checkpoint(self) -> dict[str, Any] | None:
-        """The newest checkpoint whose hash verifies (the previous one if the newest is damaged)."""
+    def good_checkpoints(self) -> Iterator[dict[str, Any]]:
+        """The checkpoints whose hash verifies, newest first (each read when reached)."""
         for name in (CHECKPOINT, PREV_CHECKPOINT):
             ck = self._read_checkpoint(self.path / name)
             if ck is not None:
-                return ck
-        return None
+                yield ck
+
+    def latest_checkpoint(self) -> dict[str, Any] | None:
+        """The newest checkpoint whose hash verifies (the previous one if the newest is damaged)."""
+        return next(self.good_checkpoints(), None)
 
     def damaged_checkpoints(self) -> list[str]:
         """Names of checkpoint files present whose hash does not verify."""

@@ -153,22 +153,24 @@ def run_experiment(
     try:  # the engine's worker processes are shut down whatever happens next
         server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
 
-        ckpt = folder.latest_checkpoint() if status == "resume" else None
         if status == "resume" and log is not None:
             for name in folder.damaged_checkpoints():
                 log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
+        ckpt: dict[str, Any] | None = None
         records: list[dict[str, Any]] = []
-        if ckpt is not None:
-            # metrics.jsonl holds at least the checkpoint's rounds (each line is fsync'ed before
-            # the checkpoint that counts it); checkpoints of earlier versions carry the records
+        # the newest good checkpoint whose rounds metrics.jsonl holds (each line is fsync'ed
+        # before the checkpoint that counts it, so only a damaged file lacks them; the previous
+        # checkpoint may still be covered); checkpoints of earlier versions carry the records
+        for ck in folder.good_checkpoints() if status == "resume" else ():
             try:
-                records = list(ckpt["metrics"]) if "metrics" in ckpt else folder.read_metrics(ckpt["metrics_count"])
+                recs = list(ck["metrics"]) if "metrics" in ck else folder.read_metrics(ck["metrics_count"])
             except ValueError:  # a damaged line (JSONDecodeError)
-                records = []
-            if len(records) != ckpt["server"]["round"]:
-                if log is not None:
-                    log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint")
-                ckpt = None
+                recs = []
+            if len(recs) == ck["server"]["round"]:
+                ckpt, records = ck, recs
+                break
+            if log is not None:
+                log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint of round {ck['server']['round']}")
         if status == "resume" and log is not None:
             if ckpt is not None:
                 log(f"resuming {folder.path} after round {ckpt['server']['round']}")
