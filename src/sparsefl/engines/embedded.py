@@ -299,7 +299,7 @@ class EmbeddedEngine:
         broken = threading.Event()
 
         def feed() -> None:
-            """Start the next front task in the pool (from this thread or a done-callback)."""
+            """Start the next front task in the pool (from this thread or the feeder thread)."""
             with lock:
                 if broken.is_set() or bounds[0] >= bounds[1]:
                     return
