@@ -749,12 +749,9 @@ _NP_DTYPE = {
 }
 
 
-#: dtype -> (value format, wire dtype) of a dense record in the tensor's own precision
-_DENSE_SAME = {
-    torch.float32: (VFmt.F32, np.dtype("<f4")),
-    torch.float64: (VFmt.F64, np.dtype("<f8")),
-    torch.float16: (VFmt.F16, np.dtype("<f2")),
-}
+#: dtype -> (value format, wire dtype) of a dense record in the tensor's own precision (the
+#: formats numpy reads as they are: not bfloat16)
+_DENSE_SAME = {dtype: (fmt, V._NP[fmt]) for dtype, fmt in _EXACT.items() if fmt in V._NP}
 
 
 def _all_finite(x: np.ndarray) -> bool:

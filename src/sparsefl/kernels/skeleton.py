@@ -58,11 +58,16 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
+def _scattered(rows: Tensor, shape: Sequence[int], idx: Tensor) -> Tensor:
+    """A tensor of ``shape`` whose rows ``idx`` are ``rows``, zero elsewhere."""
+    return torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_copy_(0, idx, rows)
+
+
 def _weight_grad(ctx: Any, rows: Tensor, shape: torch.Size, idx: Tensor) -> Tensor | None:
     """The weight gradient whose rows ``idx`` are ``rows`` (zero elsewhere), or, with a sink,
     ``rows`` added to ``sink[weight]`` and no full gradient (None)."""
     if ctx.sink is None:
-        return torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_copy_(0, idx, rows)
+        return _scattered(rows, shape, idx)
     sink, weight = ctx.sink
     prev = sink.get(weight)
     sink[weight] = rows if prev is None else prev + rows  # a layer run twice: accumulate, as autograd would
@@ -143,7 +148,7 @@ class SkeletonConvFn(torch.autograd.Function):
         gw = _weight_grad(ctx, gws.to(w_dtype), wc.shape, idx) if need_w else None
         gb = None
         if need_b and has_bias:
-            gb = torch.zeros(wc.shape[0], dtype=w_dtype, device=wc.device).index_copy_(0, idx, gbs.to(w_dtype))
+            gb = _scattered(gbs.to(w_dtype), wc.shape[:1], idx)
         gx = None if gx is None else gx.to(x_dtype)
         return gx, gw, gb, None, None, None, None, None, None
 
@@ -180,7 +185,7 @@ class SkeletonLinearFn(torch.autograd.Function):
             gw = _weight_grad(ctx, (g2.t() @ xc.reshape(-1, xc.shape[-1])).to(w_dtype), wc.shape, idx)
         gb = None
         if need_b and has_bias:
-            gb = torch.zeros(wc.shape[0], dtype=w_dtype, device=wc.device).index_copy_(0, idx, g2.sum(0).to(w_dtype))
+            gb = _scattered(g2.sum(0).to(w_dtype), wc.shape[:1], idx)
         return gx, gw, gb, None, None
 
 
