@@ -98,9 +98,9 @@ layer took 0.9 s here), and a threshold step sparsifies each weight and input te
 weight-gradient product that reads it (:class:`SwatConv`), so no sparse copy is held from the
 forward and both products read tensors still in cache. What remains over a dense step is that
 pass over each sparsified layer's input activations and weights, and the autograd functions'
-Python: oneDNN's dense convolutions do not get faster on
-zeros, and unstructured sparse convolutions lose to them on this CPU (PERF_PROBE), so SWAT's
-sparsity cannot pay for itself in wall-clock time here. ``benchmarks/speed.py`` measures it.
+Python. oneDNN's dense convolutions do not get faster on zeros, and unstructured sparse
+convolutions lose to them on this CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in
+wall-clock time here. ``benchmarks/speed.py`` measures it.
 """
 
 from __future__ import annotations
