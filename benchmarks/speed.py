@@ -236,6 +236,7 @@ def bench_convbwd(quick: bool) -> None:
             ctx.saved_tensors = (x, w, idx)
             ctx.conf = ([1, 1], [1, 1], [1, 1], 1, x.dtype, w.dtype, False)
             ctx.sink = ({}, w)  # the weight's skeleton rows handed over, as FedSkel's training does
+            ctx.handoff = None
             SkeletonConvFn.backward(ctx, gy)
 
     res = interleaved({"dense": dense, "fedskel compact r=0.1": compact_bwd}, 7 if quick else 15, 3)

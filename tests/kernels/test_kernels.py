@@ -17,7 +17,13 @@ from sparsefl.fl.client import train_step
 from sparsefl.fl.sgd import SGD
 from sparsefl.kernels import choice
 from sparsefl.kernels.masked import CsrLinears
-from sparsefl.kernels.skeleton import CompactSkeleton, skeleton_batch_norm, skeleton_conv, skeleton_linear
+from sparsefl.kernels.skeleton import (
+    CompactSkeleton,
+    SkeletonConvFn,
+    skeleton_batch_norm,
+    skeleton_conv,
+    skeleton_linear,
+)
 from sparsefl.kernels.sparse_linear import CsrPattern, csr_linear, masked_linear
 from sparsefl.kernels.structured import compact, expand
 from sparsefl.methods.fedskel import SkeletonHooks, skeleton_layers
@@ -31,8 +37,11 @@ def _keep(c: int, k: int, seed: int = 0) -> torch.Tensor:
     return m
 
 
+@pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("stride,padding,bias", [(1, 1, False), (2, 1, True), (1, 0, True)])
-def test_skeleton_conv_and_bn_grads_equal_masked_reference(stride: int, padding: int, bias: bool) -> None:
+def test_skeleton_conv_and_bn_grads_equal_masked_reference(
+    stride: int, padding: int, bias: bool, handoff: bool
+) -> None:
     torch.manual_seed(0)
     conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, bias=bias).double()
     bn = nn.BatchNorm2d(10).double()
@@ -40,20 +49,58 @@ def test_skeleton_conv_and_bn_grads_equal_masked_reference(stride: int, padding:
     idx = torch.nonzero(keep).flatten()
     x = torch.randn(4, 6, 9, 9, dtype=torch.double, requires_grad=True)
 
-    def run(compact_path: bool) -> list[torch.Tensor]:
+    def run(compact_path: bool, other_use: bool) -> list[torch.Tensor]:
         for t in (x, *conv.parameters(), *bn.parameters()):
             t.grad = None
         if compact_path:
-            y = skeleton_batch_norm(skeleton_conv(x, conv, idx), bn, idx)
+            box: dict[str, torch.Tensor] | None = {} if handoff else None
+            h = skeleton_conv(x, conv, idx, handoff=box)
+            y = skeleton_batch_norm(h, bn, idx, box)
         else:
             h = conv(x)
             h.register_hook(lambda g: g.masked_fill(~keep.view(1, -1, 1, 1), 0))
             y = bn(h)
-        (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).cos()).sum().backward()
+        loss = (y * torch.arange(y.numel(), dtype=y.dtype).view(y.shape).cos()).sum()
+        if other_use:  # the conv's output has a second consumer: its gradient adds to the handed one
+            loss = loss + (h.sin() * 3).sum()
+        loss.backward()
         return [t.grad.clone() for t in (x, *conv.parameters(), *bn.parameters())]
 
-    for a, b in zip(run(False), run(True)):
-        torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+    for other_use in (False, True):
+        for a, b in zip(run(False, other_use), run(True, other_use)):
+            torch.testing.assert_close(a, b, atol=1e-10, rtol=1e-8)
+
+
+def test_skeleton_bn_handoff_skips_the_full_input_gradient() -> None:
+    """With a handoff the BatchNorm returns no input gradient through autograd; the conv
+    backward gets None from autograd and the skeleton rows from the handoff (bit for bit the
+    gradients of the path that scatters into zeros and gathers again)."""
+    torch.manual_seed(2)
+    conv, bn = nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16)
+    idx = torch.tensor([1, 5, 6, 12])
+    x = torch.randn(3, 4, 6, 6, requires_grad=True)
+    got: dict[str, object] = {}
+    orig = SkeletonConvFn.backward
+
+    def spy(ctx, gy):  # type: ignore[no-untyped-def]
+        got["gy"] = gy
+        return orig(ctx, gy)
+
+    grads = []
+    for box in (None, {}):
+        for t in (x, *conv.parameters(), *bn.parameters()):
+            t.grad = None
+        SkeletonConvFn.backward = staticmethod(spy)  # type: ignore[method-assign]
+        try:
+            y = skeleton_batch_norm(skeleton_conv(x, conv, idx, handoff=box), bn, idx, box)
+            (y * y.detach().cos()).sum().backward()
+        finally:
+            SkeletonConvFn.backward = staticmethod(orig)  # type: ignore[method-assign]
+        assert (got["gy"] is None) == (box is not None)
+        assert box is None or box == {}  # taken by the conv's backward
+        grads.append([t.grad.clone() for t in (x, *conv.parameters(), *bn.parameters())])
+    for a, b in zip(*grads):
+        assert torch.equal(a, b)
 
 
 def test_skeleton_linear_grads_equal_masked_reference() -> None:

@@ -77,10 +77,15 @@ def _weight_grad(ctx: Any, rows: Tensor, shape: torch.Size, idx: Tensor) -> Tens
 class SkeletonConvFn(torch.autograd.Function):
     """Dense convolution forward; backward through the skeleton output channels ``idx`` only.
 
-    ``forward(x, weight, bias, idx, stride, padding, dilation, groups, sink)`` returns
+    ``forward(x, weight, bias, idx, stride, padding, dilation, groups, sink, handoff)`` returns
     ``conv(x, weight) + bias`` exactly as ``F.conv{1,2,3}d``; ``idx`` is a sorted int64 tensor of
     output channels. ``groups`` must be 1 (a grouped conv's input gradient would need the
     matching input-channel groups gathered too).
+
+    ``handoff`` is a dict shared with the :class:`SkeletonBatchNormFn` that consumes this output:
+    that function leaves the skeleton channels' output gradient there (``handoff["gy"]``, shape
+    ``(N, len(idx), ...)``) and passes no gradient through autograd; the backward adds it to the
+    skeleton channels of whatever gradient other consumers of the output sent (None when none).
 
     With a ``sink`` (a dict), the weight's gradient is not returned as a full tensor that is
     zero outside the skeleton rows: its ``idx`` rows are added to ``sink[weight]`` instead, and
@@ -100,7 +105,9 @@ class SkeletonConvFn(torch.autograd.Function):
         dilation: Sequence[int],
         groups: int,
         sink: dict[Tensor, Tensor] | None = None,
+        handoff: dict[str, Tensor] | None = None,
     ) -> Tensor:
+        ctx.set_materialize_grads(False)  # no output gradient but the handoff's: None, not zeros
         dt = compute_dtype(x)
         xc, wc = x.to(dt), weight.to(dt)
         bc = None if bias is None else bias.to(dt)
@@ -109,14 +116,19 @@ class SkeletonConvFn(torch.autograd.Function):
         ctx.save_for_backward(xc, wc, idx)
         ctx.conf = (list(stride), list(padding), list(dilation), groups, x.dtype, weight.dtype, bias is not None)
         ctx.sink = (sink, weight) if sink is not None else None
+        ctx.handoff = handoff
         return y
 
     @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
+    def backward(ctx: Any, gy: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[override]
         xc, wc, idx = ctx.saved_tensors
         stride, padding, dilation, groups, x_dtype, w_dtype, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gys = gy.to(wc.dtype).index_select(1, idx)
+        handed = ctx.handoff.pop("gy", None) if ctx.handoff is not None else None
+        parts = [g for g in (None if gy is None else gy.index_select(1, idx), handed) if g is not None]
+        if not parts:  # the output got no gradient at all
+            return None, None, None, None, None, None, None, None, None, None
+        gys = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).to(wc.dtype)
         ws = wc.index_select(0, idx)
         k = len(idx)
         pad = padded_size(k, wc.shape[0]) - k
@@ -150,7 +162,7 @@ class SkeletonConvFn(torch.autograd.Function):
         if need_b and has_bias:
             gb = _scattered(gbs.to(w_dtype), wc.shape[:1], idx)
         gx = None if gx is None else gx.to(x_dtype)
-        return gx, gw, gb, None, None, None, None, None, None
+        return gx, gw, gb, None, None, None, None, None, None, None
 
 
 class SkeletonLinearFn(torch.autograd.Function):
@@ -196,7 +208,9 @@ class SkeletonBatchNormFn(torch.autograd.Function):
     module does). Backward: ``dgamma`` and ``dbeta`` for every channel, and ``dx`` for the
     channels in ``idx`` (``dx = 0`` elsewhere), each by ``aten.native_batch_norm_backward`` (the
     fused kernel; the input gradient runs on the gathered skeleton channels). The zeros are exact
-    for the caller: the conv before it discards those channels' gradient anyway.
+    for the caller: the conv before it discards those channels' gradient anyway. With a
+    ``handoff`` (the producing :class:`SkeletonConvFn`'s), the skeleton channels' input gradient
+    goes there and none is returned through autograd.
     """
 
     @staticmethod
@@ -210,12 +224,14 @@ class SkeletonBatchNormFn(torch.autograd.Function):
         momentum: float,
         eps: float,
         idx: Tensor,
+        handoff: dict[str, Tensor] | None = None,
     ) -> Tensor:
         y, mean, invstd = torch.ops.aten.native_batch_norm(
             x, weight, bias, running_mean, running_var, True, momentum, eps
         )
         ctx.save_for_backward(x, mean, invstd, weight, idx)
         ctx.eps = eps
+        ctx.handoff = handoff
         return y
 
     @staticmethod
@@ -239,11 +255,20 @@ class SkeletonBatchNormFn(torch.autograd.Function):
                 ctx.eps,
                 [True, False, False],
             )
-            gx = torch.zeros_like(x).index_copy_(1, idx, gxs)
-        return gx, dgamma, dbeta, None, None, None, None, None
+            if ctx.handoff is not None:
+                ctx.handoff["gy"] = gxs
+            else:
+                gx = torch.zeros_like(x).index_copy_(1, idx, gxs)
+        return gx, dgamma, dbeta, None, None, None, None, None, None
 
 
-def skeleton_conv(x: Tensor, conv: torch.nn.Module, idx: Tensor, sink: dict[Tensor, Tensor] | None = None) -> Tensor:
+def skeleton_conv(
+    x: Tensor,
+    conv: torch.nn.Module,
+    idx: Tensor,
+    sink: dict[Tensor, Tensor] | None = None,
+    handoff: dict[str, Tensor] | None = None,
+) -> Tensor:
     """Apply :class:`SkeletonConvFn` with the geometry and parameters of ``conv``."""
     return SkeletonConvFn.apply(
         x,
@@ -255,6 +280,7 @@ def skeleton_conv(x: Tensor, conv: torch.nn.Module, idx: Tensor, sink: dict[Tens
         conv.dilation,
         conv.groups,  # type: ignore[union-attr]
         sink,
+        handoff,
     )
 
 
@@ -263,13 +289,18 @@ def skeleton_linear(x: Tensor, lin: torch.nn.Linear, idx: Tensor, sink: dict[Ten
     return SkeletonLinearFn.apply(x, lin.weight, lin.bias, idx, sink)
 
 
-def skeleton_batch_norm(x: Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, idx: Tensor) -> Tensor:
+def skeleton_batch_norm(
+    x: Tensor, bn: torch.nn.modules.batchnorm._BatchNorm, idx: Tensor, handoff: dict[str, Tensor] | None = None
+) -> Tensor:
     """Apply :class:`SkeletonBatchNormFn` with the parameters and statistics of ``bn`` (training
     mode, affine, running statistics with a fixed momentum; :func:`supports_skeleton_bn` says
-    whether ``bn`` qualifies). Updates ``num_batches_tracked`` as the module does."""
+    whether ``bn`` qualifies). Updates ``num_batches_tracked`` as the module does. ``handoff``:
+    the one given to the :func:`skeleton_conv` whose output ``x`` is, if any."""
     if bn.num_batches_tracked is not None:
         bn.num_batches_tracked.add_(1)
-    return SkeletonBatchNormFn.apply(x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, idx)
+    return SkeletonBatchNormFn.apply(
+        x, bn.weight, bn.bias, bn.running_mean, bn.running_var, bn.momentum, bn.eps, idx, handoff
+    )
 
 
 def supports_skeleton_bn(bn: torch.nn.Module) -> bool:
@@ -324,7 +355,7 @@ class CompactSkeleton:
         self._mods = dict(model.named_modules())
         self._patches = ForwardPatches()
         self._active: set[str] = set()
-        self._last: dict[str, Tensor] = {}
+        self._last: dict[str, tuple[Tensor, dict[str, Tensor] | None]] = {}  # output and its handoff
 
     def active(self, name: str) -> bool:
         """Whether the layer with weight ``name`` runs the compact kernel (else the caller masks)."""
@@ -357,8 +388,12 @@ class CompactSkeleton:
             if not (mod.training and torch.is_grad_enabled()):
                 self._last.pop(name, None)
                 return orig(mod, x)
-            y = skeleton_linear(x, mod, idx, self.sink) if is_lin else skeleton_conv(x, mod, idx, self.sink)  # type: ignore[arg-type]
-            self._last[name] = y
+            if is_lin:  # (a BatchNorm after it scatters its input gradient, as a linear's is rare)
+                y, handoff = skeleton_linear(x, mod, idx, self.sink), None  # type: ignore[arg-type]
+            else:
+                handoff = {}
+                y = skeleton_conv(x, mod, idx, self.sink, handoff)
+            self._last[name] = (y, handoff)
             return y
 
         return forward
@@ -370,8 +405,9 @@ class CompactSkeleton:
             # Only when the input is the skeleton layer's own output: then the input gradient of
             # the other channels is discarded by that layer's compact backward, so skipping it is
             # exact. Anything else (another producer, eval mode) takes the module's own forward.
-            if x is self._last.pop(name, None) and supports_skeleton_bn(bn) and torch.is_grad_enabled():
-                return skeleton_batch_norm(x, bn, idx)  # type: ignore[arg-type]
+            last = self._last.pop(name, None)
+            if last is not None and x is last[0] and supports_skeleton_bn(bn) and torch.is_grad_enabled():
+                return skeleton_batch_norm(x, bn, idx, last[1])  # type: ignore[arg-type]
             return orig(bn, x)
 
         return forward
