@@ -210,8 +210,8 @@ def _rounds(cfg, engine_jobs, wait, rounds=3):
 
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fork-server"])
 def test_clients_split_between_this_process_and_workers_give_the_same_bits(monkeypatch, fork):
-    """Once the workers run, clients are shared between them and this process (which takes
-    tasks from the other end): every parameter equals the one-process run bit for bit, with
+    """Once the workers run, clients are shared between them and this process (each takes the
+    next task, largest first): every parameter equals the one-process run bit for bit, with
     workers forked from this process and from the fork server alike."""
     monkeypatch.setattr(embedded, "forks", lambda threads: fork)
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
@@ -225,6 +225,22 @@ def test_clients_split_between_this_process_and_workers_give_the_same_bits(monke
     for k in one:
         assert torch.equal(one[k], three[k]), k
     assert not [t for t in threading.enumerate() if t.name == "sparsefl-feeder"]  # stopped after each round
+
+
+def test_tasks_start_largest_first():
+    """The round's tasks start by the client's training samples, most first (ties in task
+    order), so the small ones fill the gaps at the end of the round."""
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+    state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
+    tasks = server.make_tasks(state, 1, [5, 0, 3, 1, 4, 2])
+    sizes = [len(b.split.train[t.client_id]) for t in tasks]
+    assert len(set(sizes)) > 1
+    order = list(eng._largest_first(tasks))
+    assert sorted(order) == list(range(6))
+    assert order == sorted(range(6), key=lambda i: (-sizes[i], i))
 
 
 def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):

@@ -8,6 +8,7 @@ order on the server.
 
 from __future__ import annotations
 
+import collections
 import contextlib
 import io
 import multiprocessing as mp
@@ -214,9 +215,10 @@ def share_tensors(obj: object) -> None:
 class EmbeddedEngine:
     """Runs client tasks in this process, helped by ``jobs - 1`` worker processes.
 
-    With ``jobs > 1`` this process computes clients too: it takes tasks from the end of the
-    round's list while the workers take them from the front, so the work balances itself
-    and no core waits on the others. The workers start at the first round: forked from this
+    With ``jobs > 1`` this process computes clients too. The round's tasks start largest first
+    (by the client's training samples, which set its local steps), each process taking the next
+    one whenever it is free: the small ones fill the gaps at the end, so no core waits long on
+    the others. The workers start at the first round: forked from this
     process where :func:`forks` allows (milliseconds), else from the fork server in the
     background (a fresh process needs 1-2 s to import torch; until they are up, every task
     runs here). Where a client runs never changes its result.
@@ -279,7 +281,8 @@ class EmbeddedEngine:
         states: list[ClientState],
         report: Callable[[int, ClientResult | ClientFailure], ClientResult | ClientFailure],
     ) -> list[ClientResult | ClientFailure]:
-        """Workers take tasks from the front, this process from the back, until they meet.
+        """The tasks run largest first (:meth:`_largest_first`), each worker and this process
+        taking the next one whenever free: longest-processing-time-first list scheduling.
 
         Each worker has exactly one task at a time: when it finishes, a feeder thread hands it
         the next one at once, so no worker waits for this process to notice, and no task sits
@@ -292,19 +295,18 @@ class EmbeddedEngine:
         assert pool is not None
         outs: list[ClientResult | ClientFailure | None] = [None] * len(tasks)
         lock = threading.Lock()
-        bounds = [0, len(tasks)]  # tasks[lo:hi] are not started yet (under the lock)
+        todo = self._largest_first(tasks)  # not started yet, next first (under the lock)
         running = [0]  # tasks in the pool (under the lock)
         finished: queue.SimpleQueue[tuple[int, Future[ClientResult | ClientFailure] | None]] = queue.SimpleQueue()
         refill: queue.SimpleQueue[bool] = queue.SimpleQueue()  # True: a worker is free; False: stop
         broken = threading.Event()
 
         def feed() -> None:
-            """Start the next front task in the pool (from this thread or the feeder thread)."""
+            """Start the next task in the pool (from this thread or the feeder thread)."""
             with lock:
-                if broken.is_set() or bounds[0] >= bounds[1]:
+                if broken.is_set() or not todo:
                     return
-                i = bounds[0]
-                bounds[0] += 1
+                i = todo.popleft()
                 running[0] += 1
             try:
                 f = pool.submit(_worker_run, tasks[i], states[i])
@@ -341,9 +343,7 @@ class EmbeddedEngine:
                 feed()
             while True:
                 with lock:
-                    mine = bounds[1] - 1 if bounds[0] < bounds[1] else None
-                    if mine is not None:
-                        bounds[1] = mine
+                    mine = todo.popleft() if todo else None
                     waiting = running[0] > 0
                 if mine is not None:
                     outs[mine] = report(mine, self._run_here(tasks[mine], states[mine]))
@@ -360,6 +360,18 @@ class EmbeddedEngine:
             self._stop_pool()
         assert all(o is not None for o in outs)
         return outs  # type: ignore[return-value]
+
+    def _largest_first(self, tasks: Sequence[ClientTask]) -> collections.deque[int]:
+        """Task indices by the client's training samples, largest first (ties in task order).
+
+        A client's time grows with its local steps, and with ``local.epochs`` those follow its
+        samples (a Dirichlet split makes them differ by up to 9x here). Starting the big ones
+        first leaves only small ones for the end of the round. Simulated from the clients'
+        batch counts, the 20 rounds of the default run at jobs=2 end 3.2% sooner than with one
+        process taking tasks from each end of the list (the previous order); measured, 2.6%
+        and 10% (medians of 8 and 12 interleaved runs each)."""
+        size = [len(self.split.train[t.client_id]) for t in tasks]
+        return collections.deque(sorted(range(len(tasks)), key=lambda i: -size[i]))
 
     def _start_pool(self) -> None:
         """Make the pool. The workers get the method and data as they are now (after the
