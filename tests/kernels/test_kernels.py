@@ -37,15 +37,18 @@ def _keep(c: int, k: int, seed: int = 0) -> torch.Tensor:
     return m
 
 
+@pytest.mark.parametrize("channels", [10, 40], ids=["dense-kernel", "gathered"])
 @pytest.mark.parametrize("handoff", [False, True])
 @pytest.mark.parametrize("stride,padding,bias", [(1, 1, False), (2, 1, True), (1, 0, True)])
 def test_skeleton_conv_and_bn_grads_equal_masked_reference(
-    stride: int, padding: int, bias: bool, handoff: bool
+    stride: int, padding: int, bias: bool, handoff: bool, channels: int
 ) -> None:
+    """Both backward kernels (3 skeleton channels of 10 pad to all 10: the dense kernel with
+    masked filters; of 40, the gathered skeleton) give the masked reference's gradients."""
     torch.manual_seed(0)
-    conv = nn.Conv2d(6, 10, 3, stride=stride, padding=padding, bias=bias).double()
-    bn = nn.BatchNorm2d(10).double()
-    keep = _keep(10, 3)
+    conv = nn.Conv2d(6, channels, 3, stride=stride, padding=padding, bias=bias).double()
+    bn = nn.BatchNorm2d(channels).double()
+    keep = _keep(channels, 3)
     idx = torch.nonzero(keep).flatten()
     x = torch.randn(4, 6, 9, 9, dtype=torch.double, requires_grad=True)
 
@@ -76,7 +79,7 @@ def test_skeleton_bn_handoff_skips_the_full_input_gradient() -> None:
     backward gets None from autograd and the skeleton rows from the handoff (bit for bit the
     gradients of the path that scatters into zeros and gathers again)."""
     torch.manual_seed(2)
-    conv, bn = nn.Conv2d(4, 16, 3, padding=1), nn.BatchNorm2d(16)
+    conv, bn = nn.Conv2d(4, 64, 3, padding=1), nn.BatchNorm2d(64)  # 4 of 64 channels: gathered
     idx = torch.tensor([1, 5, 6, 12])
     x = torch.randn(3, 4, 6, 6, requires_grad=True)
     got: dict[str, object] = {}
@@ -148,14 +151,17 @@ def test_fedskel_compact_training_equals_mask_reference(bn: str) -> None:
         torch.testing.assert_close(new[k].double(), ref[k].double(), atol=1e-5, rtol=0)
 
 
-def test_compact_kernels_only_where_the_padded_skeleton_is_at_most_half_the_layer() -> None:
-    """A 2-channel skeleton of a 16-channel conv pads to all 16 channels (CHANNEL_ALIGN): it
-    keeps the masked dense backward; in a 64-channel conv it runs compact."""
-    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.Conv2d(16, 64, 3))
-    keep = {"0.weight": _keep(16, 2), "1.weight": _keep(64, 6)}
-    cs = CompactSkeleton(model, [("0.weight", "0", None), ("1.weight", "1", None)])
+def test_a_skeleton_too_wide_to_gather_runs_the_dense_kernel_with_masked_filters() -> None:
+    """A 2-channel skeleton of a 16-channel conv pads to all 16 channels (CHANNEL_ALIGN): its
+    backward runs the dense kernel with the other filters zeroed, and its BatchNorm keeps the
+    module's own backward (the conv needs the full output gradient); in a 64-channel conv the
+    skeleton is gathered, and its BatchNorm computes the skeleton channels' input gradient."""
+    model = nn.Sequential(nn.Conv2d(3, 16, 3), nn.BatchNorm2d(16), nn.Conv2d(16, 64, 3), nn.BatchNorm2d(64))
+    keep = {"0.weight": _keep(16, 2), "2.weight": _keep(64, 6)}
+    cs = CompactSkeleton(model, [("0.weight", "0", "1"), ("2.weight", "2", "3")])
     cs.install(keep)
-    assert not cs.active("0.weight") and cs.active("1.weight")
+    assert cs.active("0.weight") and cs.active("2.weight")
+    assert "forward" not in model[1].__dict__ and "forward" in model[3].__dict__
     cs.remove()
 
 

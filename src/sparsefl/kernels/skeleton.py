@@ -46,7 +46,8 @@ def padded_size(k: int, channels: int) -> int:
 def compact_pays(k: int, channels: int) -> bool:
     """Whether the compact backward can beat the dense one: its padded skeleton is at most half
     the layer. A 16-channel layer at ratio 0.1 pads to all 16 channels, and gathering then costs
-    more than it saves (resnet20's first stage); such layers mask the dense backward instead."""
+    more than it saves (resnet20's first stage); such layers run the dense backward with the
+    filters outside the skeleton zeroed instead (:class:`SkeletonConvFn`)."""
     return 2 * padded_size(k, channels) <= channels
 
 
@@ -61,6 +62,13 @@ def compute_dtype(x: Tensor) -> torch.dtype:
 def _scattered(rows: Tensor, shape: Sequence[int], idx: Tensor) -> Tensor:
     """A tensor of ``shape`` whose rows ``idx`` are ``rows``, zero elsewhere."""
     return torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_copy_(0, idx, rows)
+
+
+def _added_rows(gy: Tensor | None, rows: Tensor, idx: Tensor, channels: int) -> Tensor:
+    """``gy`` with ``rows`` added at its channels ``idx`` (dim 1); zeros elsewhere when ``gy`` is None."""
+    if gy is None:
+        return rows.new_zeros((rows.shape[0], channels, *rows.shape[2:])).index_copy_(1, idx, rows)
+    return gy.index_add(1, idx, rows.to(gy.dtype))
 
 
 def _weight_grad(ctx: Any, rows: Tensor, shape: torch.Size, idx: Tensor) -> Tensor | None:
@@ -81,6 +89,11 @@ class SkeletonConvFn(torch.autograd.Function):
     ``conv(x, weight) + bias`` exactly as ``F.conv{1,2,3}d``; ``idx`` is a sorted int64 tensor of
     output channels. ``groups`` must be 1 (a grouped conv's input gradient would need the
     matching input-channel groups gathered too).
+
+    When the padded skeleton is more than half the layer (:func:`compact_pays`), gathering costs
+    more than it saves: the backward then runs the dense kernel on the whole ``dL/dY`` with the
+    filters outside ``idx`` zeroed, which gives the same ``dL/dX`` (the other channels' terms
+    are exact zeros either way) and takes the weight-gradient rows and bias sums at ``idx``.
 
     ``handoff`` is a dict shared with the :class:`SkeletonBatchNormFn` that consumes this output:
     that function leaves the skeleton channels' output gradient there (``handoff["gy"]``, shape
@@ -125,35 +138,42 @@ class SkeletonConvFn(torch.autograd.Function):
         stride, padding, dilation, groups, x_dtype, w_dtype, has_bias = ctx.conf
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         handed = ctx.handoff.pop("gy", None) if ctx.handoff is not None else None
-        parts = [g for g in (None if gy is None else gy.index_select(1, idx), handed) if g is not None]
-        if not parts:  # the output got no gradient at all
+        if gy is None and handed is None:  # the output got no gradient at all
             return None, None, None, None, None, None, None, None, None, None
-        gys = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).to(wc.dtype)
-        ws = wc.index_select(0, idx)
-        k = len(idx)
-        pad = padded_size(k, wc.shape[0]) - k
-        if pad > 0:
-            # zero filters fed zero gradients: the input gradient is unchanged, and their weight
-            # gradient rows are dropped below; oneDNN runs aligned channel counts much faster
-            gys = torch.cat([gys, gys.new_zeros((gys.shape[0], pad, *gys.shape[2:]))], 1)
-            ws = torch.cat([ws, ws.new_zeros((pad, *ws.shape[1:]))], 0)
-        if xc.dim() == 4 and xc.is_contiguous(memory_format=torch.channels_last):
-            # index_select returns the default layout; mixed layouts make oneDNN reorder
-            gys = gys.contiguous(memory_format=torch.channels_last)
-            ws = ws.contiguous(memory_format=torch.channels_last)
-        gx, gws, gbs = torch.ops.aten.convolution_backward(
-            gys,
-            xc,
-            ws,
-            [len(idx)] if has_bias else None,
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            groups,
-            [bool(need_x), bool(need_w), bool(need_b and has_bias)],
-        )
+        k, c = len(idx), wc.shape[0]
+        mask = [bool(need_x), bool(need_w), bool(need_b and has_bias)]
+        geometry = (stride, padding, dilation, False, [0] * len(stride), groups)
+        pad = 0
+        if not compact_pays(k, c):
+            # a skeleton too large to gather profitably: the dense kernel, with the filters
+            # outside the skeleton zeroed. dL/dX then sums over the skeleton channels only, as in
+            # the reference (which zeroes those channels of dL/dY instead: a pass over the whole
+            # output gradient, not over the small weight), and the weight-gradient rows and bias
+            # sums are taken at idx
+            g = gy if handed is None else _added_rows(gy, handed, idx, c)
+            wm = _scattered(wc.index_select(0, idx), wc.shape, idx)
+            gx, gw_all, gb_all = torch.ops.aten.convolution_backward(
+                g.to(wc.dtype), xc, wm, [c] if has_bias else None, *geometry, mask
+            )
+            gws = None if gw_all is None else gw_all.index_select(0, idx)
+            gbs = None if gb_all is None else gb_all.index_select(0, idx)
+        else:
+            parts = [g for g in (None if gy is None else gy.index_select(1, idx), handed) if g is not None]
+            gys = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).to(wc.dtype)
+            ws = wc.index_select(0, idx)
+            pad = padded_size(k, c) - k
+            if pad > 0:
+                # zero filters fed zero gradients: the input gradient is unchanged, and their weight
+                # gradient rows are dropped below; oneDNN runs aligned channel counts much faster
+                gys = torch.cat([gys, gys.new_zeros((gys.shape[0], pad, *gys.shape[2:]))], 1)
+                ws = torch.cat([ws, ws.new_zeros((pad, *ws.shape[1:]))], 0)
+            if xc.dim() == 4 and xc.is_contiguous(memory_format=torch.channels_last):
+                # index_select returns the default layout; mixed layouts make oneDNN reorder
+                gys = gys.contiguous(memory_format=torch.channels_last)
+                ws = ws.contiguous(memory_format=torch.channels_last)
+            gx, gws, gbs = torch.ops.aten.convolution_backward(
+                gys, xc, ws, [k + pad] if has_bias else None, *geometry, mask
+            )
         if pad > 0:
             gws = None if gws is None else gws[:k]
             gbs = None if gbs is None else gbs[:k]
@@ -373,15 +393,16 @@ class CompactSkeleton:
             if not (is_lin or conv_supported(mod)):
                 continue
             idx = torch.nonzero(skeleton[name].to(mod.weight.device)).flatten()  # type: ignore[union-attr]
-            if not is_lin and not compact_pays(len(idx), len(skeleton[name])):
-                continue
-            self._replace(mod, self._layer_forward(name, mod, idx, is_lin))
+            # a conv whose skeleton is too large to gather runs the dense kernel with masked
+            # filters (SkeletonConvFn): its BatchNorm's full input gradient is needed then
+            gathers = is_lin or compact_pays(len(idx), len(skeleton[name]))
+            self._replace(mod, self._layer_forward(name, mod, idx, is_lin, gathers))
             self._active.add(name)
             bn = self._mods.get(bn_name) if bn_name is not None else None
-            if bn is not None:
+            if bn is not None and gathers:
                 self._replace(bn, self._bn_forward(name, bn, idx))
 
-    def _layer_forward(self, name: str, mod: torch.nn.Module, idx: Tensor, is_lin: bool) -> Any:
+    def _layer_forward(self, name: str, mod: torch.nn.Module, idx: Tensor, is_lin: bool, gathers: bool) -> Any:
         orig = type(mod).forward
 
         def forward(x: Tensor) -> Tensor:
@@ -390,6 +411,8 @@ class CompactSkeleton:
                 return orig(mod, x)
             if is_lin:  # (a BatchNorm after it scatters its input gradient, as a linear's is rare)
                 y, handoff = skeleton_linear(x, mod, idx, self.sink), None  # type: ignore[arg-type]
+            elif not gathers:  # no skeleton BatchNorm after it: nothing to hand over
+                return skeleton_conv(x, mod, idx, self.sink)
             else:
                 handoff = {}
                 y = skeleton_conv(x, mod, idx, self.sink, handoff)
