@@ -63,13 +63,15 @@ Choices and departures (every one is a config key where it is a choice)
 * **Backward kernels** (``method.backward``): ``compact`` (default) runs each skeleton layer's
   backward on the gathered skeleton channels (:mod:`sparsefl.kernels.skeleton`: smaller weight-
   and input-gradient convolutions, the BatchNorm after it computing its input gradient for the
-  skeleton channels only), which is where FedSkel's wall-clock saving comes from; ``mask`` zeroes
-  the non-skeleton output-gradient channels with a tensor hook and runs the dense backward (the
-  reference; as slow as dense). Both train the same model up to floating-point summation order
-  (tests/kernels check 1e-5). Layers the kernels do not cover (grouped convs, string padding),
-  and convs whose skeleton padded to 16 channels would be more than half the layer (where
-  gathering costs more than it saves: resnet20's 16-channel stage at ratio 0.1), use the mask
-  in either mode. ``benchmarks/speed.py`` measures the two.
+  skeleton channels only and handing it to the conv directly), which is where FedSkel's
+  wall-clock saving comes from; ``mask`` zeroes the non-skeleton output-gradient channels with a
+  tensor hook and runs the dense backward (the reference; slower than dense). Both train the
+  same model up to floating-point summation order (tests/kernels check 1e-5). Convs whose
+  skeleton padded to 16 channels would be more than half the layer (where gathering costs more
+  than it saves: resnet20's 16-channel stage at ratio 0.1) run the dense backward kernel with
+  the non-skeleton filters zeroed instead: the same products, without the hook's pass over the
+  whole output gradient. Layers the kernels do not cover (grouped convs, string padding) use
+  the mask in either mode. ``benchmarks/speed.py`` measures the two.
 * **Personalisation** is the client's state: its skeleton, the round it was chosen, and its own
   copy of every skeletonised tensor (``personal_params`` is simply its trained model).
 """
