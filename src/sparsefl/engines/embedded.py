@@ -218,10 +218,10 @@ class EmbeddedEngine:
     With ``jobs > 1`` this process computes clients too. The round's tasks start largest first
     (by the client's training samples, which set its local steps), each process taking the next
     one whenever it is free: the small ones fill the gaps at the end, so no core waits long on
-    the others. The workers start at the first round: forked from this
-    process where :func:`forks` allows (milliseconds), else from the fork server in the
-    background (a fresh process needs 1-2 s to import torch; until they are up, every task
-    runs here). Where a client runs never changes its result.
+    the others. The workers start at the first round: forked from this process where
+    :func:`forks` allows (milliseconds), else from the fork server in the background (a fresh
+    process needs 1-2 s to import torch; until they are up, every task runs here). Where a
+    client runs never changes its result.
     """
 
     def __init__(
