@@ -59,16 +59,9 @@ def compute_dtype(x: Tensor) -> torch.dtype:
     return x.dtype
 
 
-def _scattered(rows: Tensor, shape: Sequence[int], idx: Tensor) -> Tensor:
-    """A tensor of ``shape`` whose rows ``idx`` are ``rows``, zero elsewhere."""
-    return torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_copy_(0, idx, rows)
-
-
-def _added_rows(gy: Tensor | None, rows: Tensor, idx: Tensor, channels: int) -> Tensor:
-    """``gy`` with ``rows`` added at its channels ``idx`` (dim 1); zeros elsewhere when ``gy`` is None."""
-    if gy is None:
-        return rows.new_zeros((rows.shape[0], channels, *rows.shape[2:])).index_copy_(1, idx, rows)
-    return gy.index_add(1, idx, rows.to(gy.dtype))
+def _scattered(rows: Tensor, shape: Sequence[int], idx: Tensor, dim: int = 0) -> Tensor:
+    """A tensor of ``shape`` whose slices ``idx`` along ``dim`` are ``rows``, zero elsewhere."""
+    return torch.zeros(shape, dtype=rows.dtype, device=rows.device).index_copy_(dim, idx, rows)
 
 
 def _weight_grad(ctx: Any, rows: Tensor, shape: torch.Size, idx: Tensor) -> Tensor | None:
@@ -150,7 +143,10 @@ class SkeletonConvFn(torch.autograd.Function):
             # the reference (which zeroes those channels of dL/dY instead: a pass over the whole
             # output gradient, not over the small weight), and the weight-gradient rows and bias
             # sums are taken at idx
-            g = gy if handed is None else _added_rows(gy, handed, idx, c)
+            g = gy
+            if handed is not None:  # (a handoff given with a skeleton this wide: scattered back)
+                full = (handed.shape[0], c, *handed.shape[2:])
+                g = _scattered(handed, full, idx, 1) if gy is None else gy.index_add(1, idx, handed.to(gy.dtype))
             wm = _scattered(wc.index_select(0, idx), wc.shape, idx)
             gx, gw_all, gb_all = torch.ops.aten.convolution_backward(
                 g.to(wc.dtype), xc, wm, [c] if has_bias else None, *geometry, mask
@@ -158,8 +154,10 @@ class SkeletonConvFn(torch.autograd.Function):
             gws = None if gw_all is None else gw_all.index_select(0, idx)
             gbs = None if gb_all is None else gb_all.index_select(0, idx)
         else:
-            parts = [g for g in (None if gy is None else gy.index_select(1, idx), handed) if g is not None]
-            gys = (parts[0] if len(parts) == 1 else parts[0] + parts[1]).to(wc.dtype)
+            gys = handed if gy is None else gy.index_select(1, idx)
+            if gy is not None and handed is not None:
+                gys = gys + handed
+            gys = gys.to(wc.dtype)
             ws = wc.index_select(0, idx)
             pad = padded_size(k, c) - k
             if pad > 0:
@@ -278,7 +276,7 @@ class SkeletonBatchNormFn(torch.autograd.Function):
             if ctx.handoff is not None:
                 ctx.handoff["gy"] = gxs
             else:
-                gx = torch.zeros_like(x).index_copy_(1, idx, gxs)
+                gx = _scattered(gxs, x.shape, idx, 1)
         return gx, dgamma, dbeta, None, None, None, None, None, None
 
 
