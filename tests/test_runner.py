@@ -241,6 +241,27 @@ def test_tasks_start_largest_first():
     order = list(eng._largest_first(tasks))
     assert sorted(order) == list(range(6))
     assert order == sorted(range(6), key=lambda i: (-sizes[i], i))
+    # and the round follows it: the worker gets the largest task, this process the next one
+    started: dict[str, list[int]] = {"pool": [], "here": []}
+    try:
+        assert eng.wait_ready()
+        real_submit, real_here = eng._pool.submit, eng._run_here
+
+        def submit(fn, task, state):  # type: ignore[no-untyped-def]
+            started["pool"].append(task.client_id)
+            return real_submit(fn, task, state)
+
+        def here(task, state):  # type: ignore[no-untyped-def]
+            started["here"].append(task.client_id)
+            return real_here(task, state)
+
+        eng._pool.submit, eng._run_here = submit, here  # type: ignore[method-assign]
+        eng.run(tasks)
+    finally:
+        eng.close()
+    assert started["pool"][0] == tasks[order[0]].client_id
+    assert started["here"][0] == tasks[order[1]].client_id
+    assert sorted(started["pool"] + started["here"]) == sorted(t.client_id for t in tasks)
 
 
 def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
