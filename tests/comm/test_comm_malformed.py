@@ -313,7 +313,7 @@ def _same(a: Update, b: Update) -> bool:
     return (
         a.values.keys() == b.values.keys()
         and a.sent.keys() == b.sent.keys()
-        and all(torch.equal(a.values[k], b.values[k]) for k in a.values)
+        and all(a.values[k].dtype == b.values[k].dtype and torch.equal(a.values[k], b.values[k]) for k in a.values)
         and all(torch.equal(a.sent[k], b.sent[k]) for k in a.sent)
     )
 
@@ -377,9 +377,11 @@ def _verdict(data: bytes, spec: dict) -> Update | str:
 
 
 def test_remembered_headers_change_no_verdict(monkeypatch: pytest.MonkeyPatch) -> None:
-    """A header the decoder has checked before is recognised by its bytes: every resealed
-    edit of every header byte of a dense message gets the same result, error message
-    included, with the cache warm as with a cold one."""
+    """A header the decoder has checked before is recognised by its bytes, and a message laid
+    out as one decoded before is read along that layout: every resealed edit of every header
+    byte of a dense message, and non-finite values in each dense record, get the same result,
+    error message included, with both memos warm as with cold ones."""
+    import sparsefl.comm as M
     import sparsefl.comm.codecs as C
 
     u = Update(
@@ -402,12 +404,88 @@ def test_remembered_headers_change_no_verdict(monkeypatch: pytest.MonkeyPatch) -
             b = bytearray(data)
             b[s] = value
             mutants.append(_reseal(bytes(b)))
+    for f, s, e in field_spans(data):
+        if f.endswith("value_section") and e - s > 1:  # a NaN, an infinity in each float record
+            for bad in (b"\xff" * (e - s), b"\x00" * (e - s - 2) + b"\x80\x7f"):
+                mutants.append(_reseal(data[:s] + bad + data[e:]))
     mutants.append(encode_update(Update({**u.values, "a": u.values["a"] * float("nan")}), "auto"))
+    mutants.append(data)  # the message itself, along its layout
     for spec2 in (spec, {**spec, "a": ((5, 3), torch.float32)}, {**spec, "a": ((3, 5), torch.float64)}):
+        _verdict(data, spec2)  # the layout of the message, where it decodes
         warm = [_verdict(m, spec2) for m in mutants]
         monkeypatch.setattr(C, "_CHECKED", {})
+        monkeypatch.setattr(M, "_LAYOUTS", {})
         cold = [_verdict(m, spec2) for m in mutants]
         assert len(C._CHECKED) > 0 or spec2 is not spec  # (a wrong spec fails at the first record)
         for w, c in zip(warm, cold):
             assert (isinstance(w, str) and w == c) or (isinstance(w, Update) and isinstance(c, Update) and _same(w, c))
         monkeypatch.undo()
+
+
+def test_message_laid_out_as_before_reads_only_its_other_records(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A second message with the layout of the first (every name and dense header the same
+    bytes) is read along it: only the records that are not dense in their own precision go
+    through the record decoder, and the result is the full decoder's, dtypes and masks
+    included; the dense values share a buffer but not their entries."""
+    import sparsefl.comm as M
+
+    def update(seed: int) -> Update:
+        g = torch.Generator().manual_seed(seed)
+        sent = torch.arange(20) % 3 == 0
+        return Update(
+            {
+                "a": torch.randn(3, 5, generator=g),
+                "b": torch.tensor(40 + seed),
+                "c": torch.zeros(4),
+                "d": torch.randn(6, generator=g, dtype=torch.float64),
+                "e": torch.randn(2, generator=g).half(),
+                "f": torch.randn(20, generator=g) * sent,
+                "g": torch.randn((), generator=g),
+            },
+            {"f": sent},
+        )
+
+    u1, u2 = update(1), update(2)
+    spec = spec_of(u1.values)
+    d1, d2 = encode_update(u1, "auto"), encode_update(u2, "auto")
+    assert len(d1) == len(d2) and d1 != d2
+    monkeypatch.setattr(M, "_LAYOUTS", {})
+    assert _same(decode_update(d1, spec), u1)
+    calls: list[str] = []
+    real = M.decode_record
+    monkeypatch.setattr(M, "decode_record", lambda r, *a, **k: calls.append(r.where) or real(r, *a, **k))
+    second = decode_update(d2, spec)
+    assert calls == ["tensor 'b'", "tensor 'c'", "tensor 'f'"]
+    monkeypatch.setattr(M, "_LAYOUTS", {})
+    full = decode_update(d2, spec)
+    assert len(calls) == 3 + 7 and _same(second, full) and _same(second, u2)
+    second.values["a"].fill_(0)
+    assert torch.equal(second.values["g"], u2.values["g"]) and torch.equal(second.values["e"], u2.values["e"])
+
+
+def test_integer_scalars_read_with_python_ints_as_the_array_path_reads_them(monkeypatch: pytest.MonkeyPatch) -> None:
+    """A one-value integer record is read without arrays when it is a well-formed varint in
+    range; every value, dtype, narrowing and resealed edit of its value section gets the
+    general path's result, error message included."""
+    import sparsefl.comm.codecs as C
+
+    cases = []
+    for dt in (torch.int64, torch.int32, torch.int16, torch.int8, torch.uint8, torch.bool):
+        info = (0, 1) if dt == torch.bool else (torch.iinfo(dt).min, torch.iinfo(dt).max)
+        for v in {0, 1, -1, 63, 64, -65, 300, info[0], info[1]}:
+            if info[0] <= v <= info[1]:
+                cases.append(encode_update(Update({"x": torch.tensor(v, dtype=dt)}), "auto"))
+    for data in list(cases):
+        (s, e) = next((s, e) for f, s, e in field_spans(data) if f == "x.value_section")
+        for edit in (b"\x80", b"\xff" * 11, b"\x81\x00", b"\x02\x00"[: e - s]):
+            cases.append(_reseal(data[:s] + edit + data[e:]))
+    specs = [{"x": ((), dt)} for dt in (torch.int64, torch.int8, torch.uint8, torch.bool, torch.float32)]
+    read, real = [], C._int_scalar
+    monkeypatch.setattr(C, "_int_scalar", lambda *a: (lambda t: read.append(t is not None) or t)(real(*a)))
+    fast = [[_verdict(d, sp) for sp in specs] for d in cases]
+    monkeypatch.setattr(C, "_int_scalar", lambda *a: None)
+    slow = [[_verdict(d, sp) for sp in specs] for d in cases]
+    assert sum(read) > 20 and not all(read)  # both paths taken
+    for f_row, s_row in zip(fast, slow):
+        for f, s in zip(f_row, s_row):
+            assert (isinstance(f, str) and f == s) or (isinstance(f, Update) and isinstance(s, Update) and _same(f, s))

@@ -38,10 +38,12 @@ The byte layout is documented in :mod:`sparsefl.comm.format`, the mask coders in
 
 from __future__ import annotations
 
+import math
 import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
+import numpy as np
 import torch
 
 from sparsefl.comm.codecs import (
@@ -49,6 +51,7 @@ from sparsefl.comm.codecs import (
     Codec,
     decode_record,
     decode_tensor,
+    dense_wire,
     encode_tensor,
     encode_tensor_parts,
     get_codec,
@@ -57,6 +60,7 @@ from sparsefl.comm.format import (
     CODE_DTYPES,
     CONTAINER_FIXED_BYTES,
     MaskMode,
+    Reader,
     VFmt,
     container_header,
     name_record,
@@ -168,11 +172,21 @@ def decode_update(
     """
     r, count = open_container(data)
     known = known or {}
+    key = (r.end, count)
+    layout = _LAYOUTS.get(key)
+    if layout is not None:
+        first = r.pos
+        done = _decode_laid_out(layout, r, spec, known, allow_nonfinite)
+        if done is not None:
+            return done
+        r.pos = first
     values: dict[str, Tensor] = {}
     sent: dict[str, Tensor] = {}
+    spans: _Spans = []
     prev: str | None = None
     for i in range(count):
         r.where = f"tensor #{i}"
+        start = r.pos
         name = read_name(r)
         r.where = f"tensor {name!r}"
         if prev is not None and name <= prev:
@@ -180,17 +194,111 @@ def decode_update(
         prev = name
         if name not in spec:
             raise r.fail("not a tensor the receiver expects")
-        shape, dtype = spec[name]
-        v, m = decode_record(
-            r, tuple(int(s) for s in shape), dtype, known=known.get(name), allow_nonfinite=allow_nonfinite
-        )
+        shape = tuple(int(s) for s in spec[name][0])
+        dtype = spec[name][1]
+        spans.append((start, r.pos, name, shape, dtype))
+        v, m = decode_record(r, shape, dtype, known=known.get(name), allow_nonfinite=allow_nonfinite)
         values[name] = v
         if m is not None:
             sent[name] = m
     if r.remaining():
         r.where = "message"
         raise r.fail(f"{r.remaining()} bytes after the last tensor record")
+    if layout is None and len(_LAYOUTS) < 256 or layout is not None:
+        _remember_layout(key, r.data, r.end, spans)
     return Update(values, sent)
+
+
+# --------------------------------------------------------------------------------------------
+# Messages laid out as one seen before
+# --------------------------------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class _Record:
+    """One record of a message layout: the bytes it starts with, and how to read the rest."""
+
+    name: str
+    shape: tuple[int, ...]
+    dtype: torch.dtype
+    #: the name record, plus the whole header for a dense record in its own precision
+    prefix: bytes
+    #: that dense record's value dtype on the wire (its value section follows ``prefix``), or
+    #: None: the header and sections are read by :func:`decode_record`, whatever they hold
+    wire: np.dtype | None
+
+
+#: The layout of each message shape decoded lately, keyed by ``(end of records, count)``. A
+#: round's messages repeat their names and headers byte for byte (every dense record's header
+#: is constant), so comparing those bytes proves that the full decoder would parse and check
+#: them exactly as it did before; what is left per message is the checksum, the values of the
+#: dense records (copied into one buffer and checked for NaN in one pass) and the other
+#: records (decoded as usual). A 16-tensor CNN upload decoded in about half the time.
+_LAYOUTS: dict[tuple[int, int], tuple[_Record, ...]] = {}
+
+
+#: per record of a decoded message: its start, its header's start, its name, shape and dtype
+_Spans = list[tuple[int, int, str, tuple[int, ...], torch.dtype]]
+
+
+def _remember_layout(key: tuple[int, int], data: bytes, end: int, spans: _Spans) -> None:
+    """Store the layout of a message that decoded (``spans``: each record's start, header
+    start, name, shape and dtype), if it has a dense record to gain on."""
+    recs = []
+    starts = [s for s, *_ in spans] + [end]
+    for (start, hpos, name, shape, dtype), nxt in zip(spans, starts[1:]):
+        hr = Reader(data, hpos, nxt)
+        wire = dense_wire(read_header(hr), math.prod(shape), dtype)
+        recs.append(_Record(name, shape, dtype, bytes(data[start : hr.pos if wire is not None else hpos]), wire))
+    if any(rec.wire is not None for rec in recs):
+        _LAYOUTS[key] = tuple(recs)
+    else:
+        _LAYOUTS.pop(key, None)
+
+
+def _decode_laid_out(
+    layout: tuple[_Record, ...], r: Reader, spec: Spec, known: Mapping[str, Tensor], allow_nonfinite: bool
+) -> Update | None:
+    """The message at ``r`` decoded along ``layout``, or None where it departs from it or fails
+    in any way (the full decoder then gives the verdict, as it would have without the layout).
+    The dense records' values are views of one buffer per dtype, as ``torch.split`` gives."""
+    data, pos = r.data, r.pos
+    values: dict[str, Tensor | None] = {}
+    sent: dict[str, Tensor] = {}
+    dense: dict[np.dtype, list[tuple[_Record, int]]] = {}
+    for rec in layout:
+        end = pos + len(rec.prefix)
+        want = spec.get(rec.name)
+        if data[pos:end] != rec.prefix or want is None or want[1] != rec.dtype or tuple(want[0]) != rec.shape:
+            return None
+        if rec.wire is not None:
+            values[rec.name] = None  # (its place in the order; filled below)
+            dense.setdefault(rec.wire, []).append((rec, end))
+            pos = end + math.prod(rec.shape) * rec.wire.itemsize
+            continue
+        r.pos, r.where = end, f"tensor {rec.name!r}"
+        try:
+            v, m = decode_record(r, rec.shape, rec.dtype, known=known.get(rec.name), allow_nonfinite=allow_nonfinite)
+        except DecodeError:
+            return None
+        values[rec.name] = v
+        if m is not None:
+            sent[rec.name] = m
+        pos = r.pos
+    if pos != r.end:
+        return None
+    for wire, recs in dense.items():
+        sizes = [math.prod(rec.shape) for rec, _ in recs]
+        parts = [np.frombuffer(data, wire, n, off) for (_, off), n in zip(recs, sizes)]
+        buf = np.concatenate(parts, dtype=wire.newbyteorder("="))
+        if not allow_nonfinite and not bool(np.isfinite(buf).all()):
+            return None
+        at = 0
+        for (rec, _), n in zip(recs, sizes):
+            # numpy views, then one torch call each: half the time of torch's split and views
+            values[rec.name] = torch.from_numpy(buf[at : at + n].reshape(rec.shape))
+            at += n
+    return Update(values, sent)  # type: ignore[arg-type] - every value is filled
 
 
 @dataclass(frozen=True)

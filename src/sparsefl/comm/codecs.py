@@ -754,6 +754,39 @@ _NP_DTYPE = {
 _DENSE_SAME = {dtype: (fmt, V._NP[fmt]) for dtype, fmt in _EXACT.items() if fmt in V._NP}
 
 
+def dense_wire(h: TensorHeader, n: int, dtype: torch.dtype) -> np.dtype | None:
+    """The numpy dtype of the value section when the (checked) header ``h`` is a dense record
+    of ``n`` values in ``dtype``'s own precision, the common record, whose values are read as
+    they are; else None (the general path, which also says what is wrong with a record that
+    only looks like one)."""
+    fast = _DENSE_SAME.get(dtype)
+    if fast is None or h.mode != MaskMode.NONE or h.vfmt != fast[0]:
+        return None
+    wire = fast[1]
+    return wire if h.mask_len == 0 and h.value_len == n * wire.itemsize else None
+
+
+def _int_scalar(r: Reader, nbytes: int, dtype: torch.dtype, shape: tuple[int, ...]) -> Tensor | None:
+    """A dense one-value integer record (BatchNorm's step count, in every upload of a model
+    with BatchNorm) read with Python ints when its value section is one well-formed varint in
+    ``dtype``'s range, ``r`` then past it; else None, ``r`` unmoved, for the general path to
+    read or reject. The general path's ten one-element array operations took longer than all
+    the dense records of a CNN upload together."""
+    if nbytes > r.remaining():
+        return None
+    v = Reader(r.data, r.pos, r.pos + nbytes)
+    try:
+        u = v.varint("value", (1 << 64) - 1)
+    except DecodeError:
+        return None
+    x = (u >> 1) ^ -(u & 1)  # zigzag
+    lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
+    if v.remaining() or not lo <= x <= hi:
+        return None
+    r.pos += nbytes
+    return torch.tensor(x, dtype=dtype).reshape(shape)
+
+
 def _all_finite(x: np.ndarray) -> bool:
     """True when no element is NaN or infinite (one vectorised pass; 4x faster here than a
     float64 sum over a float32 tensor)."""
@@ -803,16 +836,17 @@ def decode_record(
         raise ValueError(f"{what}: the receiver's spec asks for {dtype}, which no codec carries")
     h = _read_checked_header(r, shape, dtype, what)
     n = math.prod(shape)
-    fast = _DENSE_SAME.get(dtype)
-    if fast is not None and h.mode == MaskMode.NONE and h.vfmt == fast[0]:
-        # the common record (a dense tensor in its own precision): one copy and one check;
-        # anything inconsistent takes the general path below, which says what is wrong
-        wire = fast[1]
-        if h.mask_len == 0 and h.value_len == n * wire.itemsize:
-            vals = np.frombuffer(r.view(h.value_len, "value section"), wire).astype(wire.newbyteorder("="))
-            if allow_nonfinite or _all_finite(vals):
-                return torch.from_numpy(vals.reshape(shape)), None
-            raise DecodeError(f"{what}: NaN or infinite values (the receiver forbids them)")
+    wire = dense_wire(h, n, dtype)
+    if wire is not None:
+        # the common record (a dense tensor in its own precision): one copy and one check
+        vals = np.frombuffer(r.view(h.value_len, "value section"), wire).astype(wire.newbyteorder("="))
+        if allow_nonfinite or _all_finite(vals):
+            return torch.from_numpy(vals.reshape(shape)), None
+        raise DecodeError(f"{what}: NaN or infinite values (the receiver forbids them)")
+    if h.vfmt == VFmt.INT and n == 1 and h.mode == MaskMode.NONE and h.mask_len == 0:
+        scalar = _int_scalar(r, h.value_len, dtype, shape)
+        if scalar is not None:
+            return scalar, None
     mask_buf = r.take(h.mask_len, "mask section")
     value_buf = r.view(h.value_len, "value section")  # copied once, by _convert
     m, idx = _decode_mask(h, mask_buf, n, known, what)

@@ -111,6 +111,12 @@ def encode_varints(x: np.ndarray) -> bytes:
 
 def decode_varints(buf: bytes, count: int, what: str) -> np.ndarray:
     """Exactly ``count`` canonical LEB128 varints filling ``buf``; returns uint64."""
+    if count == 1 and 0 < len(buf) <= 9:
+        # one varint (an integer scalar, such as BatchNorm's step count) is read without
+        # arrays when it is well formed; anything else is checked below
+        *more, last = buf
+        if last < 0x80 and all(x >= 0x80 for x in more) and (last or not more):
+            return np.array([sum((x & 0x7F) << (7 * j) for j, x in enumerate(buf))], np.uint64)
     b = np.frombuffer(buf, np.uint8)
     if count == 0:
         if b.size:
