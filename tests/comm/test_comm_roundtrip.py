@@ -286,3 +286,32 @@ def test_same_update_gives_the_same_bytes_whatever_the_insertion_order() -> None
     one = encode_update(Update({"a": a, "b": b}, {"a": m}), "auto")
     two = encode_update(Update({"b": b, "a": a}, {"a": m}), "auto")
     assert one == two
+
+
+@pytest.mark.parametrize("codec", sorted(codec_names()))
+@given(data=st.data())
+@SETTINGS
+def test_dense_records_encoded_together_are_the_per_tensor_bytes(codec: str, data: st.DataObject) -> None:
+    """The dense records of an update are encoded from one concatenation per dtype; the
+    message (or the error) is exactly what encoding each tensor on its own gives, whatever
+    the zeros, signs, NaNs, dtypes, masks and known masks."""
+    import sparsefl.comm as M
+
+    u, known = data.draw(updates(sign=data.draw(st.booleans())))
+    values = dict(u.values)
+    if data.draw(st.booleans()):  # a tensor that starts with a sign and is not all signs
+        values["s"] = torch.tensor([1.0, -1.0, 0.5, 2.0])[: data.draw(st.integers(1, 4))]
+    if data.draw(st.booleans()):
+        values["z"] = torch.tensor([float("nan"), 3.0, float("inf"), -0.0])
+    u = Update(values, u.sent)
+
+    def encoded() -> bytes | str:
+        try:
+            return encode_update(u, codec, known=known)
+        except ValueError as e:
+            return str(e)
+
+    together = encoded()
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(M, "dense_record_parts", lambda ts, c: [None] * len(ts))
+        assert together == encoded()

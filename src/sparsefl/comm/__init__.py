@@ -51,6 +51,7 @@ from sparsefl.comm.codecs import (
     Codec,
     decode_record,
     decode_tensor,
+    dense_record_parts,
     dense_wire,
     encode_tensor,
     encode_tensor_parts,
@@ -123,10 +124,13 @@ def encode_update(update: Update, codec: str | Codec, *, known: Mapping[str, Ten
         raise ValueError(f"update has sent masks for tensors it does not contain: {extra}")
     known = known or {}
     names = sorted(update.values)
-    parts = [container_header(len(names))]
-    for name in names:
+    plain = [update.values[n] if n not in update.sent and n not in known else None for n in names]
+    parts: list[bytes | memoryview] = [container_header(len(names))]
+    for name, dense in zip(names, dense_record_parts(plain, c)):
         parts.append(name_record(name))
-        parts += encode_tensor_parts(update.values[name], update.sent.get(name), c, known=known.get(name), name=name)
+        if dense is None:
+            dense = encode_tensor_parts(update.values[name], update.sent.get(name), c, known=known.get(name), name=name)
+        parts += dense
     crc = 0
     for p in parts:  # the CRC of the concatenation, without building it twice
         crc = zlib.crc32(p, crc)

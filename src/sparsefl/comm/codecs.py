@@ -591,6 +591,53 @@ def encode_tensor_parts(
     return [_header_bytes(header), mask_bytes, value_bytes]
 
 
+def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[bytes | memoryview] | None]:
+    """Per tensor sent without a mask through ``c`` (None: not such a tensor), the record parts
+    :func:`encode_tensor_parts` gives it when that is a dense record in its own precision:
+    every value nonzero where the codec could send the support instead, and not every value
+    +-1 where it could send signs. Same-dtype tensors are concatenated once, checked for zeros
+    in one pass and sent as views of that copy; None for the rest, to encode one by one.
+    A model's update encoded in about half the time (the per-tensor path decides each tensor
+    in a dozen Python-level steps)."""
+    out: list[list[bytes | memoryview] | None] = [None] * len(tensors)
+    groups: dict[torch.dtype, list[int]] = {}
+    for i, t in enumerate(tensors):
+        if isinstance(t, Tensor) and t.dtype in _DENSE_SAME and t.device.type == "cpu" and 0 < t.numel() <= MAX_NUMEL:
+            fmts = c.formats(t.dtype)
+            if fmts[0] == _EXACT[t.dtype] and set(fmts) <= {fmts[0], VFmt.SIGN} and t.dim() <= MAX_NDIM:
+                groups.setdefault(t.dtype, []).append(i)
+    for dtype, idx in groups.items():
+        wire = _DENSE_SAME[dtype][1]
+        flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).numpy()  # type: ignore[union-attr]
+        data = flat.astype(wire, copy=False)
+        all_nonzero = c.dense or np.count_nonzero(flat) == flat.size
+        signs = VFmt.SIGN in c.formats(dtype)
+        at = 0
+        for i in idx:
+            t = tensors[i]
+            assert t is not None
+            n = t.numel()
+            a, at = at, at + n
+            if not all_nonzero and np.count_nonzero(flat[a:at]) < n:
+                continue  # its support may be smaller
+            if signs and abs(float(flat[a])) == 1.0:
+                continue  # it may be all signs
+            h = TensorHeader(
+                c.wire_id,
+                DTYPE_CODES[dtype],
+                _EXACT[dtype],
+                MaskMode.NONE,
+                0,
+                0,
+                tuple(t.shape),
+                n,
+                0,
+                n * wire.itemsize,
+            )
+            out[i] = [_header_bytes(h), b"", memoryview(data[a:at]).cast("B")]
+    return out
+
+
 # --------------------------------------------------------------------------------------------
 # decoding
 # --------------------------------------------------------------------------------------------
