@@ -16,6 +16,7 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
+import numpy as np
 import torch
 
 from sparsefl.comm import Update
@@ -23,8 +24,9 @@ from sparsefl.comm import Update
 Tensors = dict[str, torch.Tensor]
 
 
-def _acc_dtype(t: torch.Tensor) -> torch.dtype:
-    return torch.float64 if t.is_floating_point() else t.dtype
+def _np(t: torch.Tensor) -> np.ndarray:
+    """The values of a CPU tensor as numpy (bfloat16, which numpy lacks, widened exactly)."""
+    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names: list[str]) -> Tensors:
@@ -51,13 +53,17 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
     ]
     if len(flat) > 1:
         size = sum(first[n].numel() for n in flat)
-        acc = torch.zeros(size, dtype=torch.float64)
+        acc = np.zeros(size, np.float64)
         raw = torch.empty(size, dtype=functools.reduce(torch.promote_types, (first[n].dtype for n in flat)))
-        term = torch.empty(size, dtype=torch.float64)
+        term = np.empty(size, np.float64)
         for u, w in zip(updates, weights):
             torch.cat([u.values[n].reshape(-1) for n in flat], out=raw)
-            acc += term.copy_(raw).mul_(w)  # not add_(alpha=w): a fused multiply-add rounds once
-        for n, part in zip(flat, acc.split([first[n].numel() for n in flat])):
+            # each value widened to float64, then multiplied (one rounding, as torch's copy_
+            # and mul_ give it, in one pass instead of two), then added: not a fused
+            # multiply-add, which rounds once for both
+            np.multiply(_np(raw), w, out=term, dtype=np.float64)
+            np.add(acc, term, out=acc)
+        for n, part in zip(flat, torch.from_numpy(acc).split([first[n].numel() for n in flat])):
             out[n] = part.to(first[n].dtype, copy=True).reshape(first[n].shape)  # its own buffer
     for name in names:
         if name in out:
