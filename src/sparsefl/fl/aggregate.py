@@ -16,17 +16,11 @@ from __future__ import annotations
 import functools
 from collections.abc import Mapping, Sequence
 
-import numpy as np
 import torch
 
 from sparsefl.comm import Update
 
 Tensors = dict[str, torch.Tensor]
-
-
-def _np(t: torch.Tensor) -> np.ndarray:
-    """The values of a CPU tensor as numpy (bfloat16, which numpy lacks, widened exactly)."""
-    return t.float().numpy() if t.dtype == torch.bfloat16 else t.numpy()
 
 
 def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names: list[str]) -> Tensors:
@@ -53,17 +47,15 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
     ]
     if len(flat) > 1:
         size = sum(first[n].numel() for n in flat)
-        acc = np.zeros(size, np.float64)
+        acc = torch.zeros(size, dtype=torch.float64)
         raw = torch.empty(size, dtype=functools.reduce(torch.promote_types, (first[n].dtype for n in flat)))
-        term = np.empty(size, np.float64)
+        term = torch.empty(size, dtype=torch.float64)
         for u, w in zip(updates, weights):
             torch.cat([u.values[n].reshape(-1) for n in flat], out=raw)
-            # each value widened to float64, then multiplied (one rounding, as torch's copy_
-            # and mul_ give it, in one pass instead of two), then added: not a fused
-            # multiply-add, which rounds once for both
-            np.multiply(_np(raw), w, out=term, dtype=np.float64)
-            np.add(acc, term, out=acc)
-        for n, part in zip(flat, torch.from_numpy(acc).split([first[n].numel() for n in flat])):
+            # widened, multiplied, added: not add_(alpha=w), a fused multiply-add rounds once
+            # (numpy's widening multiply, one pass instead of two, took 1.5x as long here)
+            acc += term.copy_(raw).mul_(w)
+        for n, part in zip(flat, acc.split([first[n].numel() for n in flat])):
             out[n] = part.to(first[n].dtype, copy=True).reshape(first[n].shape)  # its own buffer
     for name in names:
         if name in out:
