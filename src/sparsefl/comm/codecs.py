@@ -458,6 +458,14 @@ def _candidates(c: Codec, formats: tuple[VFmt, ...], info: _MaskInfo, sent: bool
 
 
 @functools.lru_cache(maxsize=4096)
+def _dense_header(codec_id: int, dtype: torch.dtype, shape: tuple[int, ...]) -> bytes:
+    """The header of a dense record of ``shape`` in ``dtype``'s own precision, remembered."""
+    n = math.prod(shape)
+    size = n * _DENSE_SAME[dtype][1].itemsize
+    return TensorHeader(codec_id, DTYPE_CODES[dtype], _EXACT[dtype], MaskMode.NONE, 0, 0, shape, n, 0, size).to_bytes()
+
+
+@functools.lru_cache(maxsize=4096)
 def _header_bytes(h: TensorHeader) -> bytes:
     """``h.to_bytes()``, remembered: a dense tensor's header is the same every round."""
     return h.to_bytes()
@@ -601,10 +609,10 @@ def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[
     in a dozen Python-level steps)."""
     out: list[list[bytes | memoryview] | None] = [None] * len(tensors)
     groups: dict[torch.dtype, list[int]] = {}
+    exact = {d: c.formats(d)[0] == _EXACT[d] and set(c.formats(d)) <= {_EXACT[d], VFmt.SIGN} for d in _DENSE_SAME}
     for i, t in enumerate(tensors):
-        if isinstance(t, Tensor) and t.dtype in _DENSE_SAME and t.device.type == "cpu" and 0 < t.numel() <= MAX_NUMEL:
-            fmts = c.formats(t.dtype)
-            if fmts[0] == _EXACT[t.dtype] and set(fmts) <= {fmts[0], VFmt.SIGN} and t.dim() <= MAX_NDIM:
+        if isinstance(t, Tensor) and exact.get(t.dtype) and t.device.type == "cpu":
+            if 0 < t.numel() <= MAX_NUMEL and t.dim() <= MAX_NDIM:
                 groups.setdefault(t.dtype, []).append(i)
     for dtype, idx in groups.items():
         wire = _DENSE_SAME[dtype][1]
@@ -622,19 +630,7 @@ def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[
                 continue  # its support may be smaller
             if signs and abs(float(flat[a])) == 1.0:
                 continue  # it may be all signs
-            h = TensorHeader(
-                c.wire_id,
-                DTYPE_CODES[dtype],
-                _EXACT[dtype],
-                MaskMode.NONE,
-                0,
-                0,
-                tuple(t.shape),
-                n,
-                0,
-                n * wire.itemsize,
-            )
-            out[i] = [_header_bytes(h), b"", memoryview(data[a:at]).cast("B")]
+            out[i] = [_dense_header(c.wire_id, dtype, tuple(t.shape)), b"", memoryview(data[a:at]).cast("B")]
     return out
 
 

@@ -40,6 +40,7 @@ import math
 
 import numpy as np
 
+from sparsefl.comm.format import varint
 from sparsefl.errors import DecodeError
 
 #: Largest Rice parameter; gaps are below 2**31, so larger k never helps.
@@ -98,6 +99,8 @@ def encode_varints(x: np.ndarray) -> bytes:
     x = x.astype(np.uint64, copy=False)
     if x.size == 0:
         return b""
+    if x.size == 1:  # one integer (a scalar tensor, such as BatchNorm's step count): no arrays
+        return varint(int(x[0]))
     sizes = varint_sizes(x)
     starts = np.cumsum(sizes) - sizes
     out = np.empty(int(sizes.sum()), np.uint8)

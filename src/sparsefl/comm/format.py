@@ -65,6 +65,7 @@ about 10-30 more. Every length is explicit, so a record can be skipped without d
 
 from __future__ import annotations
 
+import functools
 import zlib
 from enum import IntEnum
 from typing import NamedTuple
@@ -218,8 +219,10 @@ def container_header(count: int) -> bytes:
     return MAGIC + bytes([CONTAINER_VERSION]) + varint(count)
 
 
+@functools.lru_cache(maxsize=4096)
 def name_record(name: str) -> bytes:
-    """``name_len varint | UTF-8 name``; raises ValueError for a name the format cannot carry."""
+    """``name_len varint | UTF-8 name``; raises ValueError for a name the format cannot carry.
+    Remembered: a model's names are the same in every message."""
     if not isinstance(name, str):
         raise ValueError(f"tensor names must be str, got {type(name).__name__}")
     try:
