@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import contextlib
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import torch
 
@@ -130,51 +130,60 @@ def run_client(
 
     Randomness comes from a generator derived from ``(seed, "local", client, round)`` and the
     thread count is fixed by ``local.threads``, so the result is the same wherever and in
-    whatever order clients run.
+    whatever order clients run. ``seconds`` is the client's wall-clock time, from decoding
+    its downlink to releasing what it built (its models, optimiser and decoded tensors).
     """
     with torch_threads(method.experiment.local.threads):
         t0 = time.perf_counter()
-        if task.fault == "crash":
-            raise InjectedFault(f"client {task.client_id} crashed (injected, round {task.round})")
-        x, y = data.x, data.y
-        local = method.experiment.local
-        faults = method.experiment.faults
-        model = method.new_model()
-        spec = param_spec(model)
-        if task.setup is not None:
-            state = method.on_setup(decode_update(task.setup, method.setup_spec(spec)), state)
-        known = method.client_known_masks(state)
-        down = decode_update(task.payload, spec, known=known)
-        state = method.receive(model, down, state)
-        ctx = LocalContext(task.client_id, task.round, task.lr, seed, local, len(x))
-        hooks = method.hooks(model, state, ctx)
-        try:
-            stats = train_local(
-                hooks, x, y, local, task.lr, torch_gen(seed, "local", task.client_id, task.round), method.profile
-            )
-        finally:
-            hooks.close()
-        update, state = method.upload(model, down, state, ctx)
-        if task.fault == "nan":
-            update = Update(values=poison(update.values), sent=update.sent)
-        payload = encode_update(update, comm_up, known=known)
-        if task.fault == "corrupt":
-            payload = corrupt(payload, seed, task.round, task.client_id)
-        metrics = {"steps": float(stats.steps)}
-        if data.x_val is not None and data.y_val is not None and len(data.x_val):
-            # the client's own model after local training (personalised where the method keeps
-            # personal state) on its validation split
-            acc, _ = evaluate(method.new_model(), method.personal_params(model, state), data.x_val, data.y_val)
-            metrics["val_accuracy"] = acc
-        return ClientResult(
-            round=task.round,
-            client_id=task.client_id,
-            payload=payload,
-            num_examples=len(x),
-            loss=stats.loss,
-            flops=float(stats.flops.total),
-            flops_dense=float(stats.flops.total_dense),
-            seconds=time.perf_counter() - t0 + (faults.straggler_seconds if task.fault == "straggler" else 0.0),
-            state=state,
-            metrics=metrics,
+        result = _client_round(task, method, data, state, comm_up, seed)  # its objects go when it returns
+        straggler = method.experiment.faults.straggler_seconds if task.fault == "straggler" else 0.0
+        return replace(result, seconds=time.perf_counter() - t0 + straggler)
+
+
+def _client_round(
+    task: ClientTask, method: Method, data: ClientData, state: ClientState, comm_up: str, seed: int
+) -> ClientResult:
+    """:func:`run_client` without its clock (``seconds`` is set by the caller)."""
+    if task.fault == "crash":
+        raise InjectedFault(f"client {task.client_id} crashed (injected, round {task.round})")
+    x, y = data.x, data.y
+    local = method.experiment.local
+    model = method.new_model()
+    spec = param_spec(model)
+    if task.setup is not None:
+        state = method.on_setup(decode_update(task.setup, method.setup_spec(spec)), state)
+    known = method.client_known_masks(state)
+    down = decode_update(task.payload, spec, known=known)
+    state = method.receive(model, down, state)
+    ctx = LocalContext(task.client_id, task.round, task.lr, seed, local, len(x))
+    hooks = method.hooks(model, state, ctx)
+    try:
+        stats = train_local(
+            hooks, x, y, local, task.lr, torch_gen(seed, "local", task.client_id, task.round), method.profile
         )
+    finally:
+        hooks.close()
+    update, state = method.upload(model, down, state, ctx)
+    if task.fault == "nan":
+        update = Update(values=poison(update.values), sent=update.sent)
+    payload = encode_update(update, comm_up, known=known)
+    if task.fault == "corrupt":
+        payload = corrupt(payload, seed, task.round, task.client_id)
+    metrics = {"steps": float(stats.steps)}
+    if data.x_val is not None and data.y_val is not None and len(data.x_val):
+        # the client's own model after local training (personalised where the method keeps
+        # personal state) on its validation split
+        acc, _ = evaluate(method.new_model(), method.personal_params(model, state), data.x_val, data.y_val)
+        metrics["val_accuracy"] = acc
+    return ClientResult(
+        round=task.round,
+        client_id=task.client_id,
+        payload=payload,
+        num_examples=len(x),
+        loss=stats.loss,
+        flops=float(stats.flops.total),
+        flops_dense=float(stats.flops.total_dense),
+        seconds=0.0,
+        state=state,
+        metrics=metrics,
+    )
