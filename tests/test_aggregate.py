@@ -88,3 +88,26 @@ def test_weighted_mean_of_many_tensors_equals_the_per_tensor_float64_loop_bit_fo
         assert out[name].dtype == want.dtype and out[name].shape == want.shape
         assert torch.equal(out[name], want), name
         assert out[name].untyped_storage().nbytes() == want.numel() * want.element_size()  # no shared buffer
+
+
+def test_integer_scalars_average_as_the_float64_tensor_loop():
+    # the Python-float path for integer scalars (BatchNorm's step count) against the tensor
+    # definition: negative, boolean, uint8 and beyond-2**53 values, odd weights
+    g = torch.Generator().manual_seed(1)
+    for trial in range(200):
+        k = 1 + trial % 7
+        ns = torch.randint(1, 1000, (k,), generator=g).tolist()
+        big = 2**62 if trial % 10 == 0 else 2**20
+        cases = {
+            "i": [torch.tensor(int(v)) for v in torch.randint(-big, big, (k,), generator=g)],
+            "b": [torch.tensor(bool(v)) for v in torch.randint(0, 2, (k,), generator=g)],
+            "u": [torch.tensor(int(v), dtype=torch.uint8) for v in torch.randint(0, 256, (k,), generator=g)],
+        }
+        ups = [Update({n: vs[i] for n, vs in cases.items()}) for i in range(k)]
+        out = agg.weighted_mean(ups, ns, list(cases))
+        for name, vs in cases.items():
+            acc = torch.zeros((), dtype=torch.float64)
+            for v, n in zip(vs, ns):
+                acc += v.to(torch.float64) * (n / sum(ns))
+            want = acc.floor().to(vs[0].dtype)
+            assert out[name].dtype == want.dtype and out[name].shape == () and torch.equal(out[name], want)

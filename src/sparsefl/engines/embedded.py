@@ -131,6 +131,8 @@ def _worker_init(
 def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> ClientData:
     # index_select: the same tensors as x[idx] in two thirds of the time (measured here)
     idx = torch.from_numpy(split.train[cid])
+    if not len(split.val[cid]):  # no validation split (the default)
+        return ClientData(x.index_select(0, idx), y.index_select(0, idx))
     vidx = torch.from_numpy(split.val[cid])
     return ClientData(x.index_select(0, idx), y.index_select(0, idx), x.index_select(0, vidx), y.index_select(0, vidx))
 

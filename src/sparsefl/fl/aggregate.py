@@ -14,6 +14,7 @@ what an unsent coordinate means (METHODS.md section 0.1):
 from __future__ import annotations
 
 import functools
+import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -61,6 +62,16 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
         if name in out:
             continue
         ref = next(u.values[name] for u in updates if name in u.values)
+        sent = [(u.values[name], w) for u, w in zip(updates, weights) if name in u.values]
+        if ref.dim() == 0 and not ref.is_floating_point() and all(abs(int(v)) < 2**53 for v, _ in sent):
+            # an integer scalar (BatchNorm's step count) in Python floats: the same float64
+            # products and sums in the same order as the tensor loop below (exact conversions
+            # below 2**53), without three tensor operations per client
+            mean = 0.0
+            for v, w in sent:
+                mean += float(v) * w
+            out[name] = torch.tensor(math.floor(mean), dtype=ref.dtype)
+            continue
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for u, w in zip(updates, weights):
             if name in u.values:
