@@ -111,3 +111,18 @@ def test_headers_of_a_resnet18_fit_in_64_bytes() -> None:
     for codec in ("auto", "float32", "coo", "bitmask"):
         for info in describe(encode_update(u, codec)):
             assert info.name_nbytes + info.header_nbytes <= 64, (codec, info)
+
+
+def test_crc32_is_zlibs_checksum_and_zlib_ng_computes_it() -> None:
+    """The wire format's CRC is zlib's CRC-32, computed by zlib-ng (a dependency) when it is
+    installed: the same value on any bytes, buffers and running values."""
+    import os
+    import zlib
+
+    from sparsefl.comm import format as F
+
+    for n in (0, 1, 7, 64, 4099, 213_648):
+        data = os.urandom(n)
+        assert F.crc32(data) == zlib.crc32(data)
+        assert F.crc32(memoryview(data)[1:], 12345) == zlib.crc32(memoryview(data)[1:], 12345)
+    assert F._crc32 is not zlib.crc32  # the accelerated one is in use in this environment

@@ -39,7 +39,6 @@ The byte layout is documented in :mod:`sparsefl.comm.format`, the mask coders in
 from __future__ import annotations
 
 import math
-import zlib
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 
@@ -64,6 +63,7 @@ from sparsefl.comm.format import (
     Reader,
     VFmt,
     container_header,
+    crc32,
     name_record,
     open_container,
     read_header,
@@ -134,7 +134,7 @@ def encode_update(update: Update, codec: str | Codec, *, known: Mapping[str, Ten
     body = b"".join(parts)
     # one CRC call over the body and a copy of it: one call per part took longer (65 calls for a
     # 16-tensor model)
-    return body + zlib.crc32(body).to_bytes(4, "little")
+    return body + crc32(body).to_bytes(4, "little")
 
 
 def decode_update(

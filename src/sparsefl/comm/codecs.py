@@ -32,7 +32,6 @@ from __future__ import annotations
 
 import functools
 import math
-import zlib
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import ClassVar
@@ -67,6 +66,7 @@ from sparsefl.comm.format import (
     Reader,
     TensorHeader,
     VFmt,
+    crc32,
     dtype_kind,
     read_header,
 )
@@ -300,7 +300,7 @@ def _mask_array(mask: Tensor, shape: torch.Size, what: str) -> np.ndarray:
 
 def known_fingerprint(known: np.ndarray) -> bytes:
     """CRC32 of a known mask's packed bits: 4 bytes that let the receiver check its copy."""
-    return zlib.crc32(np.packbits(known)).to_bytes(4, "little")
+    return crc32(np.packbits(known)).to_bytes(4, "little")
 
 
 def _row_flags(m: np.ndarray, shape: tuple[int, ...]) -> np.ndarray | None:

@@ -234,9 +234,23 @@ def name_record(name: str) -> bytes:
     return varint(len(raw)) + raw
 
 
+try:  # zlib-ng's CRC-32 (a dependency; the same checksum) is 15x faster than zlib's here
+    from zlib_ng.zlib_ng import crc32 as _crc32
+except ImportError:  # pragma: no cover - without it, zlib's
+    _crc32 = zlib.crc32
+
+
+def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
+    """The CRC-32 of ``data`` (zlib's checksum, ``zlib.crc32``), continuing from ``value``.
+
+    Computed by zlib-ng when it is installed: 4 us instead of 55 us for a 210 kB message
+    here, about 0.1 ms of every message a round encodes or decodes in the default run."""
+    return _crc32(data, value)
+
+
 def seal(body: bytes) -> bytes:
     """Append the CRC32 trailer to a message body."""
-    return body + zlib.crc32(body).to_bytes(4, "little")
+    return body + crc32(body).to_bytes(4, "little")
 
 
 # --------------------------------------------------------------------------------------------
@@ -331,7 +345,7 @@ def open_container(data: bytes | bytearray | memoryview) -> tuple[Reader, int]:
     if data[4] != CONTAINER_VERSION:
         raise DecodeError(f"unsupported message version {data[4]} (this build reads version {CONTAINER_VERSION})")
     stored = int.from_bytes(data[-4:], "little")
-    crc = zlib.crc32(memoryview(data)[:-4])  # no copy of the body
+    crc = crc32(memoryview(data)[:-4])  # no copy of the body
     if stored != crc:
         raise DecodeError(
             f"checksum mismatch (stored {stored:#010x}, computed "
