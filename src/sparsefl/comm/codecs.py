@@ -69,6 +69,7 @@ from sparsefl.comm.format import (
     crc32,
     dtype_kind,
     read_header,
+    varint,
 )
 from sparsefl.errors import DecodeError
 from sparsefl.registry import CODECS
@@ -604,16 +605,25 @@ def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[
     :func:`encode_tensor_parts` gives it when that is a dense record in its own precision:
     every value nonzero where the codec could send the support instead, and not every value
     +-1 where it could send signs. Same-dtype tensors are concatenated once, checked for zeros
-    in one pass and sent as views of that copy; None for the rest, to encode one by one.
-    A model's update encoded in about half the time (the per-tensor path decides each tensor
-    in a dozen Python-level steps)."""
+    in one pass and sent as views of that copy; a nonzero integer scalar (BatchNorm's step
+    count) is one varint. None for the rest, to encode one by one. The per-tensor path takes
+    a dozen Python-level steps and a few one-element array operations to decide each tensor.
+    """
     out: list[list[bytes | memoryview] | None] = [None] * len(tensors)
     groups: dict[torch.dtype, list[int]] = {}
     exact = {d: c.formats(d)[0] == _EXACT[d] and set(c.formats(d)) <= {_EXACT[d], VFmt.SIGN} for d in _DENSE_SAME}
     for i, t in enumerate(tensors):
-        if isinstance(t, Tensor) and exact.get(t.dtype) and t.device.type == "cpu":
+        if not isinstance(t, Tensor) or t.device.type != "cpu":
+            continue
+        if exact.get(t.dtype):
             if 0 < t.numel() <= MAX_NUMEL and t.dim() <= MAX_NDIM:
                 groups.setdefault(t.dtype, []).append(i)
+        elif t.dim() == 0 and t.dtype in DTYPE_CODES and not t.is_floating_point() and not t.is_complex():
+            v = int(t)
+            if v:  # (a zero may go as an empty support)
+                value = varint((v << 1) ^ (v >> 63))  # zigzag, as entropy.zigzag
+                h = TensorHeader(c.wire_id, DTYPE_CODES[t.dtype], VFmt.INT, MaskMode.NONE, 0, 0, (), 1, 0, len(value))
+                out[i] = [_header_bytes(h), b"", value]
     for dtype, idx in groups.items():
         wire = _DENSE_SAME[dtype][1]
         flat = torch.cat([tensors[i].detach().reshape(-1) for i in idx]).numpy()  # type: ignore[union-attr]
