@@ -452,3 +452,26 @@ def test_force_removes_every_file_of_the_previous_run(tmp_path):
     (tmp_path / "r" / "accuracy_vs_round.png").write_bytes(b"from an older version")
     RunFolder(tmp_path / "r").reset()
     assert sorted(p.name for p in (tmp_path / "r").iterdir()) == []
+
+
+def test_client_data_is_gathered_once_per_client_when_the_training_set_is_small(monkeypatch, tmp_path) -> None:
+    """A small training set has each client's share kept after its first task (the same
+    tensors every round); above embedded.KEEP_CLIENT_DATA_BYTES it is gathered per task. Either
+    way a client gets exactly its rows, and a run gives the same bits."""
+    b = build(load_config(None, ["data.val_fraction=0.2"]), None)
+    kept = embedded.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
+    monkeypatch.setattr(embedded, "KEEP_CLIENT_DATA_BYTES", 0)
+    fresh = embedded.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
+    assert kept.keep and not fresh.keep
+    for cid in (0, 3):
+        idx, vidx = (torch.from_numpy(s[cid]) for s in (b.split.train, b.split.val))
+        a, again, f = kept(cid), kept(cid), fresh(cid)
+        assert a is again and f is not fresh(cid)
+        for d in (a, f):
+            assert torch.equal(d.x, b.data.x_train[idx]) and torch.equal(d.y, b.data.y_train[idx])
+            assert d.x_val is not None and torch.equal(d.x_val, b.data.x_train[vidx]) and len(vidx)
+    shas = []
+    for limit in (0, 1 << 30):
+        monkeypatch.setattr(embedded, "KEEP_CLIENT_DATA_BYTES", limit)
+        shas.append(run_experiment(load_config(None, ["federation.rounds=3"]), tmp_path / str(limit))["model_sha256"])
+    assert shas[0] == shas[1]

@@ -125,7 +125,7 @@ def _worker_init(
     # clients run with local.threads; setting it once here spares every task a switch (and a
     # wake-up of idle OpenMP threads) in run_client
     torch.set_num_threads(method.experiment.local.threads)
-    _W.update(method=method, x=x, y=y, split=split, comm_up=comm_up, seed=seed)
+    _W.update(method=method, data=ClientDataSource(x, y, split), comm_up=comm_up, seed=seed)
 
 
 def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> ClientData:
@@ -137,20 +137,40 @@ def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int)
     return ClientData(x.index_select(0, idx), y.index_select(0, idx), x.index_select(0, vidx), y.index_select(0, vidx))
 
 
+#: a training set of up to this many bytes has each client's share kept after its first task
+#: (one more copy of the set at most); a larger one is gathered again for every task
+KEEP_CLIENT_DATA_BYTES = 64 * 2**20
+
+
+class ClientDataSource:
+    """Each client's share of the training data (and of its validation split), by client id.
+
+    Clients only read their data (batches are gathered from it), so a share can be kept and
+    handed out again: it is, when the whole training set is at most
+    ``KEEP_CLIENT_DATA_BYTES``. Gathering the default run's clients took 0.4-0.5% of a round.
+    """
+
+    def __init__(self, x: torch.Tensor, y: torch.Tensor, split: ClientSplit) -> None:
+        self.x, self.y, self.split = x, y, split
+        self.keep = x.numel() * x.element_size() + y.numel() * y.element_size() <= KEEP_CLIENT_DATA_BYTES
+        self._kept: dict[int, ClientData] = {}
+
+    def __call__(self, cid: int) -> ClientData:
+        data = self._kept.get(cid)
+        if data is None:
+            data = _client_data(self.x, self.y, self.split, cid)
+            if self.keep:
+                self._kept[cid] = data
+        return data
+
+
 def execute_task(
-    method: Method,
-    x: torch.Tensor,
-    y: torch.Tensor,
-    split: ClientSplit,
-    comm_up: str,
-    seed: int,
-    task: ClientTask,
-    state: ClientState,
+    method: Method, data: ClientDataSource, comm_up: str, seed: int, task: ClientTask, state: ClientState
 ) -> ClientResult | ClientFailure:
     """Run one client task on its share of the training data; any exception becomes a
     :class:`ClientFailure` with the error's last line (shared by every engine's client side)."""
     try:
-        return run_client(task, method, _client_data(x, y, split, task.client_id), state, comm_up, seed)
+        return run_client(task, method, data(task.client_id), state, comm_up, seed)
     except Exception as e:  # noqa: BLE001 - a failing client must not stop the federation
         tb = traceback.format_exception_only(type(e), e)[-1].strip()
         return ClientFailure(task.client_id, f"raised {tb}")
@@ -194,7 +214,7 @@ def start_fork_server(threads: int) -> None:
 
 
 def _worker_run(task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
-    return execute_task(_W["method"], _W["x"], _W["y"], _W["split"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
+    return execute_task(_W["method"], _W["data"], _W["comm_up"], _W["seed"], task, state)  # type: ignore[arg-type]
 
 
 def share_tensors(obj: object) -> None:
@@ -240,6 +260,7 @@ class EmbeddedEngine:
     ) -> None:
         self.method = method
         self.x, self.y, self.split = x_train, y_train, split
+        self.data = ClientDataSource(x_train, y_train, split)
         self.comm_up, self.seed = comm_up, seed
         self.jobs = jobs
         self.store = store or ClientStateStore()
@@ -280,7 +301,7 @@ class EmbeddedEngine:
         return outs
 
     def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
-        return execute_task(self.method, self.x, self.y, self.split, self.comm_up, self.seed, task, state)
+        return execute_task(self.method, self.data, self.comm_up, self.seed, task, state)
 
     def _run_shared(
         self,

@@ -55,7 +55,7 @@ def _error(msg: Message, reason: str) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one client task; reply with its update, or an ``Error`` saying why it failed."""
-    from sparsefl.engines.embedded import execute_task
+    from sparsefl.engines.embedded import ClientDataSource, execute_task
     from sparsefl.fl.server import ClientFailure
 
     opts = AppOptions.from_run_config(context.run_config)
@@ -66,7 +66,8 @@ def train(msg: Message, context: Context) -> Message:
     b = exp.built
     cfg = b.cfg
     state = load_state(context.state, task.client_id)
-    out = execute_task(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, task, state)
+    data = ClientDataSource(b.data.x_train, b.data.y_train, b.split)
+    out = execute_task(b.method, data, cfg.comm.up, cfg.seed, task, state)
     if isinstance(out, ClientFailure):
         return _error(msg, out.reason)
     save_state(context.state, task.client_id, out.state)
