@@ -111,3 +111,13 @@ def test_integer_scalars_average_as_the_float64_tensor_loop():
                 acc += v.to(torch.float64) * (n / sum(ns))
             want = acc.floor().to(vs[0].dtype)
             assert out[name].dtype == want.dtype and out[name].shape == () and torch.equal(out[name], want)
+
+
+def test_integer_scalar_mean_below_its_dtype_converts_as_the_tensor_loop():
+    # nine equal clients at int8's minimum: the float64 mean floors one below it; the result is
+    # the tensor loop's conversion, not an error
+    ups = [Update({"n": torch.tensor(-128, dtype=torch.int8)}) for _ in range(9)]
+    acc = torch.zeros((), dtype=torch.float64)
+    for u in ups:
+        acc += u.values["n"].to(torch.float64) * (1 / 9)
+    assert torch.equal(agg.weighted_mean(ups, [1] * 9, ["n"])["n"], acc.floor().to(torch.int8))

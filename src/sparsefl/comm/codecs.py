@@ -611,10 +611,13 @@ def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[
     """
     out: list[list[bytes | memoryview] | None] = [None] * len(tensors)
     groups: dict[torch.dtype, list[int]] = {}
-    exact = {d: c.formats(d)[0] == _EXACT[d] and set(c.formats(d)) <= {_EXACT[d], VFmt.SIGN} for d in _DENSE_SAME}
+    exact: dict[torch.dtype, bool] = {}  # (asked only for the dtypes present, as the per-tensor path asks)
     for i, t in enumerate(tensors):
         if not isinstance(t, Tensor) or t.device.type != "cpu":
             continue
+        if t.dtype in _DENSE_SAME and t.dtype not in exact:
+            fmts = c.formats(t.dtype)
+            exact[t.dtype] = fmts[0] == _EXACT[t.dtype] and set(fmts) <= {fmts[0], VFmt.SIGN}
         if exact.get(t.dtype):
             if 0 < t.numel() <= MAX_NUMEL and t.dim() <= MAX_NDIM:
                 groups.setdefault(t.dtype, []).append(i)

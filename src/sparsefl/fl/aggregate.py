@@ -14,7 +14,6 @@ what an unsent coordinate means (METHODS.md section 0.1):
 from __future__ import annotations
 
 import functools
-import math
 from collections.abc import Mapping, Sequence
 
 import torch
@@ -70,7 +69,7 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
             mean = 0.0
             for v, w in sent:
                 mean += float(v) * w
-            out[name] = torch.tensor(math.floor(mean), dtype=ref.dtype)
+            out[name] = torch.tensor(mean, dtype=torch.float64).floor().to(ref.dtype)  # (the loop's conversion)
             continue
         acc = torch.zeros(ref.shape, dtype=torch.float64)
         for u, w in zip(updates, weights):
