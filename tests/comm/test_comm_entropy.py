@@ -22,8 +22,10 @@ from sparsefl.comm.entropy import (
     rice_nbytes,
     unpack_bits,
     unzigzag,
+    unzigzag_int,
     varint_sizes,
     zigzag,
+    zigzag_int,
 )
 from sparsefl.comm.format import Reader, varint, varint_len
 from sparsefl.errors import DecodeError
@@ -44,6 +46,8 @@ def test_varints_round_trip_and_match_the_scalar_encoder(xs: list[int]) -> None:
 def test_zigzag_is_a_bijection(xs: list[int]) -> None:
     x = np.array(xs, dtype=np.int64)
     z = zigzag(x)
+    assert [zigzag_int(v) for v in xs] == z.tolist()  # the scalar form, as the array one
+    assert [unzigzag_int(u) for u in z.tolist()] == xs
     assert unzigzag(z).tolist() == xs
     assert all(int(u) == (2 * v if v >= 0 else -2 * v - 1) for u, v in zip(z, xs, strict=True))
 

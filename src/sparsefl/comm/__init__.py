@@ -247,17 +247,16 @@ _Spans = list[tuple[int, int, str, tuple[int, ...], torch.dtype]]
 
 def _remember_layout(key: tuple[int, int], data: bytes, end: int, spans: _Spans) -> None:
     """Store the layout of a message that decoded (``spans``: each record's start, header
-    start, name, shape and dtype), if it has a dense record to gain on."""
+    start, name, shape and dtype). One without dense records is stored too: read along it, its
+    records cost what the full decoder's do, and its headers are not parsed again to remember
+    it at every message."""
     recs = []
     starts = [s for s, *_ in spans] + [end]
     for (start, hpos, name, shape, dtype), nxt in zip(spans, starts[1:]):
         hr = Reader(data, hpos, nxt)
         wire = dense_wire(read_header(hr), math.prod(shape), dtype)
         recs.append(_Record(name, shape, dtype, bytes(data[start : hr.pos if wire is not None else hpos]), wire))
-    if any(rec.wire is not None for rec in recs):
-        _LAYOUTS[key] = tuple(recs)
-    else:
-        _LAYOUTS.pop(key, None)
+    _LAYOUTS[key] = tuple(recs)
 
 
 def _decode_laid_out(

@@ -52,7 +52,9 @@ from sparsefl.comm.entropy import (
     rice_encode,
     rice_nbytes,
     unpack_bits,
+    unzigzag_int,
     varint_sizes,
+    zigzag_int,
 )
 from sparsefl.comm.format import (
     CODE_DTYPES,
@@ -624,7 +626,7 @@ def dense_record_parts(tensors: Sequence[Tensor | None], c: Codec) -> list[list[
         elif t.dim() == 0 and t.dtype in DTYPE_CODES and not t.is_floating_point() and not t.is_complex():
             v = int(t)
             if v:  # (a zero may go as an empty support)
-                value = varint((v << 1) ^ (v >> 63))  # zigzag, as entropy.zigzag
+                value = varint(zigzag_int(v))
                 h = TensorHeader(c.wire_id, DTYPE_CODES[t.dtype], VFmt.INT, MaskMode.NONE, 0, 0, (), 1, 0, len(value))
                 out[i] = [_header_bytes(h), b"", value]
     for dtype, idx in groups.items():
@@ -835,7 +837,7 @@ def _int_scalar(r: Reader, nbytes: int, dtype: torch.dtype, shape: tuple[int, ..
         u = v.varint("value", (1 << 64) - 1)
     except DecodeError:
         return None
-    x = (u >> 1) ^ -(u & 1)  # zigzag
+    x = unzigzag_int(u)
     lo, hi = (0, 1) if dtype == torch.bool else (torch.iinfo(dtype).min, torch.iinfo(dtype).max)
     if v.remaining() or not lo <= x <= hi:
         return None

@@ -114,12 +114,6 @@ def encode_varints(x: np.ndarray) -> bytes:
 
 def decode_varints(buf: bytes, count: int, what: str) -> np.ndarray:
     """Exactly ``count`` canonical LEB128 varints filling ``buf``; returns uint64."""
-    if count == 1 and 0 < len(buf) <= 9:
-        # one varint (an integer scalar, such as BatchNorm's step count) is read without
-        # arrays when it is well formed; anything else is checked below
-        *more, last = buf
-        if last < 0x80 and all(x >= 0x80 for x in more) and (last or not more):
-            return np.array([sum((x & 0x7F) << (7 * j) for j, x in enumerate(buf))], np.uint64)
     b = np.frombuffer(buf, np.uint8)
     if count == 0:
         if b.size:
@@ -160,6 +154,16 @@ def unzigzag(u: np.ndarray) -> np.ndarray:
     """Inverse of :func:`zigzag`."""
     u = u.astype(np.uint64, copy=False)
     return ((u >> np.uint64(1)) ^ (np.uint64(0) - (u & np.uint64(1)))).view(np.int64)
+
+
+def zigzag_int(v: int) -> int:
+    """:func:`zigzag` of one int64 as a Python int (for scalars: no arrays)."""
+    return (v << 1) ^ (v >> 63)
+
+
+def unzigzag_int(u: int) -> int:
+    """:func:`unzigzag` of one uint64 as a Python int."""
+    return (u >> 1) ^ -(u & 1)
 
 
 # --------------------------------------------------------------------------------------------

@@ -144,8 +144,8 @@ def run_experiment(
     # one server thread: it evaluates and records each round while the next one trains. The
     # evaluation is mostly long kernels, which release the GIL, so it takes a free core (when
     # there is one: its intra-op threads come on top of the training's). Decoding uploads there
-    # was tried twice: the GIL hand-offs with the training loop slowed the clients by as much
-    # as it took off the critical path (when decoding was pure Python, by up to 3x).
+    # was tried three times: the GIL hand-offs with the training loop slowed the clients by as
+    # much as it took off the critical path, or more (by up to 3x when decoding was pure Python).
     background = ThreadPoolExecutor(
         1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
     )
