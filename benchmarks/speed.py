@@ -14,7 +14,9 @@ Sections (each prints a table; every ratio is dense time / variant time, so > 1 
   and the 1024-wide MLP (width 4). The medians leave out ZeroFL's exact top-k refreshes (one
   every ``topk_period`` steps), so a second row, ``zerofl 90%, refresh every 10 steps``, adds
   the extra time of a refresh step (timed against ordinary ZeroFL steps) divided by the period:
-  what a client pays per step on average.
+  what a client pays per step on average. On the conv models, ``zerofl 90%, act_sparsity=0``
+  is ZeroFL without the activation top-k (weights only), which separates the cost of the pass
+  over each layer's input from the rest.
 * ``convbwd``: FedSkel's conv backward alone at skeleton ratio 0.1 on resnet18's 128-512 channel
   layers (compact kernel vs the dense backward).
 * ``bf16``: bf16 autocast vs fp32 on a resnet18 step.
@@ -179,6 +181,12 @@ def step_variants(name: str, shape: tuple[int, ...], width: float, quick: bool) 
         zstep()
 
     REFRESH[name] = (zerofl_refresh, zc.topk_period)
+    if is_conv:
+        # the same without SWAT's activation top-k: what the weight side and the bookkeeping
+        # cost, so the table separates them from the pass over each layer's input
+        m = fresh()
+        zc0 = ZeroFLConfig(sparsity=0.9, act_sparsity=0.0)
+        v["zerofl 90%, act_sparsity=0"] = make_step(ZeroFLHooks(m, prof, sparse_scope(m, zc0), zc0), x, y)
     m = fresh()
     hc = HideNseekConfig(sparsity=0.9)
     roles = tensor_roles(m, hc)
@@ -340,7 +348,7 @@ def bench_jobs(quick: bool) -> None:
     late: dict[int, list[float]] = {1: [], 2: []}
     shas: dict[int, set] = {1: set(), 2: set()}
     ratios, late_ratios = [], []
-    for _ in range(1 if quick else 5):  # alternating pairs: this machine's speed drifts by 20-40%
+    for _ in range(1 if quick else 7):  # alternating pairs: this machine's speed drifts by 20-40%
         for j in (1, 2):
             r = run_cfg([*base, f"jobs={j}"])
             t[j].append(r["seconds"])
