@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import sys
 import threading
 
@@ -224,7 +225,7 @@ def test_clients_split_between_this_process_and_workers_give_the_same_bits(monke
     assert one.keys() == three.keys()
     for k in one:
         assert torch.equal(one[k], three[k]), k
-    assert not [t for t in threading.enumerate() if t.name == "sparsefl-feeder"]  # stopped after each round
+    assert not [t for t in threading.enumerate() if t.name == "sparsefl-results"]  # stopped with the pool
 
 
 def test_tasks_start_largest_first():
@@ -241,31 +242,36 @@ def test_tasks_start_largest_first():
     order = list(eng._largest_first(tasks))
     assert sorted(order) == list(range(6))
     assert order == sorted(range(6), key=lambda i: (-sizes[i], i))
-    # and the round follows it: the worker gets the largest task, this process the next one
-    started: dict[str, list[int]] = {"pool": [], "here": []}
+    # and the round follows it: the workers get the whole list in that order, and every
+    # process claims the next position of it; this process's tasks come in that order too
+    sent: list[list[int]] = []
+    here: list[int] = []
     try:
         assert eng.wait_ready()
         real_submit, real_here = eng._pool.submit, eng._run_here
 
-        def submit(fn, task, state):  # type: ignore[no-untyped-def]
-            started["pool"].append(task.client_id)
-            return real_submit(fn, task, state)
+        def submit(fn, key, ordered_tasks, ordered_states):  # type: ignore[no-untyped-def]
+            sent.append([t.client_id for t in ordered_tasks])
+            return real_submit(fn, key, ordered_tasks, ordered_states)
 
-        def here(task, state):  # type: ignore[no-untyped-def]
-            started["here"].append(task.client_id)
+        def run_here(task, state):  # type: ignore[no-untyped-def]
+            here.append(task.client_id)
             return real_here(task, state)
 
-        eng._pool.submit, eng._run_here = submit, here  # type: ignore[method-assign]
-        eng.run(tasks)
+        eng._pool.submit, eng._run_here = submit, run_here  # type: ignore[method-assign]
+        outs = eng.run(tasks)
+        ran_in_workers = eng.ran_in_workers
     finally:
         eng.close()
-    assert started["pool"][0] == tasks[order[0]].client_id
-    assert started["here"][0] == tasks[order[1]].client_id
-    assert sorted(started["pool"] + started["here"]) == sorted(t.client_id for t in tasks)
+    lpt = [tasks[i].client_id for i in order]
+    assert sent == [lpt]
+    assert here == [c for c in lpt if c in here]
+    assert ran_in_workers == len(tasks) - len(here)
+    assert [o.client_id for o in outs] == [t.client_id for t in tasks]
 
 
 def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
-    """A task the pool does not take (here: submit raises, as after a shutdown) runs in this
+    """Tasks the pool does not take (here: submit raises, as after a shutdown) run in this
     process: same bits, no failure recorded."""
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
     one, _ = _rounds(cfg, 1, wait=False, rounds=1)
@@ -274,24 +280,54 @@ def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
     try:
         assert eng.wait_ready()
         pool = eng._pool
-        real = pool.submit
         calls: list[int] = []
 
-        def refuse_second(*a, **k):  # type: ignore[no-untyped-def]
+        def refuse(*a, **k):  # type: ignore[no-untyped-def]
             calls.append(1)
-            if len(calls) == 2:
-                raise RuntimeError("cannot schedule new futures after shutdown")
-            return real(*a, **k)
+            raise RuntimeError("cannot schedule new futures after shutdown")
 
-        monkeypatch.setattr(pool, "submit", refuse_second)
+        monkeypatch.setattr(pool, "submit", refuse)
         server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
         state = b.method.init_state(dict(b.spec.build().state_dict()))
         state, record = server.run_round(state, 1)
     finally:
         eng.close()
-    assert len(calls) >= 2 and not record.failures
+    assert len(calls) == 1 and not record.failures and eng.ran_in_workers == 0
     for k in one:
         assert torch.equal(one[k], state.params[k]), k
+
+
+def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch):
+    """A worker that dies mid-round (here: on its first task of round 1) fails the task it had
+    claimed (``worker process died``); this process runs the rest of the round, the next round
+    runs on a new pool, and every other client's result is the one-process result."""
+    parent = os.getpid()
+    real = embedded.execute_task
+
+    def dying(method, data, comm_up, seed, task, state):  # type: ignore[no-untyped-def]
+        if os.getpid() != parent and task.round == 1:
+            os._exit(3)
+        return real(method, data, comm_up, seed, task, state)
+
+    monkeypatch.setattr(embedded, "execute_task", dying)  # forked workers inherit it
+    monkeypatch.setattr(embedded, "forks", lambda threads: True)
+    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    try:
+        assert eng.wait_ready()
+        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+        state = b.method.init_state(dict(b.spec.build().state_dict()))
+        state, r1 = server.run_round(state, 1)
+        assert [f["reason"] for f in r1.failures] == ["worker process died"]
+        assert len(r1.clients) == 5
+        assert eng._pool is None  # stopped; the next round starts a new one
+        assert eng.wait_ready()
+        state, r2 = server.run_round(state, 2)
+        assert not r2.failures and len(r2.clients) == 6
+    finally:
+        eng.close()
+    assert not [t for t in threading.enumerate() if t.name == "sparsefl-results"]
 
 
 def test_workers_fork_only_where_gnu_openmp_allows():
