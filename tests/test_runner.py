@@ -209,6 +209,16 @@ def _rounds(cfg, engine_jobs, wait, rounds=3):
     return state.params, eng
 
 
+def _engine_and_server(cfg, jobs):
+    """An engine of ``jobs`` (its workers up), a server on it, and the initial state."""
+    b = build(cfg)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, jobs)
+    assert jobs == 1 or eng.wait_ready()
+    server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
+    proxy = (b.data.x_train[:256], b.data.y_train[:256])
+    return eng, server, b.method.init_state(dict(b.spec.build().state_dict()), proxy)
+
+
 @pytest.mark.parametrize("fork", [True, False], ids=["forked", "fork-server"])
 def test_clients_split_between_this_process_and_workers_give_the_same_bits(monkeypatch, fork):
     """Once the workers run, clients are shared between them and this process (each takes the
@@ -311,13 +321,8 @@ def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch):
 
     monkeypatch.setattr(embedded, "execute_task", dying)  # forked workers inherit it
     monkeypatch.setattr(embedded, "forks", lambda threads: True)
-    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
-    b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    eng, server, state = _engine_and_server(load_config(overrides=[*TINY, "federation.clients_per_round=6"]), 2)
     try:
-        assert eng.wait_ready()
-        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
-        state = b.method.init_state(dict(b.spec.build().state_dict()))
         state, r1 = server.run_round(state, 1)
         assert [f["reason"] for f in r1.failures] == ["worker process died"]
         assert len(r1.clients) == 5
@@ -439,13 +444,8 @@ def test_engines_report_every_outcome_once_as_it_is_done(jobs):
 
 
 def test_an_error_in_on_result_is_raised_once_every_task_is_back():
-    cfg = load_config(overrides=[*TINY, "federation.clients_per_round=4"])
-    b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    eng, server, state = _engine_and_server(load_config(overrides=[*TINY, "federation.clients_per_round=4"]), 2)
     try:
-        assert eng.wait_ready()
-        server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
-        state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
         tasks = server.make_tasks(state, 1, [0, 1, 2, 3])
 
         def broken(i, out):
