@@ -6,6 +6,7 @@ import json
 import os
 import sys
 import threading
+import time
 
 import pytest
 import torch
@@ -333,6 +334,55 @@ def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch):
     finally:
         eng.close()
     assert not [t for t in threading.enumerate() if t.name == "sparsefl-results"]
+
+
+def test_a_worker_that_dies_holding_the_task_counter_does_not_hang_the_round(monkeypatch):
+    """A worker killed while it holds the task counter's lock never releases it: this process
+    notices the broken pool, shuts it down and claims the rest alone."""
+    parent = os.getpid()
+    real = embedded.execute_task
+
+    def dying(method, data, comm_up, seed, task, state):  # type: ignore[no-untyped-def]
+        if os.getpid() != parent:
+            embedded._W["claims"].get_lock().acquire()
+            os._exit(9)
+        return real(method, data, comm_up, seed, task, state)
+
+    monkeypatch.setattr(embedded, "execute_task", dying)
+    monkeypatch.setattr(embedded, "forks", lambda threads: True)
+    eng, server, state = _engine_and_server(load_config(overrides=[*TINY, "federation.clients_per_round=6"]), 2)
+    try:
+        state, r1 = server.run_round(state, 1)
+    finally:
+        eng.close()
+    assert [f["reason"] for f in r1.failures] == ["worker process died"] and len(r1.clients) == 5
+
+
+def test_a_pool_broken_between_rounds_is_restarted(monkeypatch):
+    """A worker that dies while idle breaks the pool: the next round runs here (the pool refuses
+    the round), and the round after it has workers again."""
+    import signal
+
+    monkeypatch.setattr(embedded, "forks", lambda threads: True)
+    eng, server, state = _engine_and_server(load_config(overrides=[*TINY, "federation.clients_per_round=6"]), 2)
+    try:
+        state, _ = server.run_round(state, 1)
+        broken = eng._pool
+        for proc in list(broken._processes.values()):  # type: ignore[union-attr]
+            os.kill(proc.pid, signal.SIGKILL)
+        for _ in range(200):  # the pool notices within milliseconds
+            if broken._broken:  # type: ignore[union-attr]
+                break
+            time.sleep(0.01)
+        state, r2 = server.run_round(state, 2)
+        assert not r2.failures and len(r2.clients) == 6
+        assert eng._pool is not broken
+        assert eng.wait_ready()
+        before = eng.ran_in_workers
+        state, r3 = server.run_round(state, 3)
+        assert not r3.failures and eng.ran_in_workers > before
+    finally:
+        eng.close()
 
 
 def test_workers_fork_only_where_gnu_openmp_allows():

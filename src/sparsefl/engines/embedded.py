@@ -153,6 +153,10 @@ def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int)
     return ClientData(x.index_select(0, idx), y.index_select(0, idx), x.index_select(0, vidx), y.index_select(0, vidx))
 
 
+#: seconds this process waits for the task counter's lock before it checks that the workers
+#: are alive (a worker that dies holding the lock never releases it)
+LOCK_WAIT = 1.0
+
 #: seconds to wait for an outcome the workers sent once their round has ended (it is in the
 #: queue by then; only a message that did not unpickle can be missing)
 RESULT_WAIT = 60.0
@@ -233,14 +237,22 @@ def start_fork_server(threads: int) -> None:
     forkserver.ensure_running()
 
 
-def _claim(claims: Any, n: int) -> int | None:
-    """The next unclaimed position of the round's task list (shared by every process), or None."""
-    with claims.get_lock():
-        k = int(claims.value)
-        if k >= n:
+def _claim(claims: Any, key: int, n: int, timeout: float | None = None) -> int | None:
+    """The next unclaimed position of round ``key``'s task list (shared by every process), or
+    None when none is left or the counter belongs to another round (``claims`` holds the round's
+    key and the next position). With ``timeout``, :class:`TimeoutError` when the lock is not
+    free by then (its holder may have died)."""
+    lock, c = claims.get_lock(), claims.get_obj()  # (indexing ``claims`` itself takes the lock)
+    if not lock.acquire(timeout=-1 if timeout is None else timeout):
+        raise TimeoutError
+    try:
+        if c[0] != key or c[1] >= n:
             return None
-        claims.value = k + 1
+        k = int(c[1])
+        c[1] = k + 1
         return k
+    finally:
+        lock.release()
 
 
 def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[ClientState]) -> int:
@@ -249,7 +261,7 @@ def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[Client
     it ran. An outcome that cannot be sent is replaced by a failure that can."""
     claims, results = _W["claims"], _W["results"]
     ran = 0
-    while (k := _claim(claims, len(tasks))) is not None:
+    while (k := _claim(claims, key, len(tasks))) is not None:
         task = tasks[k]
         out = execute_task(_W["method"], _W["data"], _W["comm_up"], _W["seed"], task, states[k])  # type: ignore[arg-type]
         try:
@@ -392,18 +404,25 @@ class EmbeddedEngine:
         order = list(self._largest_first(tasks))
         n = len(order)
         outs: list[ClientResult | ClientFailure | None] = [None] * n
-        with claims.get_lock():
-            claims.value = 0
         ordered = ([tasks[i] for i in order], [states[i] for i in order])
+        # the pool's thread pickles the list, and pickling moves tensors into shared memory:
+        # moved here first, not while this thread trains with the same client states
+        share_tensors(ordered)
+        counter = claims.get_obj()
+        with claims.get_lock():
+            counter[0], counter[1] = key, 0
         pending: set[Future[int]] = set()
+        refused = False
         for _ in range(self.jobs - 1):
             try:
                 f = pool.submit(_worker_round, key, *ordered)
             except Exception:  # noqa: BLE001 - broken or shut down: the tasks run here
+                refused = True
                 break
             pending.add(f)
             f.add_done_callback(lambda f: sink.put(("done", f)))
         errors: list[BaseException] = []
+        alone = [False]  # the workers are gone: this process claims without the lock
 
         def take(item: tuple) -> None:
             if item[0] == "done":
@@ -418,21 +437,45 @@ class EmbeddedEngine:
             self.ran_in_workers += 1
             outs[order[k]] = report(order[k], out)
 
+        def claim_here() -> int | None:
+            """The next position for this process. A worker that died holding the counter's
+            lock never releases it: once the pool is broken, the workers are shut down and
+            this process claims alone."""
+            while not alone[0]:
+                try:
+                    return _claim(claims, key, n, timeout=LOCK_WAIT)
+                except TimeoutError:
+                    while not sink.empty():
+                        take(sink.get())
+                    if any(isinstance(e, BrokenProcessPool) for e in errors):
+                        pool.shutdown(wait=True, cancel_futures=True)
+                        alone[0] = True
+            k = int(counter[1])
+            if k >= n:
+                return None
+            counter[1] = k + 1
+            return k
+
         try:
-            while (k := _claim(claims, n)) is not None:
+            while (k := claim_here()) is not None:
                 outs[order[k]] = report(order[k], self._run_here(tasks[order[k]], states[order[k]]))
                 while not sink.empty():
                     take(sink.get())
             # every task is claimed: wait for the workers' outcomes, and for their round to end
-            # (a round job that started late must not claim from the next round's counter)
+            # (a round job that started late claims nothing: the counter holds this round's key)
             while pending or (not errors and any(o is None for o in outs)):
                 try:  # once the workers' round has ended, every outcome is in the queue already
                     take(sink.get(timeout=None if pending else RESULT_WAIT))
                 except queue.Empty:
                     errors.append(RuntimeError(f"no result from the worker after {RESULT_WAIT:g} s"))
         except BaseException:
-            with claims.get_lock():  # interrupted: the workers stop after their current task
-                claims.value = n
+            # interrupted: the workers stop after their current task (without the lock if a
+            # dead worker holds it)
+            lock = claims.get_lock()
+            got = lock.acquire(timeout=LOCK_WAIT)
+            counter[1] = n
+            if got:
+                lock.release()
             raise
         while not sink.empty():
             take(sink.get())
@@ -442,6 +485,7 @@ class EmbeddedEngine:
             for k in range(n):
                 if outs[order[k]] is None:
                     outs[order[k]] = report(order[k], ClientFailure(tasks[order[k]].client_id, why))
+        if errors or refused:  # restarted for the next round
             self._stop_pool()
         assert all(o is not None for o in outs)
         return outs  # type: ignore[return-value]
@@ -480,14 +524,19 @@ class EmbeddedEngine:
                 self._start_error = f"{type(e).__name__}: {e}"
                 initargs = None
         ctx = mp.get_context("fork") if fork else _fork_server()
-        # shared with the workers when they are made (initargs), never pickled otherwise
-        self._claims, self._results, self._sink = ctx.Value("i", 0), ctx.SimpleQueue(), queue.SimpleQueue()
-        self._reader = threading.Thread(
-            target=_forward_results, args=(self._results, self._sink), name="sparsefl-results", daemon=True
-        )
-        self._reader.start()
         if initargs is not None:
-            initargs = (*initargs, self._claims, self._results)
+            try:  # shared with the workers when they are made (initargs), never pickled otherwise
+                self._claims, self._results = ctx.Array("i", 2), ctx.SimpleQueue()  # (round key, next)
+            except Exception as e:  # noqa: BLE001 - e.g. no POSIX semaphores here: no workers
+                self._start_error = f"{type(e).__name__}: {e}"
+                initargs = None
+            else:
+                self._sink = queue.SimpleQueue()
+                self._reader = threading.Thread(
+                    target=_forward_results, args=(self._results, self._sink), name="sparsefl-results", daemon=True
+                )
+                self._reader.start()
+                initargs = (*initargs, self._claims, self._results)
         starting: Future[None] = Future()
         self._starting = starting
 
@@ -566,9 +615,10 @@ class EmbeddedEngine:
             # the workers have exited: with this process's end closed too, the reader thread
             # sees the end of the queue and stops
             self._results._writer.close()
-            assert self._reader is not None
-            self._reader.join(timeout=5)
-            self._results._reader.close()
+            if self._reader is not None:
+                self._reader.join(timeout=5)
+            if self._reader is None or not self._reader.is_alive():
+                self._results._reader.close()
         self._claims = self._results = self._sink = self._reader = None
 
     def close(self) -> None:
