@@ -308,15 +308,19 @@ def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
         assert torch.equal(one[k], state.params[k]), k
 
 
-def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch):
+@pytest.mark.parametrize("holding_lock", [False, True], ids=["running", "holding-the-counter-lock"])
+def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch, holding_lock):
     """A worker that dies mid-round (here: on its first task of round 1) fails the task it had
-    claimed (``worker process died``); this process runs the rest of the round, the next round
-    runs on a new pool, and every other client's result is the one-process result."""
+    claimed (``worker process died``); this process runs the rest of the round, and the next
+    round runs on a new pool. A worker killed while it holds the task counter's lock never
+    releases it: this process notices the broken pool, shuts it down and claims the rest alone."""
     parent = os.getpid()
     real = embedded.execute_task
 
     def dying(method, data, comm_up, seed, task, state):  # type: ignore[no-untyped-def]
         if os.getpid() != parent and task.round == 1:
+            if holding_lock:
+                embedded._W["claims"].get_lock().acquire()
             os._exit(3)
         return real(method, data, comm_up, seed, task, state)
 
@@ -334,28 +338,6 @@ def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch):
     finally:
         eng.close()
     assert not [t for t in threading.enumerate() if t.name == "sparsefl-results"]
-
-
-def test_a_worker_that_dies_holding_the_task_counter_does_not_hang_the_round(monkeypatch):
-    """A worker killed while it holds the task counter's lock never releases it: this process
-    notices the broken pool, shuts it down and claims the rest alone."""
-    parent = os.getpid()
-    real = embedded.execute_task
-
-    def dying(method, data, comm_up, seed, task, state):  # type: ignore[no-untyped-def]
-        if os.getpid() != parent:
-            embedded._W["claims"].get_lock().acquire()
-            os._exit(9)
-        return real(method, data, comm_up, seed, task, state)
-
-    monkeypatch.setattr(embedded, "execute_task", dying)
-    monkeypatch.setattr(embedded, "forks", lambda threads: True)
-    eng, server, state = _engine_and_server(load_config(overrides=[*TINY, "federation.clients_per_round=6"]), 2)
-    try:
-        state, r1 = server.run_round(state, 1)
-    finally:
-        eng.close()
-    assert [f["reason"] for f in r1.failures] == ["worker process died"] and len(r1.clients) == 5
 
 
 def test_a_pool_broken_between_rounds_is_restarted(monkeypatch):

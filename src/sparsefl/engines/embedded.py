@@ -242,25 +242,30 @@ def _claim(claims: Any, key: int, n: int, timeout: float | None = None) -> int |
     None when none is left or the counter belongs to another round (``claims`` holds the round's
     key and the next position). With ``timeout``, :class:`TimeoutError` when the lock is not
     free by then (its holder may have died)."""
-    lock, c = claims.get_lock(), claims.get_obj()  # (indexing ``claims`` itself takes the lock)
+    lock = claims.get_lock()
     if not lock.acquire(timeout=-1 if timeout is None else timeout):
         raise TimeoutError
     try:
-        if c[0] != key or c[1] >= n:
-            return None
-        k = int(c[1])
-        c[1] = k + 1
-        return k
+        return _next(claims.get_obj(), key, n)
     finally:
         lock.release()
 
 
-def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[ClientState]) -> int:
+def _next(counter: Any, key: int, n: int) -> int | None:
+    """:func:`_claim` on the raw ``(round key, next)`` pair, without the lock (indexing the
+    synchronized array itself would take it)."""
+    if counter[0] != key or counter[1] >= n:
+        return None
+    k = int(counter[1])
+    counter[1] = k + 1
+    return k
+
+
+def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[ClientState]) -> None:
     """A worker's part of a round: claim the next task, run it, send its outcome back at once
-    (``(key, position, outcome)`` on the results queue), until none is left; returns how many
-    it ran. An outcome that cannot be sent is replaced by a failure that can."""
+    (``(key, position, outcome)`` on the results queue), until none is left. An outcome that
+    cannot be sent is replaced by a failure that can."""
     claims, results = _W["claims"], _W["results"]
-    ran = 0
     while (k := _claim(claims, key, len(tasks))) is not None:
         task = tasks[k]
         out = execute_task(_W["method"], _W["data"], _W["comm_up"], _W["seed"], task, states[k])  # type: ignore[arg-type]
@@ -269,8 +274,6 @@ def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[Client
         except Exception as e:  # noqa: BLE001 - pickling failed before anything was written
             reason = f"result could not be sent: {type(e).__name__}: {e}"
             results.put((key, k, ClientFailure(task.client_id, reason)))  # type: ignore[attr-defined]
-        ran += 1
-    return ran
 
 
 def _forward_results(results: Any, sink: queue.SimpleQueue) -> None:
@@ -411,7 +414,7 @@ class EmbeddedEngine:
         counter = claims.get_obj()
         with claims.get_lock():
             counter[0], counter[1] = key, 0
-        pending: set[Future[int]] = set()
+        pending: set[Future[None]] = set()
         refused = False
         for _ in range(self.jobs - 1):
             try:
@@ -437,6 +440,9 @@ class EmbeddedEngine:
             self.ran_in_workers += 1
             outs[order[k]] = report(order[k], out)
 
+        def died() -> bool:
+            return any(isinstance(e, BrokenProcessPool) for e in errors)
+
         def claim_here() -> int | None:
             """The next position for this process. A worker that died holding the counter's
             lock never releases it: once the pool is broken, the workers are shut down and
@@ -447,14 +453,10 @@ class EmbeddedEngine:
                 except TimeoutError:
                     while not sink.empty():
                         take(sink.get())
-                    if any(isinstance(e, BrokenProcessPool) for e in errors):
+                    if died():
                         pool.shutdown(wait=True, cancel_futures=True)
                         alone[0] = True
-            k = int(counter[1])
-            if k >= n:
-                return None
-            counter[1] = k + 1
-            return k
+            return _next(counter, key, n)
 
         try:
             while (k := claim_here()) is not None:
@@ -480,8 +482,7 @@ class EmbeddedEngine:
         while not sink.empty():
             take(sink.get())
         if errors:
-            died = any(isinstance(e, BrokenProcessPool) for e in errors)
-            why = "worker process died" if died else f"worker raised {type(errors[0]).__name__}: {errors[0]}"
+            why = "worker process died" if died() else f"worker raised {type(errors[0]).__name__}: {errors[0]}"
             for k in range(n):
                 if outs[order[k]] is None:
                     outs[order[k]] = report(order[k], ClientFailure(tasks[order[k]].client_id, why))
