@@ -1,4 +1,4 @@
-"""ZeroFL (method.name=zerofl): top-k exactness, threshold caching, the SWAT autograd functions,
+"""ZeroFL (method.name=zerofl): top-k exactness, threshold caching, SWAT through the layers' autograd,
 aggregation oracles, config validation, and end-to-end runs on digits."""
 
 from __future__ import annotations
@@ -14,16 +14,17 @@ from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import run_experiment
+from sparsefl.fl.client import train_step
+from sparsefl.fl.sgd import SGD
 from sparsefl.kernels.topk import shrink
 from sparsefl.methods.base import LocalContext, ModelSpec, Received, ServerState
 from sparsefl.methods.zerofl import (
     CachedTopK,
-    SwatConv,
-    SwatLinear,
     ZeroFL,
     ZeroFLConfig,
     ZeroFLHooks,
     keep_count,
+    swat,
     topk_mask,
 )
 
@@ -135,8 +136,24 @@ def _masks(w: torch.Tensor, x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor
     return topk_mask(w, 0.3)[0].float(), topk_mask(x, 0.4)[0].float()
 
 
+def _layer(kind: str, w: torch.Tensor, b: torch.Tensor | None, **geo: object) -> nn.Module:
+    """A float64 layer holding ``w`` and ``b``."""
+    if kind == "linear":
+        layer: nn.Module = nn.Linear(w.shape[1], w.shape[0], bias=b is not None)
+    else:
+        conv = {3: nn.Conv1d, 4: nn.Conv2d}[w.dim()]
+        groups = int(geo.get("groups", 1))  # type: ignore[call-overload]
+        layer = conv(w.shape[1] * groups, w.shape[0], w.shape[2:], bias=b is not None, **geo)  # type: ignore[arg-type]
+    layer = layer.double()
+    with torch.no_grad():
+        layer.weight.copy_(w)
+        if b is not None:
+            layer.bias.copy_(b)
+    return layer
+
+
 @pytest.mark.parametrize("kind", ["conv", "linear"])
-def test_swat_function_forward_and_grads(kind: str) -> None:
+def test_swat_forward_and_grads(kind: str) -> None:
     torch.manual_seed(2)
     if kind == "conv":
         x = torch.randn(2, 3, 5, 5, dtype=torch.float64)
@@ -147,16 +164,15 @@ def test_swat_function_forward_and_grads(kind: str) -> None:
             return F.conv2d(xx, ww, bb, **geo)  # type: ignore[arg-type]
 
     else:
-        x = torch.randn(2, 3, 7, dtype=torch.float64)  # leading dims are flattened
+        x = torch.randn(2, 3, 7, dtype=torch.float64)  # a linear layer saves a 2-D view of it
         w = torch.randn(5, 7, dtype=torch.float64)
+        geo = {}
         ref = F.linear  # type: ignore[assignment]
     b = torch.randn(w.shape[0], dtype=torch.float64)
+    layer = _layer(kind, w, b, **geo)
     wm, xm = _masks(w, x)
-    xs, ws, bs = (t.clone().requires_grad_() for t in (x, w, b))
-    if kind == "conv":
-        y = SwatConv.apply(xs, ws, bs, w * wm, x * xm, *geo.values())
-    else:
-        y = SwatLinear.apply(xs, ws, bs, w * wm, x * xm)
+    xs, ws = x.clone().requires_grad_(), (w * wm).requires_grad_()  # the sparse weights: a leaf
+    y = swat(layer, xs, ws, x * xm)
     gy = torch.randn_like(y)
     y.backward(gy)
     # forward = layer with top-k weights; dL/dx = grad through the masked weights
@@ -165,7 +181,8 @@ def test_swat_function_forward_and_grads(kind: str) -> None:
     torch.testing.assert_close(y, yr)
     yr.backward(gy)
     torch.testing.assert_close(xs.grad, xr.grad)
-    torch.testing.assert_close(bs.grad, br.grad)
+    torch.testing.assert_close(layer.bias.grad, br.grad)  # the bias: its own dense gradient
+    assert layer.weight.grad is None  # the weight gradient arrives at the leaf
     # dL/dW = the weight gradient computed with the top-k activations, dense over W
     xa, wa = (x * xm.double()).requires_grad_(), w.clone().requires_grad_()
     ref(xa, wa, b).backward(gy)
@@ -173,13 +190,24 @@ def test_swat_function_forward_and_grads(kind: str) -> None:
     assert bool((ws.grad[wm == 0] != 0).any())  # positions outside the top-k get gradient
 
 
+def test_swat_refuses_an_input_the_layer_saves_as_a_copy() -> None:
+    """A non-contiguous 3-D input to a linear layer is copied before it is saved: SWAT cannot
+    sparsify what the weight gradient reads, so it says so instead of training densely."""
+    layer = nn.Linear(3, 2)
+    x = torch.randn(7, 2, 3).transpose(0, 1)
+    with pytest.raises(RuntimeError, match="did not save its input"):
+        swat(layer, x, layer.weight.detach().clone().requires_grad_(), 0.1)
+    with torch.no_grad():  # nothing saved, nothing to refuse
+        swat(layer, x, layer.weight.detach().clone().requires_grad_(), 0.1)
+
+
 def test_conv_grouped_and_hooks_restore_and_dense_master_update() -> None:
     torch.manual_seed(3)
     x = torch.randn(2, 4, 6, dtype=torch.float64)
     w = torch.randn(6, 2, 3, dtype=torch.float64)
     wm, xm = _masks(w, x)
-    ws = w.clone().requires_grad_()
-    y = SwatConv.apply(x, ws, None, w * wm, x * xm, (1,), (1,), (1,), 2)
+    ws = (w * wm).requires_grad_()
+    y = swat(_layer("conv", w, None, padding=1, groups=2), x, ws, x * xm)
     torch.testing.assert_close(y, F.conv1d(x, w * wm.double(), None, 1, 1, 1, 2))
     y.sum().backward()
     wa = w.clone().requires_grad_()
@@ -195,12 +223,11 @@ def test_conv_grouped_and_hooks_restore_and_dense_master_update() -> None:
     assert isinstance(hooks, ZeroFLHooks) and set(hooks.scope) == {"conv2.weight", "fc1.weight"}
     assert "forward" in model.fc1.__dict__ and "forward" not in model.conv1.__dict__
     before = model.fc1.weight.detach().clone()
-    opt = torch.optim.SGD(hooks.parameters(), lr=0.1)
-    xb = torch.randn(8, 1, 4, 4)
-    loss = F.cross_entropy(hooks.forward(xb), torch.arange(8) % 3)
-    loss.backward()
-    opt.step()
-    hooks.after_step(0)
+    params = dict(model.named_parameters())
+    train_step(hooks, SGD(hooks.parameters(), lr=0.1), torch.randn(8, 1, 4, 4), torch.arange(8) % 3, 0)
+    # every trained tensor got its gradient, the sparsified weights' moved from this step's leaves
+    assert all(p.grad is not None for p in params.values())
+    assert all(ws.grad is None for _, ws, _, _ in hooks._w_sparse.values())
     d = hooks.densities()
     assert set(d) == {"conv2.weight", "fc1.weight"}
     assert d["fc1.weight"].forward == pytest.approx(keep_count(before.numel(), 0.2) / before.numel())
@@ -407,13 +434,11 @@ def test_deferred_input_threshold_gives_the_same_grads_and_keeps_x_for_backward(
     w = torch.randn(5, 3, 3, 3) if kind == "conv" else torch.randn(5, 9)
     tau = float(x.abs().flatten().kthvalue(int(0.7 * x.numel())).values)
     ws = shrink(w, float(w.abs().flatten().kthvalue(int(0.6 * w.numel())).values))
+    layer = nn.Conv2d(3, 5, 3, padding=1, bias=False) if kind == "conv" else nn.Linear(9, 5, bias=False)
     grads = []
     for xsp in (shrink(x, tau), tau):
-        xr, wr = x.clone().requires_grad_(), w.clone().requires_grad_()
-        if kind == "conv":
-            y = SwatConv.apply(xr, wr, None, ws, xsp, (1, 1), (1, 1), (1, 1), 1)
-        else:
-            y = SwatLinear.apply(xr, wr, None, ws, xsp)
+        xr, wr = x.clone().requires_grad_(), ws.clone().requires_grad_()
+        y = swat(layer, xr, wr, xsp)
         (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
         grads.append((y.detach(), xr.grad, wr.grad))
     for a, b in zip(*grads):
@@ -423,14 +448,12 @@ def test_deferred_input_threshold_gives_the_same_grads_and_keeps_x_for_backward(
     c1.sparsify(x, 0), c2.deferred(x, 0)
     d1, d2 = c1.sparsify(x * 1.1, 1), c2.deferred(x * 1.1, 1)
     assert d2[0] == c1.tau and torch.equal(shrink(x * 1.1, d2[0]), d1[0]) and d1[1] == d2[1]
-    # an in-place change of x after the forward is caught, as for a dense layer
-    xr = x.clone().requires_grad_()
-    h = xr * 1.0
-    y = (
-        SwatConv.apply(h, w, None, ws, tau, (1, 1), (1, 1), (1, 1), 1)
-        if kind == "conv"
-        else SwatLinear.apply(h, w.clone().requires_grad_(), None, ws, tau)
-    )
-    h.mul_(2)
-    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
-        y.sum().backward()
+    # an in-place change of x, or of the sparse weights, after the forward is caught, as for a
+    # dense layer (autograd leaves that check to the saved-tensor hooks)
+    for changed in ("input", "weights"):
+        h, wr = x.clone().requires_grad_() * 1.0, ws.clone().requires_grad_()
+        y = swat(layer, h, wr, tau)
+        with torch.no_grad():
+            (h if changed == "input" else wr).mul_(2)
+        with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+            y.sum().backward()

@@ -19,10 +19,11 @@ The round
      weights outside the top-k keep learning and can re-enter it (SWAT's implicit regrowth);
    * the bias gradient is the usual dense ``sum(dL/dy)``.
 
-   This is a ``torch.autograd.Function`` per layer type (:class:`SwatConv`, :class:`SwatLinear`)
-   installed by :class:`ZeroFLHooks` by replacing the *instance's* ``forward`` for the duration of
-   local training only; :meth:`ZeroFLHooks.close` restores it (the user's classes and parameters
-   are never modified).
+   This runs on the layers' own autograd (:func:`swat`): each step the layer computes with a
+   fresh leaf tensor holding ``W~``, whose gradient (dense) moves to ``W`` as it arrives, and a
+   saved-tensor hook hands the layer's backward ``X~`` where it saved ``x``. :class:`ZeroFLHooks`
+   installs it by replacing the *instance's* ``forward`` for the duration of local training only;
+   :meth:`ZeroFLHooks.close` restores it (the user's classes and parameters are never modified).
 3. **Upload** (``method.upload``), per sparsified layer, the top ``min(1, 1 - sparsity + mask_ratio)``
    fraction of the layer (paper: sp 0.9, r_mask 0.1 -> top 20%; r_mask 0 -> exactly SWAT's active
    set):
@@ -95,11 +96,13 @@ Speed
 Exact top-k refreshes take linear time (:mod:`sparsefl.kernels.topk`; a sort of a 2.4M-weight
 layer took 0.9 s here), and a threshold step sparsifies each weight and input tensor in one pass
 (``hardshrink`` at the cached threshold). An input's pass runs in the backward, right before the
-weight-gradient product that reads it (:class:`SwatConv`), so no sparse copy is held from the
+weight-gradient product that reads it (:class:`_SparseInput`), so no sparse copy is held from the
 forward and both products read tensors still in cache. What remains over a dense step is that
-pass over each sparsified layer's input activations and weights, and the autograd functions'
-Python. oneDNN's dense convolutions do not get faster on zeros, and unstructured sparse
-convolutions lose to them on this CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in
+pass over each sparsified layer's input activations and weights, and a few small calls per layer
+(the densities, the hooks). The layers' own autograd replaced a ``torch.autograd.Function`` per
+layer type, whose Python forward and backward cost 2-5% of a ResNet-20 step here. oneDNN's dense
+convolutions do not get faster on zeros, and unstructured sparse convolutions lose to them on this
+CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in
 wall-clock time here. ``benchmarks/speed.py`` measures it.
 """
 
@@ -108,7 +111,7 @@ from __future__ import annotations
 import types
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Literal
 
 import torch
 import torch.nn.functional as F
@@ -264,149 +267,75 @@ class CachedTopK:
 
 
 # --------------------------------------------------------------------------------------------------
-# The SWAT autograd functions
+# SWAT through the layers' own autograd
 # --------------------------------------------------------------------------------------------------
 
 
-def _save_sparse_input(ctx: Any, x: Tensor, x_sparse: Tensor | float, dt: torch.dtype, ws: Tensor) -> None:
-    """Save the sparse input (or the input and its threshold, see :class:`SwatConv`) and the
-    sparse weights, in the products' dtype ``dt``."""
-    if isinstance(x_sparse, Tensor):
-        ctx.tau = None
-        ctx.save_for_backward(x_sparse.to(dt), ws)
-    else:
-        ctx.tau = float(x_sparse)
-        ctx.save_for_backward(x.detach(), ws)
+class _SparseInput:
+    """Saved-tensor hooks that give a layer's backward its SWAT input: where the layer saves its
+    input ``x``, the backward unpacks ``x_sparse`` instead (or ``shrink(x, tau)`` for a threshold,
+    built right then, so no sparse copy is held from the forward and the weight-gradient product
+    reads a tensor still in cache).
 
-
-def _saved_sparse_input(ctx: Any) -> tuple[Tensor, Tensor]:
-    """``(x_sparse, w_sparse)`` as :func:`_save_sparse_input` saved them."""
-    x, ws = ctx.saved_tensors
-    if ctx.tau is None:
-        return x, ws
-    # shrunk in the input's own dtype, then cast: exactly the tensor the forward would have saved
-    return shrink(x, ctx.tau).to(ws.dtype), ws
-
-
-class SwatConv(torch.autograd.Function):
-    """Convolution (1d/2d/3d) with SWAT's sparse forward and backward.
-
-    ``forward(x, weight, bias, w_sparse, x_sparse, stride, padding, dilation, groups)`` returns
-    ``conv(x, w_sparse) + bias``; backward gives ``dL/dx`` through ``w_sparse``,
-    ``dL/dW = conv_weight_grad(x_sparse, dL/dy)`` over every weight position (dense: the gradient
-    goes to ``weight``, straight through its sparsification), and the dense bias gradient.
-    ``w_sparse`` and ``x_sparse`` are ``weight`` and ``x`` with the entries outside their top-k
-    zeroed (:meth:`CachedTopK.sparsify`); they get no gradient.
-
-    ``x_sparse`` may instead be a threshold ``tau`` (:meth:`CachedTopK.deferred`): ``x`` is then
-    saved, and ``shrink(x, tau)`` is built in the backward, right before the product that reads
-    it. The same numbers, one tensor fewer held from the forward to the backward (``x`` is held
-    anyway, by the layer before), and the convolutions read tensors that are still in cache: a
-    ResNet-20 step was 0.90x dense with the sparse input built in the forward.
+    The layer's input is recognised as the saved tensor with ``x``'s data pointer and size (a
+    linear layer saves a 2-D view of a 3-D input). As autograd skips its own in-place check for
+    tensors saved through hooks, :meth:`unpack` makes it for every tensor saved here.
     """
 
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any,
-        x: Tensor,
-        weight: Tensor,
-        bias: Tensor | None,
-        w_sparse: Tensor,
-        x_sparse: Tensor | float,
-        stride: Sequence[int],
-        padding: Sequence[int],
-        dilation: Sequence[int],
-        groups: int,
-    ) -> Tensor:
-        dt = compute_dtype(x)
-        ws = w_sparse.to(dt)
-        b = None if bias is None else bias.to(dt)
-        y = torch.ops.aten.convolution(
-            x.to(dt), ws, b, list(stride), list(padding), list(dilation), False, [0] * len(stride), groups
-        )
-        # SWAT saves the sparse input (or, deferred, the input and its threshold) and the
-        # sparse weights for the backward pass.
-        _save_sparse_input(ctx, x, x_sparse, dt, ws)
-        ctx.conf = (
-            list(stride),
-            list(padding),
-            list(dilation),
-            groups,
-            x.dtype,
-            weight.dtype,
-            None if bias is None else (bias.shape, bias.dtype),
-        )
-        return y
+    def __init__(self, x: Tensor, x_sparse: Tensor | float) -> None:
+        self.x = x
+        self.x_sparse = x_sparse
+        self.key = (x.data_ptr(), x.numel())
+        self.marked = False
 
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_sparse, w_sparse = _saved_sparse_input(ctx)
-        stride, padding, dilation, groups, x_dtype, w_dtype, bias_info = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        # aten's convolution_backward: grad_input uses only the weight (sparse), grad_weight only
-        # the input (sparse activations), so one call gives both SWAT products.
-        gx, gw, gb = torch.ops.aten.convolution_backward(
-            gy.to(w_sparse.dtype),
-            x_sparse,
-            w_sparse,
-            None if bias_info is None else list(bias_info[0]),
-            stride,
-            padding,
-            dilation,
-            False,
-            [0] * len(stride),
-            groups,
-            [bool(need_x), bool(need_w), bool(need_b and bias_info is not None)],
-        )
-        gx = None if gx is None else gx.to(x_dtype)
-        gw = None if gw is None else gw.to(w_dtype)
-        gb = None if gb is None or bias_info is None else gb.to(bias_info[1])
-        return gx, gw, gb, None, None, None, None, None, None
+    def pack(self, t: Tensor) -> tuple[Tensor | torch.Size, int]:
+        if (t.data_ptr(), t.numel()) == self.key:
+            self.marked = True
+            return t.shape, t._version
+        return t, t._version
+
+    def unpack(self, packed: tuple[Tensor | torch.Size, int]) -> Tensor:
+        saved, version = packed
+        t = self.x if isinstance(saved, torch.Size) else saved
+        if t._version != version:
+            raise RuntimeError(
+                "zerofl: one of the variables needed for gradient computation has been modified by an "
+                f"inplace operation (version {t._version}, saved at version {version})"
+            )
+        if not isinstance(saved, torch.Size):
+            return saved
+        xs = self.x_sparse
+        # shrunk in the input's own dtype: exactly the tensor an explicit sparse input would be
+        return (xs.to(t.dtype) if isinstance(xs, Tensor) else shrink(t, xs)).view(saved)
 
 
-class SwatLinear(torch.autograd.Function):
-    """Linear layer with SWAT's sparse forward and backward.
+def swat(layer: nn.Module, x: Tensor, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
+    """SWAT's forward and backward through ``layer`` (a Conv1d/2d/3d or Linear), on its own
+    autograd: the output ``layer(x)`` computed with the weights ``w_sparse``; in the backward,
+    ``dL/dx`` through ``w_sparse`` and ``dL/dW = weight_grad(x_sparse, dL/dy)`` (dense over every
+    weight position: a convolution's or linear layer's weight gradient does not read the weights),
+    which arrives at ``w_sparse`` itself; the bias (dense) gets its usual gradient.
 
-    ``forward(x, weight, bias, w_sparse, x_sparse)`` returns ``x @ w_sparse^T + bias``;
-    ``dL/dx = dL/dy @ w_sparse``, ``dL/dW = dL/dy^T @ x_sparse`` (dense over W, straight through
-    to ``weight``), ``dL/db = sum dL/dy``. Leading dimensions of ``x`` are flattened for the
-    products.
+    ``x_sparse`` is ``x`` with the entries outside its top-k zeroed, or the threshold ``tau`` that
+    gives it (``shrink(x, tau)``, built in the backward: :class:`_SparseInput`). To train the
+    layer's dense weights, pass ``w_sparse`` as a leaf that requires grad and move its gradient to
+    the weights (:class:`ZeroFLHooks` does). Under ``torch.autocast`` the input is cast here first,
+    so that the tensor the layer saves is the one recognised.
     """
-
-    @staticmethod
-    def forward(  # type: ignore[override]
-        ctx: Any, x: Tensor, weight: Tensor, bias: Tensor | None, w_sparse: Tensor, x_sparse: Tensor | float
-    ) -> Tensor:
-        dt = compute_dtype(x)
-        ws = w_sparse.to(dt)
-        y = F.linear(x.to(dt), ws, None if bias is None else bias.to(dt))
-        _save_sparse_input(ctx, x, x_sparse, dt, ws)
-        ctx.conf = (x.dtype, weight.dtype, None if bias is None else bias.dtype)
-        return y
-
-    @staticmethod
-    def backward(ctx: Any, gy: Tensor) -> tuple[Tensor | None, ...]:  # type: ignore[override]
-        x_sparse, w_sparse = _saved_sparse_input(ctx)
-        x_dtype, w_dtype, b_dtype = ctx.conf
-        need_x, need_w, need_b = ctx.needs_input_grad[:3]
-        gy = gy.to(w_sparse.dtype)
-        gx = (gy @ w_sparse).to(x_dtype) if need_x else None
-        g2 = gy.reshape(-1, gy.shape[-1])
-        gw = (g2.t() @ x_sparse.reshape(-1, x_sparse.shape[-1])).to(w_dtype) if need_w else None
-        gb = g2.sum(0).to(b_dtype) if need_b and b_dtype is not None else None
-        return gx, gw, gb, None, None
-
-
-def swat_conv(x: Tensor, conv: nn.Conv1d | nn.Conv2d | nn.Conv3d, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
-    """Apply :class:`SwatConv` with the geometry of ``conv``."""
-    return SwatConv.apply(
-        x, conv.weight, conv.bias, w_sparse, x_sparse, conv.stride, conv.padding, conv.dilation, conv.groups
-    )
-
-
-def swat_linear(x: Tensor, lin: nn.Linear, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
-    """Apply :class:`SwatLinear` with the parameters of ``lin``."""
-    return SwatLinear.apply(x, lin.weight, lin.bias, w_sparse, x_sparse)
+    dt = compute_dtype(x)
+    xc = x.to(dt)
+    hooks = _SparseInput(xc, x_sparse)
+    with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
+        if isinstance(layer, nn.Linear):
+            y = F.linear(xc, w_sparse, layer.bias)
+        else:
+            y = layer._conv_forward(xc, w_sparse, layer.bias)  # type: ignore[operator]
+    if torch.is_grad_enabled() and w_sparse.requires_grad and not hooks.marked:
+        raise RuntimeError(
+            f"zerofl: {type(layer).__name__} did not save its input for the weight gradient in a form "
+            "SWAT can sparsify (a copy or a reshaped non-contiguous input)"
+        )
+    return y
 
 
 # --------------------------------------------------------------------------------------------------
@@ -458,7 +387,7 @@ class ZeroFLHooks(LocalHooks):
         self.step = 0
         self.weight_topk = {n: CachedTopK(cfg.weight_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
         self.act_topk = {n: CachedTopK(cfg.act_density, cfg.topk_period, cfg.warmup_steps) for n in self.scope}
-        self._w_sparse: dict[str, tuple[int, Tensor, float]] = {}
+        self._w_sparse: dict[str, tuple[int, Tensor, float, Tensor]] = {}
         self._density: dict[str, LayerDensity] = {}
         self._patches = ForwardPatches()
         try:
@@ -485,21 +414,33 @@ class ZeroFLHooks(LocalHooks):
         self._patches.replace(mod, types.MethodType(forward, mod))
 
     def _weight_sparse(self, name: str, w: Tensor) -> tuple[Tensor, float]:
-        # One weight mask per step, even if the layer runs several times in a forward pass.
+        """The layer's sparse weights for this step and their density. One mask per step, even if
+        the layer runs several times in a forward pass; while ``w`` trains, a leaf whose gradient
+        :meth:`after_backward` moves to ``w`` (:func:`swat`)."""
         cached = self._w_sparse.get(name)
         if cached is not None and cached[0] == self.step:
             return cached[1], cached[2]
         ws, d = self.weight_topk[name].sparsify(w, self.step)
-        self._w_sparse[name] = (self.step, ws, d)
+        if w.requires_grad:
+            ws = ws.detach().requires_grad_()
+        self._w_sparse[name] = (self.step, ws, d, w)
         return ws, d
 
     def _swat_forward(self, name: str, mod: nn.Module, x: Tensor) -> Tensor:
         ws, wd = self._weight_sparse(name, mod.weight)
         xs, xd = self.act_topk[name].deferred(x, self.step)  # applied in the backward
         self._density[name] = LayerDensity(forward=wd, grad_input=wd, grad_weight=xd)
-        if isinstance(mod, nn.Linear):
-            return swat_linear(x, mod, ws, xs)
-        return swat_conv(x, mod, ws, xs)  # type: ignore[arg-type]
+        return swat(mod, x, ws, xs)
+
+    def after_backward(self, step: int) -> None:
+        """Each sparsified layer's weight gradient, which arrived at this step's sparse-weight
+        leaf, goes to the layer's weights (added to any gradient they have), for the optimiser.
+        Moved here rather than by a hook on each leaf during the backward: a Python hook called
+        by autograd cost about 50 us a layer here, 1.4% of a ResNet-20 step."""
+        for at, ws, _, w in self._w_sparse.values():
+            if at == self.step and ws.grad is not None:
+                g, ws.grad = ws.grad, None
+                w.grad = g if w.grad is None else w.grad + g
 
     def after_step(self, step: int) -> None:
         self.step = step + 1
