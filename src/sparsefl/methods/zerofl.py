@@ -20,8 +20,9 @@ The round
    * the bias gradient is the usual dense ``sum(dL/dy)``.
 
    This runs on the layers' own autograd (:func:`swat`): each step the layer computes with a
-   fresh leaf tensor holding ``W~``, whose gradient (dense) moves to ``W`` as it arrives, and a
-   saved-tensor hook hands the layer's backward ``X~`` where it saved ``x``. :class:`ZeroFLHooks`
+   fresh leaf tensor holding ``W~``, whose gradient (dense) moves to ``W`` after the backward
+   (:meth:`ZeroFLHooks.after_backward`), and a saved-tensor hook hands the layer's backward ``X~``
+   where it saved ``x``. :class:`ZeroFLHooks`
    installs it by replacing the *instance's* ``forward`` for the duration of local training only;
    :meth:`ZeroFLHooks.close` restores it (the user's classes and parameters are never modified).
 3. **Upload** (``method.upload``), per sparsified layer, the top ``min(1, 1 - sparsity + mask_ratio)``
@@ -100,10 +101,10 @@ weight-gradient product that reads it (:class:`_SparseInput`), so no sparse copy
 forward and both products read tensors still in cache. What remains over a dense step is that
 pass over each sparsified layer's input activations and weights, and a few small calls per layer
 (the densities, the hooks). The layers' own autograd replaced a ``torch.autograd.Function`` per
-layer type, whose Python forward and backward cost 2-5% of a ResNet-20 step here. oneDNN's dense
+layer type, whose Python forward and backward cost 1.5-2% of a ResNet-20 step here. oneDNN's dense
 convolutions do not get faster on zeros, and unstructured sparse convolutions lose to them on this
-CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in
-wall-clock time here. ``benchmarks/speed.py`` measures it.
+CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in wall-clock time here.
+``benchmarks/speed.py`` measures it.
 """
 
 from __future__ import annotations
