@@ -15,7 +15,7 @@ from sparsefl.config import load_config
 from sparsefl.engines import embedded
 from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import RunFolderError
-from sparsefl.experiment.runfolder import RunFolder
+from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
 from sparsefl.experiment.runner import build, run_experiment
 from sparsefl.fl.server import Server
 
@@ -167,7 +167,7 @@ def test_checkpoints_that_carry_their_records_still_resume(tmp_path, interrupted
     ckpt = folder.latest_checkpoint()
     assert ckpt is not None
     records = folder.read_metrics()[: ckpt.pop("metrics_count")]
-    folder.save_checkpoint({**ckpt, "metrics": records})
+    folder.write_checkpoint(checkpoint_bytes({**ckpt, "metrics": records}))
     (tmp_path / "cut" / "metrics.jsonl").write_text("")  # the old layout rewrote it; the checkpoint rules
     assert run_experiment(cfg, tmp_path / "cut")["model_sha256"] == whole["model_sha256"]
 

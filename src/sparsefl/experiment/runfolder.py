@@ -119,10 +119,6 @@ class RunFolder:
         return json.loads(p.read_text()) if p.exists() else None
 
     # -- checkpoints ------------------------------------------------------------------------------
-    def save_checkpoint(self, payload: dict[str, Any]) -> None:
-        """Atomically write a checkpoint, keeping the previous one as a fallback."""
-        self.write_checkpoint(checkpoint_bytes(payload))
-
     def write_checkpoint(self, data: bytes) -> None:
         """Atomically write checkpoint bytes (:func:`checkpoint_bytes`), keeping the previous
         checkpoint as a fallback."""
