@@ -371,7 +371,8 @@ def topk_params(params: Mapping[str, Tensor], scope: Sequence[str], density: flo
 
 class ZeroFLHooks(LocalHooks):
     """SWAT around the local training loop: the sparsified layers' ``forward`` is replaced on the
-    instance (restored by :meth:`close`) by the SWAT autograd functions with cached top-k masks.
+    instance (restored by :meth:`close`) by :func:`swat` with cached top-k masks; the weight
+    gradients reach the layers' weights in :meth:`after_backward`.
 
     Attributes
     ----------
