@@ -190,15 +190,29 @@ def test_swat_forward_and_grads(kind: str) -> None:
     assert bool((ws.grad[wm == 0] != 0).any())  # positions outside the top-k get gradient
 
 
-def test_swat_refuses_an_input_the_layer_saves_as_a_copy() -> None:
-    """A non-contiguous 3-D input to a linear layer is copied before it is saved: SWAT cannot
-    sparsify what the weight gradient reads, so it says so instead of training densely."""
-    layer = nn.Linear(3, 2)
-    x = torch.randn(7, 2, 3).transpose(0, 1)
+def test_swat_takes_a_non_contiguous_linear_input_and_refuses_a_copied_one(monkeypatch) -> None:
+    """A linear layer's non-contiguous 3-D input is made contiguous first (the product would
+    save a copy of it); a layer that still saves a copy is refused, not trained densely."""
+    torch.manual_seed(5)
+    x = torch.randn(7, 2, 3, dtype=torch.float64).transpose(0, 1)  # (2, 7, 3), not contiguous
+    w = torch.randn(4, 3, dtype=torch.float64)
+    wm, xm = _masks(w, x)
+    layer = _layer("linear", w, None)
+    xs, ws = x.clone().requires_grad_(), (w * wm).requires_grad_()
+    assert not xs.is_contiguous()
+    y = swat(layer, xs, ws, x * xm)
+    y.sum().backward()
+    xr, wa = x.clone().requires_grad_(), w.clone().requires_grad_()
+    F.linear(xr, w * wm).sum().backward()
+    F.linear(x * xm, wa).sum().backward()
+    torch.testing.assert_close(xs.grad, xr.grad)
+    torch.testing.assert_close(ws.grad, wa.grad)
+    real_linear = F.linear
+    monkeypatch.setattr(F, "linear", lambda x, w, b=None: real_linear(x.clone(), w, b))
     with pytest.raises(RuntimeError, match="did not save its input"):
-        swat(layer, x, layer.weight.detach().clone().requires_grad_(), 0.1)
+        swat(layer, x, ws, 0.1)
     with torch.no_grad():  # nothing saved, nothing to refuse
-        swat(layer, x, layer.weight.detach().clone().requires_grad_(), 0.1)
+        swat(layer, x, ws, 0.1)
 
 
 def test_conv_grouped_and_hooks_restore_and_dense_master_update() -> None:
@@ -435,14 +449,16 @@ def test_deferred_input_threshold_gives_the_same_grads_and_keeps_x_for_backward(
     tau = float(x.abs().flatten().kthvalue(int(0.7 * x.numel())).values)
     ws = shrink(w, float(w.abs().flatten().kthvalue(int(0.6 * w.numel())).values))
     layer = nn.Conv2d(3, 5, 3, padding=1, bias=False) if kind == "conv" else nn.Linear(9, 5, bias=False)
-    grads = []
-    for xsp in (shrink(x, tau), tau):
-        xr, wr = x.clone().requires_grad_(), ws.clone().requires_grad_()
-        y = swat(layer, xr, wr, xsp)
-        (y * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
-        grads.append((y.detach(), xr.grad, wr.grad))
-    for a, b in zip(*grads):
-        assert torch.equal(a, b)
+    for bf16 in (False, True):  # under autocast too, the fp32 input is shrunk in fp32, then cast
+        grads = []
+        for xsp in (shrink(x, tau), tau):
+            xr, wr = x.clone().requires_grad_(), ws.clone().requires_grad_()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
+                y = swat(layer, xr, wr, xsp)
+            (y.float() * torch.arange(y.numel()).reshape(y.shape).float().sin()).sum().backward()
+            grads.append((y.detach(), xr.grad, wr.grad))
+        for a, b in zip(*grads):
+            assert torch.equal(a, b)
     # the cache's deferred answer: the threshold, and the density sparsify would report
     c1, c2 = CachedTopK(0.3, 10, 0), CachedTopK(0.3, 10, 0)
     c1.sparsify(x, 0), c2.deferred(x, 0)

@@ -96,9 +96,10 @@ Speed
 -----
 Exact top-k refreshes take linear time (:mod:`sparsefl.kernels.topk`; a sort of a 2.4M-weight
 layer took 0.9 s here), and a threshold step sparsifies each weight and input tensor in one pass
-(``hardshrink`` at the cached threshold). An input's pass runs in the backward, right before the
-weight-gradient product that reads it (:class:`_SparseInput`), so no sparse copy is held from the
-forward and both products read tensors still in cache. What remains over a dense step is that
+(``hardshrink`` at the cached threshold). On those steps an input's pass runs in the backward,
+right before the weight-gradient product that reads it (:class:`_SparseInput`), so no sparse copy
+is held from the forward and both products read tensors still in cache (a refresh step builds
+the exact top-k's sparse input in the forward). What remains over a dense step is that
 pass over each sparsified layer's input activations and weights, and a few small calls per layer
 (the densities, the hooks). The layers' own autograd replaced a ``torch.autograd.Function`` per
 layer type, whose Python forward and backward cost 1.5-2% of a ResNet-20 step here. oneDNN's dense
@@ -273,41 +274,43 @@ class CachedTopK:
 
 
 class _SparseInput:
-    """Saved-tensor hooks that give a layer's backward its SWAT input: where the layer saves its
-    input ``x``, the backward unpacks ``x_sparse`` instead (or ``shrink(x, tau)`` for a threshold,
-    built right then, so no sparse copy is held from the forward and the weight-gradient product
-    reads a tensor still in cache).
+    """Saved-tensor hooks that give a layer's backward its SWAT input: where the layer saves the
+    tensor it computed with (``xc``: the input ``x``, cast for autocast or made contiguous), the
+    backward unpacks ``x_sparse`` instead (or ``shrink(x, tau)`` for a threshold, built right
+    then, so no sparse copy is held from the forward on threshold steps and the weight-gradient
+    product reads a tensor still in cache), cast to ``xc``'s dtype: the old ``SwatConv``'s
+    numbers, shrunk in the input's own dtype.
 
-    The layer's input is recognised as the saved tensor with ``x``'s data pointer and size (a
-    linear layer saves a 2-D view of a 3-D input). As autograd skips its own in-place check for
-    tensors saved through hooks, :meth:`unpack` makes it for every tensor saved here.
+    The saved tensor is recognised by ``xc``'s data pointer and size (a linear layer saves a 2-D
+    view of a 3-D input). As autograd skips its own in-place check for tensors saved through
+    hooks, :meth:`unpack` makes it for every tensor saved here, and for ``x``.
     """
 
-    def __init__(self, x: Tensor, x_sparse: Tensor | float) -> None:
+    def __init__(self, x: Tensor, xc: Tensor, x_sparse: Tensor | float) -> None:
         self.x = x
         self.x_sparse = x_sparse
-        self.key = (x.data_ptr(), x.numel())
+        self.key = (xc.data_ptr(), xc.numel())
         self.marked = False
 
-    def pack(self, t: Tensor) -> tuple[Tensor | torch.Size, int]:
+    def pack(self, t: Tensor) -> tuple[Tensor | tuple[torch.Size, torch.dtype], int]:
         if (t.data_ptr(), t.numel()) == self.key:
             self.marked = True
-            return t.shape, t._version
+            return (t.shape, t.dtype), self.x._version
         return t, t._version
 
-    def unpack(self, packed: tuple[Tensor | torch.Size, int]) -> Tensor:
+    def unpack(self, packed: tuple[Tensor | tuple[torch.Size, torch.dtype], int]) -> Tensor:
         saved, version = packed
-        t = self.x if isinstance(saved, torch.Size) else saved
+        t = saved if isinstance(saved, Tensor) else self.x
         if t._version != version:
             raise RuntimeError(
                 "zerofl: one of the variables needed for gradient computation has been modified by an "
                 f"inplace operation (version {t._version}, saved at version {version})"
             )
-        if not isinstance(saved, torch.Size):
+        if isinstance(saved, Tensor):
             return saved
+        shape, dtype = saved
         xs = self.x_sparse
-        # shrunk in the input's own dtype: exactly the tensor an explicit sparse input would be
-        return (xs.to(t.dtype) if isinstance(xs, Tensor) else shrink(t, xs)).view(saved)
+        return (xs if isinstance(xs, Tensor) else shrink(self.x, xs)).to(dtype).reshape(shape)
 
 
 def swat(layer: nn.Module, x: Tensor, w_sparse: Tensor, x_sparse: Tensor | float) -> Tensor:
@@ -320,21 +323,30 @@ def swat(layer: nn.Module, x: Tensor, w_sparse: Tensor, x_sparse: Tensor | float
     ``x_sparse`` is ``x`` with the entries outside its top-k zeroed, or the threshold ``tau`` that
     gives it (``shrink(x, tau)``, built in the backward: :class:`_SparseInput`). To train the
     layer's dense weights, pass ``w_sparse`` as a leaf that requires grad and move its gradient to
-    the weights (:class:`ZeroFLHooks` does). Under ``torch.autocast`` the input is cast here first,
-    so that the tensor the layer saves is the one recognised.
+    the weights (:class:`ZeroFLHooks` does). Under ``torch.autocast`` the input is cast here first
+    (and a linear layer's non-contiguous input of three or more dimensions made contiguous), so
+    that the tensor the layer saves is the one recognised; the sparse input is still shrunk in
+    ``x``'s own dtype, then cast.
+
+    Under autocast, a layer that runs twice in one forward sums its two weight gradients in the
+    autocast dtype (autocast casts the leaf once per region): native autograd's behaviour for a
+    reused layer, which the former autograd function summed in float32.
     """
     dt = compute_dtype(x)
     xc = x.to(dt)
-    hooks = _SparseInput(xc, x_sparse)
+    linear = isinstance(layer, nn.Linear)
+    if linear and xc.dim() > 2 and not xc.is_contiguous():
+        xc = xc.contiguous()  # the product saves a 2-D view of it (of a copy, otherwise)
+    hooks = _SparseInput(x, xc, x_sparse)
     with torch.autograd.graph.saved_tensors_hooks(hooks.pack, hooks.unpack):
-        if isinstance(layer, nn.Linear):
+        if linear:
             y = F.linear(xc, w_sparse, layer.bias)
         else:
             y = layer._conv_forward(xc, w_sparse, layer.bias)  # type: ignore[operator]
     if torch.is_grad_enabled() and w_sparse.requires_grad and not hooks.marked:
         raise RuntimeError(
             f"zerofl: {type(layer).__name__} did not save its input for the weight gradient in a form "
-            "SWAT can sparsify (a copy or a reshaped non-contiguous input)"
+            "SWAT can sparsify (it saved a copy)"
         )
     return y
 
@@ -437,8 +449,11 @@ class ZeroFLHooks(LocalHooks):
     def after_backward(self, step: int) -> None:
         """Each sparsified layer's weight gradient, which arrived at this step's sparse-weight
         leaf, goes to the layer's weights (added to any gradient they have), for the optimiser.
-        Moved here rather than by a hook on each leaf during the backward: a Python hook called
-        by autograd cost about 50 us a layer here, 1.4% of a ResNet-20 step."""
+        Until then it sits on the leaf: ``torch.autograd.grad`` asked for the weights gives None,
+        and a loop that skips this call trains the sparsified weights not at all (the one local
+        loop, :func:`sparsefl.fl.client.train_step`, calls it). Moved here rather than by a hook
+        on each leaf (``register_post_accumulate_grad_hook`` or ``register_hook``), which added
+        about 50 us a layer here, 1.4% of a ResNet-20 step."""
         for at, ws, _, w in self._w_sparse.values():
             if at == self.step and ws.grad is not None:
                 g, ws.grad = ws.grad, None
