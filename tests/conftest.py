@@ -31,13 +31,13 @@ def tiny_cfg():
 
 @pytest.fixture
 def interrupted_run():
-    """``interrupted_run(cfg, out, at)``: run ``cfg`` into ``out`` and stop it with
-    KeyboardInterrupt as round ``at`` starts, as a crash would (rounds before it are
-    checkpointed)."""
+    """``interrupted_run(cfg, out, at, engine=None)``: run ``cfg`` into ``out`` (on ``engine``,
+    if given) and stop it with KeyboardInterrupt as round ``at`` starts, as a crash would
+    (rounds before it are checkpointed)."""
     from sparsefl.experiment.runner import run_experiment
     from sparsefl.fl.server import Server
 
-    def run(cfg, out, at: int) -> None:  # type: ignore[no-untyped-def]
+    def run(cfg, out, at: int, engine=None) -> None:  # type: ignore[no-untyped-def]
         real = Server.train_round
 
         def stop(self, state, rnd):  # type: ignore[no-untyped-def]
@@ -48,7 +48,7 @@ def interrupted_run():
         Server.train_round = stop  # type: ignore[method-assign]
         try:
             with pytest.raises(KeyboardInterrupt):
-                run_experiment(cfg, out)
+                run_experiment(cfg, out, engine=engine)
         finally:
             Server.train_round = real  # type: ignore[method-assign]
 

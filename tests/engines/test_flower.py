@@ -135,6 +135,31 @@ def test_client_state_round_trips_bit_for_bit():
     assert not torch.equal(back["w"], state["w"])
 
 
+def test_node_state_files_follow_the_rounds_a_resumed_run_redoes(tmp_path):
+    """Files of a redone round (another run, round >= the task's) are dropped; a re-sampled
+    attempt of a round reads its own run's file of that round; old rounds are pruned."""
+    from sparsefl.engines.flower.node_states import NodeStates
+
+    st = lambda v: {"m": torch.full((2,), float(v))}  # noqa: E731
+    run1 = NodeStates(tmp_path, "exp", run_id=1)
+    assert run1.load(3, 1) == {}
+    run1.save(3, 1, {})  # stateless: no file
+    assert not (tmp_path / "exp").exists()
+    for rnd in (1, 2, 5, 6):
+        run1.save(3, rnd, st(rnd))
+    assert float(run1.load(3, 6)["m"][0]) == 6  # a re-sampled attempt of round 6, same run
+    assert float(run1.load(3, 7)["m"][0]) == 6
+    run2 = NodeStates(tmp_path, "exp", run_id=2)  # resumed from the checkpoint of round 4
+    assert float(run2.load(3, 5)["m"][0]) == 2  # rounds 5 and 6 of run 1 are redone
+    # round 1 went when round 6 was saved: round 2 (<= 6 - ROUNDS_BACK) covers any checkpoint
+    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["client-3.r2.run1.safetensors"]
+    run2.save(3, 5, st(50))
+    run2.save(3, 7, st(99))  # keeps round 2, its newest of a round <= 7 - ROUNDS_BACK, and later
+    names = sorted(p.name for p in (tmp_path / "exp").iterdir())
+    assert names == ["client-3.r2.run1.safetensors", "client-3.r5.run2.safetensors", "client-3.r7.run2.safetensors"]
+    assert NodeStates(tmp_path, "other", run_id=2).load(3, 9) == {}  # per experiment
+
+
 def test_options_round_trip_overrides_and_errors():
     cfg = _cfg("flower-local", "fedavg", "local.lr_end=0.01")
     opts = AppOptions.for_experiment(cfg, out="/x", nodes=3)
@@ -204,11 +229,14 @@ def test_cli_flower_export(tmp_path):
     flower.register(parser.add_subparsers(dest="command"))
     exp = tmp_path / "exp.toml"
     exp.write_text('[federation]\nnum_clients = 4\nclients_per_round = 2\n[method]\nname = "zerofl"\nsparsity = 0.8\n')
-    args = parser.parse_args(["flower", "export", str(tmp_path / "app"), "--config", str(exp), "--nodes", "2"])
+    argv = ["flower", "export", str(tmp_path / "app"), "--config", str(exp), "--nodes", "2"]
+    args = parser.parse_args([*argv, "--client-states", "/var/lib/sparsefl"])
     assert args.func(args, Console(file=open(os.devnull, "w"))) == 0
     conf = tomllib.loads((tmp_path / "app" / "pyproject.toml").read_text())
-    cfg = AppOptions.from_run_config(conf["tool"]["flwr"]["app"]["config"]).experiment()
+    opts = AppOptions.from_run_config(conf["tool"]["flwr"]["app"]["config"])
+    cfg = opts.experiment()
     assert cfg.method.name == "zerofl" and cfg.federation.num_clients == 4
+    assert opts.client_states == "/var/lib/sparsefl"
 
 
 def test_core_does_not_import_flower():
@@ -246,10 +274,10 @@ class InProcessGrid:
     one ``Context`` (hence one ``context.state``) per node; nodes in ``dead`` never reply.
     A test aid pinned to flwr 1.41 (it sets message ids the way ``HttpGrid.push_messages`` does)."""
 
-    def __init__(self, run_config: dict, node_ids: list[int], dead: tuple[int, ...] = ()) -> None:
+    def __init__(self, run_config: dict, node_ids: list[int], dead: tuple[int, ...] = (), run_id: int = 1) -> None:
         from flwr.app import Context, RecordDict
 
-        self.contexts = {n: Context(1, n, {}, RecordDict(), run_config) for n in node_ids}
+        self.contexts = {n: Context(run_id, n, {}, RecordDict(), run_config) for n in node_ids}
         self.inbox: dict[str, object] = {}
         self.dead = set(dead)
         self.delivered: list[int] = []
@@ -336,6 +364,26 @@ def test_in_process_grid_matches_embedded_with_faults_and_shared_nodes(tmp_path,
             assert node_of_client(int(key.rsplit(".", 1)[1]), [11, 22]) == node
 
 
+@pytest.mark.parametrize("method", ["fedskel", "hidenseek"])
+def test_a_resumed_flower_run_keeps_client_state_on_the_nodes(tmp_path, task_identity, interrupted_run, method):
+    """A resumed Flower run is a new Flower run, with empty ``context.state``: the client states
+    come back from the nodes' state folder (``sparsefl-client-states``), so a stateful method
+    resumes exactly as the embedded engine does. Without the folder, it does not."""
+    extra = ["federation.rounds=4"]
+    emb = run_experiment(_cfg("embedded", method, *extra), tmp_path / "emb")
+    fl_cfg = _cfg("flower-local", method, *extra)
+    run_config = AppOptions.for_experiment(fl_cfg).to_run_config()
+    shas = {}
+    for kept in (True, False):
+        rc = {**run_config, "sparsefl-client-states": str(tmp_path / f"states-{kept}") if kept else ""}
+        out = tmp_path / f"fl-{kept}"
+        interrupted_run(fl_cfg, out, 3, engine=_engine(InProcessGrid(rc, [11, 22], run_id=1), fl_cfg))
+        resumed = _engine(InProcessGrid(rc, [11, 22], run_id=2), fl_cfg)  # a new Flower run
+        shas[kept] = run_experiment(fl_cfg, out, engine=resumed)["model_sha256"]
+    assert shas[True] == emb["model_sha256"]
+    assert shas[False] != emb["model_sha256"]  # what the folder is for
+
+
 def test_in_process_dead_node_and_config_mismatch_are_client_failures(tmp_path, task_identity):
     cfg = _cfg("flower-local")
     grid = InProcessGrid(AppOptions.for_experiment(cfg).to_run_config(), [5, 9], dead=(9,))
@@ -353,7 +401,9 @@ def test_in_process_dead_node_and_config_mismatch_are_client_failures(tmp_path, 
 
 
 # -- whole runs on Flower -----------------------------------------------------------------------------
-EQUIVALENCE_METHODS = ("fedavg", "zerofl")
+#: fedavg, zerofl (stateless clients) and fedskel (each client keeps its skeleton: the nodes
+#: write it to the run folder's flower-clients/, checked below)
+EQUIVALENCE_METHODS = ("fedavg", "zerofl", "fedskel")
 
 
 @pytest.fixture(scope="module")
@@ -415,6 +465,8 @@ def test_flower_sim_and_local_give_the_embedded_bits(flower_runs, method):
         assert (d / "mask.safetensors").read_bytes() == (tmp_path / "embedded" / "mask.safetensors").read_bytes()
         conf = json.loads((d / "config.json").read_text())
         assert {k for k in conf if conf[k] != ref_cfg[k]} == {"engine", "_config_hash"}
+        state_files = list((d / "flower-clients").glob("*/client-*.safetensors"))
+        assert bool(state_files) == (method == "fedskel"), name  # stateless clients write none
     assert ref_summary["failures_total"] == 0 and len(ref_metrics) == 2
 
     # flower-local: progress followed metrics.jsonl; time; processes

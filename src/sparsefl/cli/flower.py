@@ -45,6 +45,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         default=0.0,
         help="seconds to wait for replies in a round (0 = federation.client_timeout + 30 s, or 1 h)",
     )
+    e.add_argument(
+        "--client-states",
+        default="",
+        help="a folder on each node's file system for its clients' states, so that a resumed run finds "
+        "them (default: none; the states then live in Flower's per-run context.state)",
+    )
     e.add_argument("--name", default="sparsefl-app", help="the app's [project] name")
     p.set_defaults(func=run)
 
@@ -61,7 +67,13 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("--reply-timeout", args.reply_timeout, "a number >= 0")
     cfg = load_config(args.config, args.overrides)
     root = export_experiment(
-        args.dir, cfg, out=str(args.out), nodes=args.nodes, reply_timeout=args.reply_timeout, name=args.name
+        args.dir,
+        cfg,
+        out=str(args.out),
+        nodes=args.nodes,
+        reply_timeout=args.reply_timeout,
+        client_states=args.client_states,
+        name=args.name,
     )
     console.print(f"wrote the Flower app for {cfg.method.name} on {cfg.data.name} to {root}")
     console.print(f"run it with:  flwr run {root} <superlink-connection> --stream", highlight=False)

@@ -79,7 +79,8 @@ class RunFolder:
             "accuracy_vs_uplink.png",
         ):
             (self.path / name).unlink(missing_ok=True)
-        shutil.rmtree(self.path / "clients", ignore_errors=True)
+        for states in ("clients", "flower-clients"):
+            shutil.rmtree(self.path / states, ignore_errors=True)
 
     # -- metrics ----------------------------------------------------------------------------------
     def write_metrics(self, records: list[dict[str, Any]]) -> None:

@@ -2,11 +2,12 @@
 
 For each instruction it rebuilds the experiment from the run config (data, partition, model,
 method; cached per process, so a Ray actor builds it once), takes the addressed client's data
-partition and its state from the node's ``context.state``, runs
-:func:`sparsefl.fl.client.run_client` (the same code as the embedded engine, through the same
-failure wrapper) and replies with the encoded update. The client's new state goes back into
-``context.state``, which Flower keeps per node across the rounds of a run; a node hosts as many
-clients as map to it (``client mod N``), each under its own key.
+partition and its state, runs :func:`sparsefl.fl.client.run_client` (the same code as the
+embedded engine, through the same failure wrapper) and replies with the encoded update. The
+client's state lives in the node's ``context.state``, which Flower keeps per node across the
+rounds of one Flower run, or, with ``sparsefl-client-states``, in files on the node
+(:mod:`sparsefl.engines.flower.node_states`), which a resumed run (a new Flower run) finds
+again; a node hosts as many clients as map to it (``client mod N``), each under its own key.
 
 In a Deployment every message runs in a fresh ``flwr-clientapp`` process, so the cache does not
 help there; building the tiny experiments of the tests takes well under a second.
@@ -22,6 +23,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
+from sparsefl.engines.flower.node_states import NodeStates
 from sparsefl.engines.flower.options import AppOptions, experiment_sha
 from sparsefl.engines.flower.records import (
     ERROR_PREFIX,
@@ -65,10 +67,17 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, f"config mismatch: task of experiment {sha}, this ClientApp resolved {exp.sha}")
     b = exp.built
     cfg = b.cfg
-    state = load_state(context.state, task.client_id)
+    files = NodeStates(opts.client_states, exp.sha, context.run_id) if opts.client_states else None
+    if files is None:
+        state = load_state(context.state, task.client_id)
+    else:
+        state = files.load(task.client_id, task.round)
     data = ClientDataSource(b.data.x_train, b.data.y_train, b.split)
     out = execute_task(b.method, data, cfg.comm.up, cfg.seed, task, state)
     if isinstance(out, ClientFailure):
         return _error(msg, out.reason)
-    save_state(context.state, task.client_id, out.state)
+    if files is None:
+        save_state(context.state, task.client_id, out.state)
+    else:
+        files.save(task.client_id, task.round, out.state)
     return Message(result_content(out, cfg.comm.up), reply_to=msg)

@@ -458,7 +458,15 @@ def run_on_flower(
     if reply_grace is not None:
         opts_kw["reply_grace"] = float(reply_grace)
     opts = AppOptions.for_experiment(
-        cfg, out=str(out), nodes=n, node_wait=120.0, trace=str(Path(trace).resolve()) if trace else "", **opts_kw
+        cfg,
+        out=str(out),
+        nodes=n,
+        node_wait=120.0,
+        trace=str(Path(trace).resolve()) if trace else "",
+        # the nodes run on this machine: their client states sit in the run folder, where a
+        # resumed run (a new Flower run, with empty context.state) finds them
+        client_states=str(out / "flower-clients"),
+        **opts_kw,
     )
     opts.experiment()  # validate before anything starts
 

@@ -20,6 +20,8 @@ key                         meaning
 ``sparsefl-reply-grace``    automatic wait = ``federation.client_timeout`` + this (default 30 s)
 ``sparsefl-poll``           seconds between reply polls of the ServerApp (default 0.2)
 ``sparsefl-trace``          a JSONL file the ServerApp appends one line per message to ("" = off)
+``sparsefl-client-states``  a folder where each node also keeps its clients' states, one file per
+                            client and round ("" = off: ``context.state`` only, lost on resume)
 =========================== ========================================================================
 
 The default wait for replies: ``federation.client_timeout + sparsefl-reply-grace`` when
@@ -81,6 +83,10 @@ class AppOptions:
         Seconds between reply polls.
     trace:
         A JSONL file for one line per message (``""`` = none).
+    client_states:
+        A folder (on each node's file system) for the clients' states, so that a resumed run,
+        which is a new Flower run with an empty ``context.state``, finds them
+        (:mod:`sparsefl.engines.flower.client_app`); ``""`` = none.
     """
 
     config_json: str
@@ -92,6 +98,7 @@ class AppOptions:
     reply_grace: float = DEFAULT_REPLY_GRACE
     poll: float = 0.2
     trace: str = ""
+    client_states: str = ""
 
     def experiment(self) -> ExperimentConfig:
         """The experiment config: the JSON, then the overrides, validated."""
@@ -121,6 +128,7 @@ class AppOptions:
             f"{PREFIX}reply-grace": float(self.reply_grace),
             f"{PREFIX}poll": float(self.poll),
             f"{PREFIX}trace": self.trace,
+            f"{PREFIX}client-states": self.client_states,
         }
 
     @classmethod
@@ -155,6 +163,7 @@ class AppOptions:
             reply_grace=get("reply-grace", float, cls.reply_grace),
             poll=get("poll", float, cls.poll),
             trace=get("trace", str, cls.trace),
+            client_states=get("client-states", str, cls.client_states),
         )
         if opts.nodes < 1:
             raise ConfigError(f"{PREFIX}nodes", opts.nodes, "an integer >= 1")
