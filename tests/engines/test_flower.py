@@ -138,7 +138,7 @@ def test_client_state_round_trips_bit_for_bit():
 def test_node_state_files_follow_the_rounds_a_resumed_run_redoes(tmp_path):
     """Files of a redone round (another run, round >= the task's) are dropped; a re-sampled
     attempt of a round reads its own run's file of that round; old rounds are pruned."""
-    from sparsefl.engines.flower.node_states import NodeStates
+    from sparsefl.engines.flower.node_states import NodeStates, run_key
 
     st = lambda v: {"m": torch.full((2,), float(v))}  # noqa: E731
     run1 = NodeStates(tmp_path, "exp", run_id=1)
@@ -152,12 +152,20 @@ def test_node_state_files_follow_the_rounds_a_resumed_run_redoes(tmp_path):
     run2 = NodeStates(tmp_path, "exp", run_id=2)  # resumed from the checkpoint of round 4
     assert float(run2.load(3, 5)["m"][0]) == 2  # rounds 5 and 6 of run 1 are redone
     # round 1 went when round 6 was saved: round 2 (<= 6 - ROUNDS_BACK) covers any checkpoint
-    assert sorted(p.name for p in (tmp_path / "exp").iterdir()) == ["client-3.r2.run1.safetensors"]
+    assert sorted(p.name for p in (tmp_path / "exp" / "client-3").iterdir()) == ["r2.run1.safetensors"]
     run2.save(3, 5, st(50))
     run2.save(3, 7, st(99))  # keeps round 2, its newest of a round <= 7 - ROUNDS_BACK, and later
-    names = sorted(p.name for p in (tmp_path / "exp").iterdir())
-    assert names == ["client-3.r2.run1.safetensors", "client-3.r5.run2.safetensors", "client-3.r7.run2.safetensors"]
-    assert NodeStates(tmp_path, "other", run_id=2).load(3, 9) == {}  # per experiment
+    names = sorted(p.name for p in (tmp_path / "exp" / "client-3").iterdir())
+    assert names == ["r2.run1.safetensors", "r5.run2.safetensors", "r7.run2.safetensors"]
+    assert NodeStates(tmp_path, "other", run_id=2).load(3, 9) == {}  # per run key
+    # a late task of the interrupted run wrote round 7 too: this run's own file of a round wins
+    NodeStates(tmp_path, "exp", run_id=9).save(3, 7, st(-1))
+    assert float(run2.load(3, 8)["m"][0]) == 99
+    # a state whose keys share one tensor is stored (as copies)
+    shared = torch.ones(3)
+    run2.save(4, 1, {"a": shared, "b": shared})
+    assert run2.load(4, 2).keys() == {"a", "b"}
+    assert run_key("exp", "runs/a") != run_key("exp", "runs/b")  # two run folders keep apart
 
 
 def test_options_round_trip_overrides_and_errors():
@@ -465,7 +473,7 @@ def test_flower_sim_and_local_give_the_embedded_bits(flower_runs, method):
         assert (d / "mask.safetensors").read_bytes() == (tmp_path / "embedded" / "mask.safetensors").read_bytes()
         conf = json.loads((d / "config.json").read_text())
         assert {k for k in conf if conf[k] != ref_cfg[k]} == {"engine", "_config_hash"}
-        state_files = list((d / "flower-clients").glob("*/client-*.safetensors"))
+        state_files = list((d / "flower-clients").glob("*/client-*/*.safetensors"))
         assert bool(state_files) == (method == "fedskel"), name  # stateless clients write none
     assert ref_summary["failures_total"] == 0 and len(ref_metrics) == 2
 

@@ -23,7 +23,7 @@ from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from sparsefl.engines.flower.node_states import NodeStates
+from sparsefl.engines.flower.node_states import NodeStates, run_key
 from sparsefl.engines.flower.options import AppOptions, experiment_sha
 from sparsefl.engines.flower.records import (
     ERROR_PREFIX,
@@ -67,7 +67,8 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, f"config mismatch: task of experiment {sha}, this ClientApp resolved {exp.sha}")
     b = exp.built
     cfg = b.cfg
-    files = NodeStates(opts.client_states, exp.sha, context.run_id) if opts.client_states else None
+    key = run_key(exp.sha, opts.out)
+    files = NodeStates(opts.client_states, key, context.run_id) if opts.client_states else None
     if files is None:
         state = load_state(context.state, task.client_id)
     else:

@@ -20,8 +20,8 @@ key                         meaning
 ``sparsefl-reply-grace``    automatic wait = ``federation.client_timeout`` + this (default 30 s)
 ``sparsefl-poll``           seconds between reply polls of the ServerApp (default 0.2)
 ``sparsefl-trace``          a JSONL file the ServerApp appends one line per message to ("" = off)
-``sparsefl-client-states``  a folder where each node also keeps its clients' states, one file per
-                            client and round ("" = off: ``context.state`` only, lost on resume)
+``sparsefl-client-states``  a folder where each node keeps its clients' states, files per client
+                            and round ("" = off: ``context.state``, lost on resume)
 =========================== ========================================================================
 
 The default wait for replies: ``federation.client_timeout + sparsefl-reply-grace`` when
