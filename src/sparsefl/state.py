@@ -105,3 +105,20 @@ def _failpoint(name: str, f, data: bytes) -> None:  # type: ignore[no-untyped-de
 def atomic_write_text(path: str | Path, text: str) -> None:
     """:func:`atomic_write_bytes` for UTF-8 text."""
     atomic_write_bytes(path, text.encode("utf-8"))
+
+
+def write_state_file(path: str | Path, state: Mapping[str, torch.Tensor]) -> None:
+    """Write a state dict (a client's state) as safetensors, atomically. The tensors are written
+    from contiguous copies, so keys that share one tensor are stored too (safetensors refuses
+    tensors that share memory)."""
+    from safetensors.torch import save
+
+    copies = {k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()}
+    atomic_write_bytes(path, save(copies))
+
+
+def read_state_file(path: str | Path) -> StateDict:
+    """The state dict :func:`write_state_file` wrote."""
+    from safetensors.torch import load_file
+
+    return load_file(str(path))

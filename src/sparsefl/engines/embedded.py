@@ -33,6 +33,7 @@ from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTa
 from sparsefl.fl.server import ClientFailure, ResultCallback
 from sparsefl.methods.base import Method
 from sparsefl.orphans import exit_with_parent
+from sparsefl.state import read_state_file, write_state_file
 
 
 class ClientStateStore:
@@ -60,19 +61,13 @@ class ClientStateStore:
             return dict(self._mem.get(cid, {}))
         if cid not in self._version:
             return {}
-        from safetensors.torch import load_file
-
-        return load_file(str(self._path(cid, self._version[cid])))
+        return read_state_file(self._path(cid, self._version[cid]))
 
     def put(self, cid: int, state: ClientState, rnd: int) -> None:
         if self.folder is None:
             self._mem[cid] = dict(state)
             return
-        from safetensors.torch import save
-
-        from sparsefl.state import atomic_write_bytes
-
-        atomic_write_bytes(self._path(cid, rnd), save({k: v.contiguous() for k, v in state.items()}))
+        write_state_file(self._path(cid, rnd), state)
         self._version[cid] = rnd
 
     def versions(self) -> dict[int, int]:

@@ -22,9 +22,9 @@ The round
    This runs on the layers' own autograd (:func:`swat`): each step the layer computes with a
    fresh leaf tensor holding ``W~``, whose gradient (dense) moves to ``W`` after the backward
    (:meth:`ZeroFLHooks.after_backward`), and a saved-tensor hook hands the layer's backward ``X~``
-   where it saved ``x``. :class:`ZeroFLHooks`
-   installs it by replacing the *instance's* ``forward`` for the duration of local training only;
-   :meth:`ZeroFLHooks.close` restores it (the user's classes and parameters are never modified).
+   where it saved ``x``. :class:`ZeroFLHooks` installs it by replacing the *instance's*
+   ``forward`` for the duration of local training only; :meth:`ZeroFLHooks.close` restores it
+   (the user's classes and parameters are never modified).
 3. **Upload** (``method.upload``), per sparsified layer, the top ``min(1, 1 - sparsity + mask_ratio)``
    fraction of the layer (paper: sp 0.9, r_mask 0.1 -> top 20%; r_mask 0 -> exactly SWAT's active
    set):

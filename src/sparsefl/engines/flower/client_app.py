@@ -67,8 +67,7 @@ def train(msg: Message, context: Context) -> Message:
         return _error(msg, f"config mismatch: task of experiment {sha}, this ClientApp resolved {exp.sha}")
     b = exp.built
     cfg = b.cfg
-    key = run_key(exp.sha, opts.out)
-    files = NodeStates(opts.client_states, key, context.run_id) if opts.client_states else None
+    files = NodeStates(opts.client_states, run_key(exp.sha, opts.out), context.run_id) if opts.client_states else None
     if files is None:
         state = load_state(context.state, task.client_id)
     else:

@@ -27,10 +27,8 @@ import hashlib
 import re
 from pathlib import Path
 
-import torch
-
 from sparsefl.fl.messages import ClientState
-from sparsefl.state import atomic_write_bytes
+from sparsefl.state import read_state_file, write_state_file
 
 #: Rounds a node keeps each client's files for (see the module docstring).
 ROUNDS_BACK = 4
@@ -73,22 +71,16 @@ class NodeStates:
                 p.unlink(missing_ok=True)
         if not usable:
             return {}
-        from safetensors.torch import load_file
-
-        return load_file(str(max(usable)[2]))
+        return read_state_file(max(usable)[2])
 
     def save(self, cid: int, rnd: int, state: ClientState) -> None:
         """Store client ``cid``'s state after its task of round ``rnd``; drop the files no
         checkpoint the server may resume from can need."""
-        from safetensors.torch import save
-
         if not state and not self._files(cid):
             return  # a stateless method: nothing to keep
         d = self.folder / f"client-{cid}"
         d.mkdir(parents=True, exist_ok=True)
-        # copies: safetensors refuses tensors that share memory (two keys, one tensor)
-        data = save({k: v.detach().clone(memory_format=torch.contiguous_format) for k, v in state.items()})
-        atomic_write_bytes(d / f"r{rnd}.run{self.run_id}.safetensors", data)
+        write_state_file(d / f"r{rnd}.run{self.run_id}.safetensors", state)
         files = self._files(cid)
         old = [r for r, _, _ in files if r <= rnd - ROUNDS_BACK]
         if old:
