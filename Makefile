@@ -1,6 +1,6 @@
 # Two commands set everything up on a fresh machine:
 #   make run    creates .venv (torch 2.13.0 CPU wheel first), installs sparsefl, runs the default experiment
-#   make test   same setup, then the whole test suite
+#   make test   same setup, then the import-layer contracts and the whole test suite
 PYTHON ?= python3
 VENV   ?= .venv
 PY     := $(VENV)/bin/python
@@ -21,6 +21,7 @@ run: setup
 	$(VENV)/bin/sparsefl run --out $(OUT)
 
 test: setup
+	$(VENV)/bin/lint-imports
 	$(PY) -m pytest
 
 test-slow: setup

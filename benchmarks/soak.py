@@ -24,8 +24,8 @@ import time
 from pathlib import Path
 
 from sparsefl.config import load_config
-from sparsefl.fl.faults import draw_fault
-from sparsefl.fl.sampling import sample_clients
+from sparsefl.protocol.faults import draw_fault
+from sparsefl.protocol.sampling import sample_clients
 
 FAULTS = ["faults.crash_prob=0.3", "faults.nan_prob=0.1", "faults.corrupt_prob=0.1"]
 REASON = {"crash": "crashed", "nan": "decode", "corrupt": "decode"}

@@ -54,8 +54,6 @@ sys.path.insert(0, str(ROOT / "src"))
 
 from sparsefl.accounting import profile_model  # noqa: E402
 from sparsefl.config import ModelConfig  # noqa: E402
-from sparsefl.fl.client import train_step  # noqa: E402
-from sparsefl.fl.sgd import SGD  # noqa: E402
 from sparsefl.kernels.skeleton import SkeletonConvFn  # noqa: E402
 from sparsefl.masks import default_scope  # noqa: E402
 from sparsefl.methods.base import LocalHooks  # noqa: E402
@@ -64,6 +62,8 @@ from sparsefl.methods.hidenseek import HideNseekConfig, SignSupermaskHooks, tens
 from sparsefl.methods.static_mask import StaticMaskHooks  # noqa: E402
 from sparsefl.methods.zerofl import ZeroFLConfig, ZeroFLHooks, sparse_scope  # noqa: E402
 from sparsefl.models import build_model  # noqa: E402
+from sparsefl.runtime.client import train_step  # noqa: E402
+from sparsefl.runtime.sgd import SGD  # noqa: E402
 
 SHAPE = (3, 32, 32)
 BATCH = 32
@@ -111,7 +111,7 @@ def table(title: str, res: dict, extra: dict | None = None) -> None:
 
 # ---------------------------------------------------------------------------------------- steps
 def make_step(hooks: LocalHooks, x: torch.Tensor, y: torch.Tensor, bf16: bool = False) -> Callable[[], None]:
-    """One step of ``train_local`` (:func:`sparsefl.fl.client.train_step`) with ``hooks``."""
+    """One step of ``train_local`` (:func:`sparsefl.runtime.client.train_step`) with ``hooks``."""
     opt = SGD(hooks.parameters(), lr=0.01, momentum=0.9, weight_decay=5e-4)
     hooks.model.train()
     state = {"step": 0}

@@ -35,7 +35,7 @@ def interrupted_run():
     if given) and stop it with KeyboardInterrupt as round ``at`` starts, as a crash would
     (rounds before it are checkpointed)."""
     from sparsefl.experiment.runner import run_experiment
-    from sparsefl.fl.server import Server
+    from sparsefl.runtime.server import Server
 
     def run(cfg, out, at: int, engine=None) -> None:  # type: ignore[no-untyped-def]
         real = Server.train_round

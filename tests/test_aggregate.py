@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 
 from sparsefl.comm import Update
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.sampling import round_lr, sample_clients
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.sampling import round_lr, sample_clients
 
 
 def _u(vals, sent=None):

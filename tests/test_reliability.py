@@ -14,9 +14,9 @@ import pytest
 from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.faults import KINDS, draw_fault
-from sparsefl.fl.server import RoundFailed, Server
-from sparsefl.methods.base import Received
+from sparsefl.protocol.faults import KINDS, draw_fault
+from sparsefl.protocol.messages import Received
+from sparsefl.runtime.server import RoundFailed, Server
 
 TINY = [
     "federation.num_clients=6",
@@ -43,7 +43,7 @@ def test_injected_faults_are_dropped_and_accounted_for(tmp_path):
     for r in rows:
         attempts = {f["attempt"] for f in r["failures"]} | {0}
         for a in range(max(attempts) + 1):
-            from sparsefl.fl.sampling import sample_clients
+            from sparsefl.protocol.sampling import sample_clients
 
             for c in sample_clients(cfg.seed, r["round"], 6, 3, a):
                 k = draw_fault(cfg.faults, cfg.seed, r["round"], a, c)

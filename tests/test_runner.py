@@ -17,7 +17,8 @@ from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import RunFolderError
 from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.server import Server
+from sparsefl.runtime import client as client_runtime
+from sparsefl.runtime.server import Server
 
 TINY = [
     "federation.num_clients=6",
@@ -99,13 +100,13 @@ def test_uplink_and_downlink_bytes_are_the_real_payload_lengths():
     seen = {"up": 0, "down": 0}
 
     class Recording(EmbeddedEngine):
-        def run(self, tasks):  # an engine without on_result: the server decodes after run()
+        def run(self, tasks, on_result=None):  # reports nothing: the server decodes after run()
             seen["down"] += sum(len(t.payload) for t in tasks)
             outs = super().run(tasks)
             seen["up"] += sum(len(o.payload) for o in outs)
             return outs
 
-    eng = Recording(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed)
+    eng = Recording(b.method, b.data.x_train, b.data.y_train, b.split)
     server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
     state = b.method.init_state(dict(b.spec.build().state_dict()))
     _, rec = server.run_round(state, 1)
@@ -197,7 +198,7 @@ def test_worker_processes_give_the_same_bits(tmp_path):
 def _rounds(cfg, engine_jobs, wait, rounds=3):
     """Run ``rounds`` rounds on an engine of ``engine_jobs``; returns (final params, engine)."""
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, engine_jobs)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, engine_jobs)
     try:
         if wait:
             assert eng.wait_ready()
@@ -213,7 +214,7 @@ def _rounds(cfg, engine_jobs, wait, rounds=3):
 def _engine_and_server(cfg, jobs):
     """An engine of ``jobs`` (its workers up), a server on it, and the initial state."""
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, jobs)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, jobs)
     assert jobs == 1 or eng.wait_ready()
     server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
     proxy = (b.data.x_train[:256], b.data.y_train[:256])
@@ -244,7 +245,7 @@ def test_tasks_start_largest_first():
     order), so the small ones fill the gaps at the end of the round."""
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, 2)
     server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
     state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
     tasks = server.make_tasks(state, 1, [5, 0, 3, 1, 4, 2])
@@ -287,7 +288,7 @@ def test_a_task_the_pool_refuses_runs_in_this_process(monkeypatch):
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=6"])
     one, _ = _rounds(cfg, 1, wait=False, rounds=1)
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 2)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, 2)
     try:
         assert eng.wait_ready()
         pool = eng._pool
@@ -317,12 +318,12 @@ def test_a_worker_that_dies_fails_its_task_and_the_pool_restarts(monkeypatch, ho
     parent = os.getpid()
     real = embedded.execute_task
 
-    def dying(method, data, comm_up, seed, task, state):  # type: ignore[no-untyped-def]
+    def dying(method, data, task, state):  # type: ignore[no-untyped-def]
         if os.getpid() != parent and task.round == 1:
             if holding_lock:
                 embedded._W["claims"].get_lock().acquire()
             os._exit(3)
-        return real(method, data, comm_up, seed, task, state)
+        return real(method, data, task, state)
 
     monkeypatch.setattr(embedded, "execute_task", dying)  # forked workers inherit it
     monkeypatch.setattr(embedded, "forks", lambda threads: True)
@@ -402,7 +403,7 @@ def test_pipelined_round_ends_record_what_the_serial_loop_computes(tmp_path):
     run_experiment(cfg, tmp_path / "run")
     got = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split)
     server = Server(cfg, b.method, eng, b.data.x_test, b.data.y_test)
     state = b.method.init_state(dict(b.spec.build().state_dict()), (b.data.x_train[:256], b.data.y_train[:256]))
     timed = {"client_seconds", "round_seconds", "eval_seconds", "seconds"}
@@ -460,7 +461,7 @@ def test_disk_state_commit_keeps_what_its_checkpoint_needs(tmp_path):
 def test_engines_report_every_outcome_once_as_it_is_done(jobs):
     cfg = load_config(overrides=[*TINY, "federation.clients_per_round=5"])
     b = build(cfg)
-    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, jobs)
+    eng = EmbeddedEngine(b.method, b.data.x_train, b.data.y_train, b.split, jobs)
     try:
         if jobs > 1:
             assert eng.wait_ready()
@@ -524,22 +525,23 @@ def test_force_removes_every_file_of_the_previous_run(tmp_path):
 
 def test_client_data_is_gathered_once_per_client_when_the_training_set_is_small(monkeypatch, tmp_path) -> None:
     """A small training set has each client's share kept after its first task (the same
-    tensors every round); above embedded.KEEP_CLIENT_DATA_BYTES it is gathered per task. Either
+    tensors every round); above KEEP_CLIENT_DATA_BYTES it is gathered per task. Either
     way a client gets exactly its rows, and a run gives the same bits."""
     b = build(load_config(None, ["data.val_fraction=0.2"]), None)
-    kept = embedded.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
-    monkeypatch.setattr(embedded, "KEEP_CLIENT_DATA_BYTES", 0)
-    fresh = embedded.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
+    kept = client_runtime.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
+    monkeypatch.setattr(client_runtime, "KEEP_CLIENT_DATA_BYTES", 0)
+    fresh = client_runtime.ClientDataSource(b.data.x_train, b.data.y_train, b.split)
     assert kept.keep and not fresh.keep
     for cid in (0, 3):
         idx, vidx = (torch.from_numpy(s[cid]) for s in (b.split.train, b.split.val))
         a, again, f = kept(cid), kept(cid), fresh(cid)
         assert a is again and f is not fresh(cid)
+        assert kept.gathers == (1 if cid == 0 else 2)  # a kept share is gathered once
         for d in (a, f):
             assert torch.equal(d.x, b.data.x_train[idx]) and torch.equal(d.y, b.data.y_train[idx])
             assert d.x_val is not None and torch.equal(d.x_val, b.data.x_train[vidx]) and len(vidx)
     shas = []
     for limit in (0, 1 << 30):
-        monkeypatch.setattr(embedded, "KEEP_CLIENT_DATA_BYTES", limit)
+        monkeypatch.setattr(client_runtime, "KEEP_CLIENT_DATA_BYTES", limit)
         shas.append(run_experiment(load_config(None, ["federation.rounds=3"]), tmp_path / str(limit))["model_sha256"])
     assert shas[0] == shas[1]

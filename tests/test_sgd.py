@@ -8,7 +8,7 @@ import sys
 import pytest
 import torch
 
-from sparsefl.fl.sgd import SGD
+from sparsefl.runtime.sgd import SGD
 
 
 @pytest.mark.parametrize("momentum,wd", [(0.9, 5e-4), (0.0, 0.0), (0.5, 0.0), (0.0, 1e-3)])
@@ -42,7 +42,7 @@ def test_bad_hyperparameters_are_named() -> None:
 def test_training_a_client_does_not_import_the_compiler() -> None:
     code = (
         "import sys, torch\n"
-        "from sparsefl.fl.sgd import SGD\n"
+        "from sparsefl.runtime.sgd import SGD\n"
         "p = torch.nn.Parameter(torch.zeros(3)); o = SGD([p], lr=0.1, momentum=0.9)\n"
         "p.grad = torch.ones(3); o.step()\n"
         "assert 'torch._dynamo' not in sys.modules\n"

@@ -8,7 +8,8 @@ from sparsefl import comm, data, methods, models, pruning  # noqa: F401  (fill t
 from sparsefl.config import ExperimentConfig, load_config
 from sparsefl.errors import ConfigError, DataError, DecodeError, RunFolderError, SparseflError
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import Method, ServerState
+from sparsefl.methods.base import Method
+from sparsefl.protocol.messages import ServerState
 from sparsefl.pruning import prune
 from sparsefl.state import state_sha256
 
@@ -17,11 +18,11 @@ def run(cfg: ExperimentConfig, out: str, *, model=None, force: bool = False) -> 
     """Run an experiment into the folder ``out``; return its summary (see ``summary.json``).
 
     ``model`` may be any ``nn.Module`` taking the dataset's input shape; by default the model
-    named in ``cfg.model`` is built.
+    named in ``cfg.model`` is built. The run uses the engine ``cfg.engine`` names.
     """
-    from sparsefl.experiment.runner import run_experiment
+    from sparsefl.apps import run as run_on_engine
 
-    return run_experiment(cfg, out, model=model, force=force)
+    return run_on_engine(cfg, out, model=model, force=force)
 
 
 __all__ = [

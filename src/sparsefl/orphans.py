@@ -22,18 +22,32 @@ from pathlib import Path
 POLL_SECONDS = 1.0
 
 
-def alive(pid: int) -> bool:
-    """Whether process ``pid`` exists and has not exited (a zombie has exited)."""
+def proc_stat(pid: int) -> tuple[int, int] | None:
+    """(parent pid, start time in clock ticks) of a live, non-zombie process from ``/proc``;
+    None when it has exited or there is no ``/proc``."""
     try:
+        raw = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return None
+    rest = raw[raw.rfind(")") + 2 :].split()
+    if rest[0] in ("Z", "X"):
+        return None
+    return int(rest[1]), int(rest[19])
+
+
+def alive(pid: int, start: int | None = None) -> bool:
+    """Whether process ``pid`` exists and has not exited (a zombie has exited); with ``start``
+    (clock ticks, :func:`proc_stat`), whether it is still the process that started then."""
+    if Path("/proc/self/stat").exists():
+        st = proc_stat(pid)
+        return st is not None and (start is None or st[1] == start)
+    try:  # no /proc: existence is all we can tell
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    try:
-        return "\nState:\tZ" not in Path(f"/proc/{pid}/status").read_text()
-    except OSError:
-        return True  # no /proc: existence is all we can tell
+    return True
 
 
 def exit_with_parent(owner: int | None = None, poll: float = POLL_SECONDS) -> None:
@@ -50,4 +64,4 @@ def exit_with_parent(owner: int | None = None, poll: float = POLL_SECONDS) -> No
     threading.Thread(target=watch, name="sparsefl-exit-with-parent", daemon=True).start()
 
 
-__all__ = ["alive", "exit_with_parent"]
+__all__ = ["alive", "exit_with_parent", "proc_stat"]

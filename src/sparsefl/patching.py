@@ -1,4 +1,4 @@
-"""Temporary replacement of module instances' ``forward`` (DESIGN principle 8).
+"""Temporary replacement of module instances' ``forward``, so the user's model is left as it was.
 
 Methods and kernels that change how a layer computes during local training (SWAT's sparse
 products, the compact skeleton backward, CSR Linear layers) replace the ``forward`` of that

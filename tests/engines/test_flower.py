@@ -22,12 +22,13 @@ import torch
 
 pytest.importorskip("flwr")
 
+import sparsefl  # noqa: E402
+from sparsefl.apps.flower import FlowerRunError, LocalFederation, run_on_flower  # noqa: E402
+from sparsefl.apps.flower.export import export_experiment, toml_value  # noqa: E402
+from sparsefl.apps.flower.launch import descendants  # noqa: E402
+from sparsefl.apps.flower.options import AppOptions, default_nodes  # noqa: E402
 from sparsefl.config import load_config, to_dict  # noqa: E402
-from sparsefl.engines.flower import FlowerRunError, LocalFederation, run_on_flower  # noqa: E402
-from sparsefl.engines.flower.engine import FlowerEngine, serialized_bytes  # noqa: E402
-from sparsefl.engines.flower.export import export_experiment, toml_value  # noqa: E402
-from sparsefl.engines.flower.launch import alive, descendants  # noqa: E402
-from sparsefl.engines.flower.options import AppOptions, default_nodes, node_of_client  # noqa: E402
+from sparsefl.engines.flower.engine import FlowerEngine, node_of_client, serialized_bytes  # noqa: E402
 from sparsefl.engines.flower.records import (  # noqa: E402
     DOWN,
     UP,
@@ -40,7 +41,8 @@ from sparsefl.engines.flower.records import (  # noqa: E402
 )
 from sparsefl.errors import ConfigError  # noqa: E402
 from sparsefl.experiment.runner import run_experiment  # noqa: E402
-from sparsefl.fl.messages import ClientResult, ClientTask  # noqa: E402
+from sparsefl.orphans import alive  # noqa: E402
+from sparsefl.protocol.messages import ClientResult, ClientTask  # noqa: E402
 from sparsefl.registry import METHODS  # noqa: E402
 
 TINY = [
@@ -138,7 +140,7 @@ def test_client_state_round_trips_bit_for_bit():
 def test_node_state_files_follow_the_rounds_a_resumed_run_redoes(tmp_path):
     """Files of a redone round (another run, round >= the task's) are dropped; a re-sampled
     attempt of a round reads its own run's file of that round; old rounds are pruned."""
-    from sparsefl.engines.flower.node_states import NodeStates, run_key
+    from sparsefl.apps.flower.node_states import NodeStates, run_key
 
     st = lambda v: {"m": torch.full((2,), float(v))}  # noqa: E731
     run1 = NodeStates(tmp_path, "exp", run_id=1)
@@ -250,16 +252,15 @@ def test_cli_flower_export(tmp_path):
 def test_core_does_not_import_flower():
     code = (
         "import sys, sparsefl, sparsefl.experiment.runner, sparsefl.engines.flower, "
-        "sparsefl.engines.flower.export, sparsefl.cli.flower; "
+        "sparsefl.apps.flower.export, sparsefl.cli.flower; "
         "assert not [m for m in sys.modules if m == 'flwr' or m.startswith('flwr.')], 'flwr imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
 
 
 def test_serverapp_errors_come_back_as_one_line():
-    from sparsefl.engines.flower import launch, server_app
+    from sparsefl.apps.flower import launch
 
-    assert (launch.RESULT_MARK, launch.ERROR_MARK) == (server_app.RESULT_MARK, server_app.ERROR_MARK)
     log = (
         "\x1b[92mINFO \x1b[0m:      sparsefl: round 1 acc 0.5 failures 0\n"
         '\x1b[91mERROR \x1b[0m:     sparsefl-error {"type": "RoundFailed", "message": "round 2: too few"}\n'
@@ -302,7 +303,7 @@ class InProcessGrid:
         return ids
 
     def pull_messages(self, message_ids):
-        from sparsefl.engines.flower.client_app import app
+        from sparsefl.apps.flower.client_app import app
 
         out = []
         for mid in message_ids:
@@ -327,7 +328,7 @@ def task_identity():
 
 
 def _engine(grid: InProcessGrid, cfg, **kw) -> FlowerEngine:
-    from sparsefl.engines.flower.options import experiment_sha
+    from sparsefl.apps.flower.options import experiment_sha
 
     kw.setdefault("reply_timeout", 30.0)
     return FlowerEngine(
@@ -370,6 +371,34 @@ def test_in_process_grid_matches_embedded_with_faults_and_shared_nodes(tmp_path,
     for node, ctx in grid.contexts.items():
         for key in ctx.state.array_records:
             assert node_of_client(int(key.rsplit(".", 1)[1]), [11, 22]) == node
+
+
+def test_clientapp_keeps_client_data_and_carries_task_settings(tmp_path, task_identity):
+    """The ClientApp builds its experiment, and its clients' data shares, once per process: over
+    a run, each client's share is gathered once however many tasks it gets. The server's
+    per-task settings travel in the instruction (a client-scored static mask names its scoring
+    client there), and the run gives the embedded engine's bits."""
+    from sparsefl.apps.flower import client_app
+
+    extra = ["federation.num_clients=5", "federation.clients_per_round=3", "federation.rounds=4"]
+    extra += ["method.sparsity=0.9", "method.criterion=snip", "method.score_source=client"]
+    emb = run_experiment(_cfg("embedded", "static_mask", *extra), tmp_path / "emb")
+    cfg = _cfg("flower-local", "static_mask", *extra)
+    client_app._experiment.cache_clear()
+    grid = InProcessGrid(AppOptions.for_experiment(cfg).to_run_config(), [11, 22])
+    fl = run_experiment(cfg, tmp_path / "fl", engine=_engine(grid, cfg))
+    assert fl["model_sha256"] == emb["model_sha256"]
+    tasks = sum(len(r["clients"]) + len(r["failures"]) for r in _metrics(tmp_path / "fl"))
+    participants = {c["id"] for r in _metrics(tmp_path / "fl") for c in r["clients"]}
+    info = client_app._experiment.cache_info()
+    assert (info.misses, info.hits) == (1, tasks - 1)
+    source = client_app._experiment(*_options_key(cfg)).data
+    assert source.gathers == len(participants) < tasks
+
+
+def _options_key(cfg) -> tuple[str, str]:
+    opts = AppOptions.from_run_config(AppOptions.for_experiment(cfg).to_run_config())
+    return opts.config_json, opts.overrides
 
 
 @pytest.mark.parametrize("method", ["fedskel", "hidenseek"])
@@ -445,7 +474,7 @@ def flower_runs(tmp_path_factory):
         futures = {m: pool.submit(local, m) for m in methods}
         for m in methods:
             emb = run_experiment(_cfg("embedded", m), root / m / "embedded")
-            sim = run_experiment(_cfg("flower-sim", m), root / m / "sim")  # through the runner's dispatch
+            sim = sparsefl.run(_cfg("flower-sim", m), str(root / m / "sim"))  # through the engine dispatch
             out[m] = (root / m, emb, sim)
         return {m: (*out[m], futures[m].result()) for m in methods}
 

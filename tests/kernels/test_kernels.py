@@ -13,8 +13,6 @@ from torch import nn
 
 from sparsefl.accounting import profile_model
 from sparsefl.config import ModelConfig
-from sparsefl.fl.client import train_step
-from sparsefl.fl.sgd import SGD
 from sparsefl.kernels import choice
 from sparsefl.kernels.masked import CsrLinears
 from sparsefl.kernels.skeleton import (
@@ -29,6 +27,8 @@ from sparsefl.kernels.structured import compact, expand
 from sparsefl.methods.fedskel import SkeletonHooks, skeleton_layers
 from sparsefl.methods.static_mask import StaticMaskHooks
 from sparsefl.models import build_model
+from sparsefl.runtime.client import train_step
+from sparsefl.runtime.sgd import SGD
 
 
 def _keep(c: int, k: int, seed: int = 0) -> torch.Tensor:

@@ -13,9 +13,9 @@ from sparsefl.comm import decode_update, encode_update
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.client import param_spec, run_client
-from sparsefl.fl.messages import ClientData, ClientTask
 from sparsefl.methods.bn_only import split_tensors
+from sparsefl.protocol.messages import ClientData, ClientTask
+from sparsefl.runtime.client import param_spec, run_client
 
 TINY = ["federation.num_clients=6", "federation.clients_per_round=3", "data.min_samples=5"]
 BN = {"bn1.weight", "bn1.bias", "bn2.weight", "bn2.bias"}
@@ -49,7 +49,7 @@ def test_client_round_uploads_only_bn_and_freezes_the_rest():
     task = ClientTask(1, 0, encode_update(m.broadcast(state), "auto"), 0.1, setup)
     idx = torch.as_tensor(b.split.train[0])
     data = ClientData(b.data.x_train[idx], b.data.y_train[idx])
-    res = run_client(task, m, data, {}, "auto", 0)
+    res = run_client(task, m, data, {})
     up = decode_update(res.payload, spec)
     assert set(up.values) == BN | STATS | {"fc2.weight", "fc2.bias"}
     assert not torch.equal(up.values["bn1.weight"], state.params["bn1.weight"])  # it trained
@@ -60,7 +60,7 @@ def test_client_round_uploads_only_bn_and_freezes_the_rest():
     assert res.flops == pytest.approx(per * int(res.flops_dense / prof.dense_train()))
     # the next round (no setup) still works from the client's stored frozen tensors
     task2 = ClientTask(2, 0, encode_update(m.broadcast(state), "auto"), 0.1, None)
-    assert run_client(task2, m, data, res.state, "auto", 0).num_examples == len(idx)
+    assert run_client(task2, m, data, res.state).num_examples == len(idx)
 
 
 @pytest.mark.parametrize(

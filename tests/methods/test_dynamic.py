@@ -14,8 +14,6 @@ from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import run_experiment
-from sparsefl.fl.client import train_local
-from sparsefl.methods.base import LocalContext, ModelSpec, Received, ServerState
 from sparsefl.methods.dynamic import (
     Dynamic,
     DynamicConfig,
@@ -25,9 +23,11 @@ from sparsefl.methods.dynamic import (
     keep_count,
     steps_per_epoch,
 )
-from sparsefl.models import build_model
+from sparsefl.models import ModelSpec, build_model
 from sparsefl.models.nets import ResNet
+from sparsefl.protocol.messages import LocalContext, Received, ServerState
 from sparsefl.rng import torch_gen
+from sparsefl.runtime.client import train_local
 
 torch.set_num_threads(1)
 SHAPE = (1, 8, 8)

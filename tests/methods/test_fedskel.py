@@ -14,8 +14,6 @@ from sparsefl.comm import Update
 from sparsefl.config import LocalConfig, load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.client import train_local
-from sparsefl.methods.base import LocalContext, Received, ServerState
 from sparsefl.methods.fedskel import (
     SkeletonHooks,
     assign_tiers,
@@ -24,7 +22,9 @@ from sparsefl.methods.fedskel import (
     skeleton_layers,
 )
 from sparsefl.models.nets import CNN
+from sparsefl.protocol.messages import LocalContext, Received, ServerState
 from sparsefl.rng import torch_gen
+from sparsefl.runtime.client import train_local
 
 TINY = ["federation.num_clients=6", "federation.clients_per_round=3", "federation.rounds=3", "data.min_samples=5"]
 

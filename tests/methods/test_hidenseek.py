@@ -13,12 +13,14 @@ import sparsefl  # noqa: F401  (fills the registries)
 from sparsefl.accounting import profile_model
 from sparsefl.comm import Update, decode_update, describe, encode_update, spec_of
 from sparsefl.config import load_config
-from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine
+from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.server import Server
-from sparsefl.methods.base import LocalContext, ModelSpec, Received, ServerState
 from sparsefl.methods.hidenseek import HideNseek, HideNseekConfig, hard_sign, sign_ste, sign_vote
+from sparsefl.models import ModelSpec
+from sparsefl.protocol.messages import KNOWN, LocalContext, Received, ServerState
+from sparsefl.runtime.server import Server
+from sparsefl.runtime.store import ClientStateStore
 from sparsefl.state import clone_state
 
 # ------------------------------------------------------------------------------------------------
@@ -44,6 +46,11 @@ class Tiny(nn.Module):
 SCOPE = ["conv1.weight", "fc1.weight", "fc2.weight"]
 
 
+def server_known(m: HideNseek, state: ServerState) -> dict:
+    """The masks the server shares with every client: those of the setup payload."""
+    return m.known_masks(m.setup_payload(state))  # type: ignore[arg-type]
+
+
 def make_method(*overrides: str) -> HideNseek:
     torch.manual_seed(0)
     model = Tiny()
@@ -55,13 +62,14 @@ def make_method(*overrides: str) -> HideNseek:
 def client_round(m: HideNseek, state: ServerState, cs: dict, cid: int = 0, rnd: int = 1, n: int = 16):
     """One client's local round by hand, through the real codecs (setup, downlink, upload)."""
     spec = spec_of(m.spec.template.state_dict())
-    if "mask/conv1.weight" not in cs:
+    setup = None
+    if KNOWN + "conv1.weight" not in cs:  # the first participation: the runtime keeps the known masks
         setup = decode_update(encode_update(m.setup_payload(state), "auto"), spec)  # type: ignore[arg-type]
-        cs = m.on_setup(setup, cs)
-    known = m.client_known_masks(cs)
-    down = decode_update(encode_update(m.broadcast(state), "auto", known=m.known_masks(state)), spec, known=known)
+        cs = {**cs, **{KNOWN + k: v for k, v in m.known_masks(setup).items()}}
+    known = {k[len(KNOWN) :]: v for k, v in cs.items() if k.startswith(KNOWN)}
+    down = decode_update(encode_update(m.broadcast(state), "auto", known=server_known(m, state)), spec, known=known)
     model = m.new_model()
-    cs = m.receive(model, down, cs)
+    cs = m.receive(model, down, cs, setup)
     ctx = LocalContext(cid, rnd, 0.05, 0, m.experiment.local, n)
     hooks = m.hooks(model, cs, ctx)
     g = torch.Generator().manual_seed(cid * 100 + rnd)
@@ -134,9 +142,9 @@ def test_hooks_forward_is_functional_and_model_left_as_it_was() -> None:
 def test_kept_position_scores_train_exactly_like_every_position(ste: str) -> None:
     """The fast hooks (scores only at the kept positions) give the same kept scores, gradients and
     model outputs as training a score at every position."""
-    from sparsefl.fl.client import train_step
-    from sparsefl.fl.sgd import SGD
     from sparsefl.methods.hidenseek import SignSupermaskHooks, tensor_roles
+    from sparsefl.runtime.client import train_step
+    from sparsefl.runtime.sgd import SGD
 
     m = make_method("method.sparsity=0.7", f"method.ste={ste}", "method.ste_clip=0.6")
     state = m.init_state(clone_state(m.spec.build().state_dict()))
@@ -179,7 +187,7 @@ def test_sign_upload_decodes_exactly_and_costs_one_bit_per_kept_weight() -> None
     state = m.init_state(clone_state(m.spec.build().state_dict()))
     _, up, payload, cs = client_round(m, state, {})
     spec = spec_of(m.spec.template.state_dict())
-    dec = decode_update(payload, spec, known=m.known_masks(state))
+    dec = decode_update(payload, spec, known=server_known(m, state))
     info = {t.name: t for t in describe(payload)}
     header_total = len(payload)
     for k in SCOPE:
@@ -203,7 +211,7 @@ def test_sign_upload_decodes_exactly_and_costs_one_bit_per_kept_weight() -> None
 def test_downlink_signs_use_known_mask_and_setup_is_sent_once() -> None:
     m = make_method()
     state = m.init_state(clone_state(m.spec.build().state_dict()))
-    down = encode_update(m.broadcast(state), "auto", known=m.known_masks(state))
+    down = encode_update(m.broadcast(state), "auto", known=server_known(m, state))
     info = {t.name: t for t in describe(down)}
     for k in SCOPE:
         assert info[k].value_format == "sign" and info[k].value_nbytes == math.ceil(int(state.mask[k].sum()) / 8)
@@ -281,7 +289,7 @@ def test_frozen_weights_bit_identical_and_magnitudes_unchanged() -> None:
     assert isinstance(m, HideNseek)
     store = ClientStateStore(None)
     store.restore({}, 0)
-    engine = EmbeddedEngine(m, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, 1, store)
+    engine = EmbeddedEngine(m, b.data.x_train, b.data.y_train, b.split, 1, store)
     server = Server(cfg, m, engine, b.data.x_test, b.data.y_test)
     state = m.init_state(clone_state(b.spec.build().state_dict()))
     w0 = {k: v.clone() for k, v in state.params.items() if k in m.roles.scope + m.roles.frozen}

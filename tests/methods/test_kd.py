@@ -19,12 +19,13 @@ from sparsefl.accounting import profile_model
 from sparsefl.config import ModelConfig, load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import run_experiment
-from sparsefl.fl.client import train_local
-from sparsefl.methods.base import LocalContext, LocalHooks, ModelSpec
+from sparsefl.methods.base import LocalHooks
 from sparsefl.methods.kd import KD, KDConfig, KDHooks, feature_kd_loss, logit_kd_loss, make_projections
 from sparsefl.methods.static_mask import StaticMaskHooks
-from sparsefl.models import build_model
+from sparsefl.models import ModelSpec, build_model
+from sparsefl.protocol.messages import LocalContext
 from sparsefl.rng import torch_gen
+from sparsefl.runtime.client import train_local
 
 torch.set_num_threads(1)
 SHAPE = (1, 8, 8)
@@ -117,9 +118,10 @@ def test_clipping_covers_student_and_projections() -> None:
 
 def teacher_state(m: KD) -> dict:
     """A client state holding the teacher, as the setup payload delivers it."""
-    setup = m.setup_payload(m.init_state(m.spec.build().state_dict()))
+    state = m.init_state(m.spec.build().state_dict())
+    setup = m.setup_payload(state)
     assert setup is not None
-    return m.on_setup(setup, {})
+    return m.receive(m.new_model(), m.broadcast(state), {}, setup)
 
 
 def test_teacher_never_updated_and_projections_persist(teacher_path: Path) -> None:
@@ -161,8 +163,7 @@ def test_composes_with_static_mask(teacher_path: Path) -> None:
     assert m.config.sparsity == 0.95
     state = m.init_state(m.spec.build().state_dict())
     model = m.new_model()
-    cstate = m.on_setup(m.setup_payload(state), {})  # type: ignore[arg-type]
-    cstate = m.receive(model, m.broadcast(state), cstate)
+    cstate = m.receive(model, m.broadcast(state), {}, m.setup_payload(state))
     hooks = train(m, model, cstate)
     assert isinstance(hooks, KDHooks) and isinstance(hooks.inner, StaticMaskHooks)
     assert state.mask is not None

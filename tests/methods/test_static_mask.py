@@ -17,16 +17,16 @@ import sparsefl  # noqa: F401  (fills the registries)
 from sparsefl.accounting import profile_model
 from sparsefl.comm import Update, decode_update
 from sparsefl.config import load_config
-from sparsefl.engines.embedded import _client_data
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.fl.client import param_spec, run_client
-from sparsefl.fl.server import Server
 from sparsefl.masks import Mask
-from sparsefl.methods.base import ModelSpec, Received
 from sparsefl.methods.static_mask import StaticMask, StaticMaskConfig, StaticMaskHooks
+from sparsefl.models import ModelSpec
+from sparsefl.protocol.messages import Received
 from sparsefl.pruning import gradual_sparsity, prune
 from sparsefl.pruning.allocation import num_kept
+from sparsefl.runtime.client import ClientDataSource, param_spec, run_client
+from sparsefl.runtime.server import Server
 
 ROOT = Path(__file__).resolve().parents[2]
 sys.path.insert(0, str(ROOT / "tests"))
@@ -152,7 +152,7 @@ def test_init_exact_density_eval_masked_and_downlink_kept_values_only() -> None:
         assert bool((ev[n][~mk] == 0).all())
     down = m.broadcast(state)
     assert m.downlink(state, 5) is None  # every client gets the broadcast, encoded once per round
-    assert set(down.sent) == set(state.mask) and m.known_masks(state).keys() == set(state.mask)
+    assert set(down.sent) == set(state.mask) and m.known_masks(m.setup_payload(state)).keys() == set(state.mask)
     setup = m.setup_payload(state)
     assert setup is not None and all(torch.equal(setup.sent[n], state.mask[n]) for n in state.mask)
 
@@ -170,8 +170,8 @@ def test_setup_sent_once_and_known_masks_shrink_both_links(tmp_path: Path) -> No
     again = server.make_tasks(state, 2, [0, 1, 2])
     assert again[0].setup is None and again[1].setup is None and again[2].setup is not None
     # the client trains, keeps removed weights at 0 and uploads only the kept values
-    res = run_client(tasks[0], m, _client_data(b.data.x_train, b.data.y_train, b.split, 0), {}, "auto", cfg.seed)
-    up = decode_update(res.payload, param_spec(b.spec.build()), known=m.known_masks(state))
+    res = run_client(tasks[0], m, ClientDataSource(b.data.x_train, b.data.y_train, b.split)(0), {})
+    up = decode_update(res.payload, param_spec(b.spec.build()), known=m.known_masks(m.setup_payload(state)))
     assert state.mask is not None
     for n, mk in state.mask.items():
         assert torch.equal(up.sent[n], mk) and bool((up.values[n][~mk] == 0).all())
@@ -182,7 +182,7 @@ def test_setup_sent_once_and_known_masks_shrink_both_links(tmp_path: Path) -> No
     dserver = Server(dense_cfg, db.method, engine=None, x_test=db.data.x_test, y_test=db.data.y_test)  # type: ignore[arg-type]
     dstate = db.method.init_state(params)
     dtask = dserver.make_tasks(dstate, 1, [0])[0]
-    dres = run_client(dtask, db.method, _client_data(db.data.x_train, db.data.y_train, db.split, 0), {}, "auto", 0)
+    dres = run_client(dtask, db.method, ClientDataSource(db.data.x_train, db.data.y_train, db.split)(0), {})
     assert len(again[0].payload) < 0.2 * len(dtask.payload)
     assert res.uplink_bytes < 0.2 * dres.uplink_bytes
     assert res.flops < 0.2 * res.flops_dense
@@ -193,7 +193,7 @@ def test_gradual_schedule_monotone_and_reaches_target_at_prune_until() -> None:
     params = {k: v.clone() for k, v in m.spec.build().state_dict().items()}
     state = m.init_state(params)
     assert state.mask is not None and state.mask.num_kept() == state.mask.numel()
-    assert m.transport == "message" and m.known_masks(state) == {} and m.setup_payload(state) is None
+    assert m.transport == "message" and m.setup_payload(state) is None
     g = torch.Generator().manual_seed(0)
     kept = []
     for _ in range(8):

@@ -14,10 +14,7 @@ from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError
 from sparsefl.experiment.runner import run_experiment
-from sparsefl.fl.client import train_step
-from sparsefl.fl.sgd import SGD
 from sparsefl.kernels.topk import shrink
-from sparsefl.methods.base import LocalContext, ModelSpec, Received, ServerState
 from sparsefl.methods.zerofl import (
     CachedTopK,
     ZeroFL,
@@ -27,6 +24,10 @@ from sparsefl.methods.zerofl import (
     swat,
     topk_mask,
 )
+from sparsefl.models import ModelSpec
+from sparsefl.protocol.messages import LocalContext, Received, ServerState
+from sparsefl.runtime.client import train_step
+from sparsefl.runtime.sgd import SGD
 
 # ------------------------------------------------------------------------------------------------
 # helpers

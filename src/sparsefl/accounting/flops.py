@@ -1,45 +1,22 @@
-"""FLOP accounting: the one convention, written once.
+"""FLOP accounting: the one convention, written once (in full, with reasons: ``docs/accounting.md``).
 
-The convention
---------------
-* **What is counted.** Only the matrix-multiply-class work of convolutions (``nn.Conv1d``,
-  ``nn.Conv2d``, ``nn.Conv3d``, grouped and depthwise included) and linear layers
-  (``nn.Linear``), each multiply-accumulate (MAC) counted as **2 FLOPs**. This is exactly what
-  :class:`torch.utils.flop_counter.FlopCounterMode` counts for these networks (its ``convolution``,
-  ``mm``, ``addmm`` and ``bmm`` rules), and the tests check the two agree on every registered
-  model. One known difference: ``FlopCounterMode`` up to torch 2.13 counts the weight gradient
-  of a *grouped* convolution ``groups`` times too large (fixed upstream in pytorch/pytorch#183405);
-  here it costs the same MACs as the forward, as it really does.
-* **What is not counted.** Bias additions, BatchNorm, activations, pooling, residual additions,
-  softmax and the loss, and the optimiser update. They are cheap next to the layers above, and
-  leaving them out keeps the number comparable with ``FlopCounterMode`` and with the papers.
-* **Forward.** A layer's dense forward cost per sample is ``2 * macs`` with
-
-  - convolution: ``macs = out_elements_per_sample * (C_in / groups) * prod(kernel_size)``;
-  - linear: ``macs = in_features * out_features * prod(leading non-batch dims)``.
-
-* **Backward** has two products per layer, each as large as the forward when dense:
-
-  - weight gradient ``dL/dW``: ``2 * macs``;
-  - input gradient ``dL/dx``: ``2 * macs``, **omitted for first layers** (layers whose input
-    does not depend on any parameter, e.g. the stem conv that reads the raw images): autograd
-    computes no gradient with respect to the raw input, and ``FlopCounterMode`` agrees.
-
-* **Training** FLOPs = forward + backward; **inference** FLOPs = forward.
-* **Sparsity** enters as per-layer densities (:class:`LayerDensity`): each of the three
-  products above is multiplied by the fraction of its MACs that really ran. The dense count is
-  always reported beside the effective one (:class:`FlopCount`).
-
-In formulas, for one sample and a layer with ``m`` MACs and densities ``(f, gi, gw)``::
+Only convolutions (``nn.Conv1d/2d/3d``, grouped and depthwise included) and ``nn.Linear`` are
+counted, each multiply-accumulate (MAC) as 2 FLOPs: what
+:class:`torch.utils.flop_counter.FlopCounterMode` counts for these networks, which the tests
+check on every registered model. Biases, BatchNorm, activations, pooling, residual additions,
+softmax, the loss and the optimiser update are left out. Training FLOPs are forward + backward,
+inference FLOPs the forward alone. Sparsity enters as per-layer densities
+(:class:`LayerDensity`), and the dense count is always reported beside the effective one
+(:class:`FlopCount`). For one sample and a layer with ``m`` MACs and densities ``(f, gi, gw)``::
 
     forward        = 2 * m * f
     backward       = 2 * m * gw + (0 if first else 2 * m * gi)
     forward_dense  = 2 * m
     backward_dense = 2 * m + (0 if first else 2 * m)
 
-and the counts of a batch of ``n`` samples are ``n`` times these, summed over layers.
-
-Typical use::
+A ``first`` layer's input depends on no parameter (the stem conv reading the raw images), so it
+has no input-gradient product. A batch of ``n`` samples counts ``n`` times these, summed over
+the layers. Typical use::
 
     profile = profile_model(model, input_shape=(3, 32, 32))       # once per architecture
     step = train_flops(profile, num_samples=64, densities={
@@ -349,7 +326,7 @@ def train_flops(
     num_samples: int,
     densities: Mapping[str, LayerDensity] | None = None,
 ) -> FlopCount:
-    """FLOPs of training on ``num_samples`` samples (forward + backward, see the module docstring).
+    """FLOPs of training on ``num_samples`` samples (forward + backward, as the module docstring says).
 
     Parameters
     ----------

@@ -56,7 +56,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
-    from sparsefl.engines.flower.export import export_experiment
+    from sparsefl.apps.flower.export import export_experiment
     from sparsefl.errors import ConfigError
 
     if args.flower_command != "export":  # pragma: no cover - argparse allows only known subcommands

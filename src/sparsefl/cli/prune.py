@@ -28,12 +28,12 @@ from torch import nn
 from sparsefl.config import DataConfig, LocalConfig, ModelConfig, parse_override
 from sparsefl.data import Dataset, load_dataset
 from sparsefl.errors import ConfigError
-from sparsefl.fl.sgd import SGD
 from sparsefl.masks import Mask
 from sparsefl.models import build_model
 from sparsefl.pruning import prune
 from sparsefl.registry import CRITERIA, DATASETS, MODELS
 from sparsefl.rng import torch_gen
+from sparsefl.runtime.sgd import SGD
 from sparsefl.state import atomic_write_text
 
 #: Samples in the batch that data-dependent criteria score on.

@@ -26,8 +26,8 @@ def _mb(n: float) -> str:
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from sparsefl.apps import run as run_experiment
     from sparsefl.config import config_hash
-    from sparsefl.experiment.runner import run_experiment
 
     cfg = load_config(args.config, args.overrides)
     out = args.out or Path("runs") / f"{cfg.method.name}-{config_hash(cfg)[:10]}"

@@ -78,8 +78,8 @@ from sparsefl.registry import CODECS
 
 Tensor = torch.Tensor
 
-#: Explicit mask layouts, in tie-breaking order. ``ROWS`` is last, so a mask that an older
-#: layout codes in as few bytes keeps the bytes it had before ROWS existed.
+#: Explicit mask layouts, in tie-breaking order. ``ROWS`` is last, so it wins only when strictly
+#: smaller: a mask that another layout codes in as few bytes keeps its encoding without ROWS.
 EXPLICIT = (MaskMode.BITMASK, MaskMode.RICE, MaskMode.RICE_INV, MaskMode.COO, MaskMode.ROWS)
 _EXACT = {
     torch.float32: VFmt.F32,
@@ -828,7 +828,7 @@ def _int_scalar(r: Reader, nbytes: int, dtype: torch.dtype, shape: tuple[int, ..
     """A dense one-value integer record (BatchNorm's step count, in every upload of a model
     with BatchNorm) read with Python ints when its value section is one well-formed varint in
     ``dtype``'s range, ``r`` then past it; else None, ``r`` unmoved, for the general path to
-    read or reject. The general path's ten one-element array operations took longer than all
+    read or reject. The general path's ten one-element array operations cost more than all
     the dense records of a CNN upload together."""
     if nbytes > r.remaining():
         return None
@@ -846,8 +846,8 @@ def _int_scalar(r: Reader, nbytes: int, dtype: torch.dtype, shape: tuple[int, ..
 
 
 def _all_finite(x: np.ndarray) -> bool:
-    """True when no element is NaN or infinite (one vectorised pass; 4x faster here than a
-    float64 sum over a float32 tensor)."""
+    """True when no element is NaN or infinite (one vectorised pass; 4x faster than a float64
+    sum over a float32 tensor)."""
     return bool(np.isfinite(x).all())
 
 

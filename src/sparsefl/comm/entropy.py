@@ -16,14 +16,8 @@ update) at the price of variable-width remainders; an arithmetic coder would sav
 at the price of a per-symbol loop. Rice needs no per-symbol loop: the code splits into
 fixed-width remainders and a unary stream, both of which numpy packs and unpacks in bulk.
 
-Layout of a Rice section (``c`` gaps, parameter ``k``)::
-
-    remainders  ceil(c*k/8) bytes: the low k bits of every gap, MSB first, zero padding
-    unary       for each gap, (g >> k) zero bits then a one bit; zero padding to a byte
-
-Splitting the two streams (rather than interleaving them per codeword, as textbook Rice does)
-costs the same number of bits up to one byte of padding and lets the decoder find every
-codeword boundary at once: the boundaries are exactly the one bits of the unary stream.
+A Rice section stores the remainders and the unary quotients as two separate streams
+(:func:`rice_encode` gives the layout, ``docs/wire-format.md`` the sections that use it).
 
 Gaps are ``g[0] = idx[0]``, ``g[i] = idx[i] - idx[i-1] - 1``: every non-negative gap sequence
 is a strictly increasing index list, so "indices not increasing" cannot be expressed, and
@@ -242,7 +236,17 @@ def rice_best_k(g: np.ndarray) -> int:
 
 
 def rice_encode(g: np.ndarray, k: int) -> bytes:
-    """The Rice section (remainders, then unary quotients) of non-negative gaps ``g``."""
+    """The Rice section (remainders, then unary quotients) of non-negative gaps ``g``.
+
+    Layout for ``c`` gaps and parameter ``k``::
+
+        remainders  ceil(c*k/8) bytes: the low k bits of every gap, MSB first, zero padding
+        unary       for each gap, (g >> k) zero bits then a one bit; zero padding to a byte
+
+    Splitting the two streams (rather than interleaving them per codeword, as textbook Rice
+    does) costs the same number of bits up to one byte of padding and lets the decoder find
+    every codeword boundary at once: the boundaries are exactly the one bits of the unary stream.
+    """
     c = int(g.size)
     if c == 0:
         return b""

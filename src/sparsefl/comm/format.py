@@ -1,66 +1,25 @@
 """The wire format: container, per-tensor header, field codes and a bounds-checked reader.
 
-Everything that crosses a link is one *message*. All integers are little-endian; ``varint`` is
-unsigned LEB128 (7 bits per byte, low group first, high bit = "more bytes follow"), and only
-its canonical (shortest) form is accepted, so every value has exactly one encoding.
+Everything that crosses a link is one *message*: ``magic | version | count | (name record |
+tensor record) per tensor | crc32``. A tensor record is a header (codec, dtype, value format,
+mask mode, flags, codec parameter, shape, nnz and the byte lengths of its two sections), then
+its mask section and its value section. ``docs/wire-format.md`` gives every field's bytes and
+every code's meaning; the codes themselves are :class:`MaskMode`, :class:`VFmt` and
+:data:`DTYPE_CODES`.
 
-Message (the bytes whose length is counted)::
+The format's rules:
 
-    magic      4  b"SFLW"                       ("sparsefl wire")
-    version    1  CONTAINER_VERSION
-    count      varint  number of tensor records
-    count x    record = name_len varint | name (UTF-8) | tensor record
-    crc32      4  zlib.crc32 of every preceding byte of the message
-
-Names are written in increasing code-point order and must be distinct, so the same update
-always gives the same bytes and a duplicated name is a decode error. The CRC32 makes any
-corruption of up to 32 consecutive bits (and all but 2**-32 of the rest) a :class:`DecodeError`
-before any field is interpreted; the structural checks behind it still reject every
-inconsistent message on their own (the fuzz benchmark re-seals mutated messages to prove it).
-
-Tensor record (what :func:`sparsefl.comm.encode_tensor` returns; no CRC of its own)::
-
-    magic      2  b"ST"
-    version    1  TENSOR_VERSION
-    codec      1  codec id (which policy wrote it; constrains the codes below)
-    dtype      1  DTYPE code of the sender's tensor
-    values     1  value-format code (VFmt)
-    mask       1  mask-mode code (MaskMode)
-    flags      1  bit 0 SUPPORT: the mask is the nonzero support of a dense tensor (decoded as
-                  dense, no ``sent`` entry) rather than the mask of sent coordinates;
-                  bit 1 DENSE_VALUES: one value per coordinate even though a mask is present
-    param      1  Golomb-Rice parameter k for the RICE modes; for ROWS 0 (packed row flags)
-                  or k + 1 (Rice-coded row gaps with parameter k); else 0
-    ndim       1  number of dimensions (0 for a scalar)
-    shape      ndim varints
-    nnz        varint  coordinates marked True by the mask (numel for mode NONE)
-    mask_len   varint  byte length of the mask section
-    value_len  varint  byte length of the value section
-    mask section, then value section
-
-Mask sections (``n`` coordinates, ``nnz`` of them True; see :mod:`sparsefl.comm.entropy`)::
-
-    NONE, FULL, EMPTY  empty
-    KNOWN      4 bytes: CRC32 of the receiver's mask, packed MSB first
-    BITMASK    ceil(n/8) bytes: one bit per coordinate, MSB first, zero padding
-    COO        nnz varints: gaps between the True positions
-    RICE       Rice section of the nnz gaps between the True positions, parameter ``param``
-    RICE_INV   Rice section of the n - nnz gaps between the False positions, parameter ``param``
-    ROWS       the flags of the C = shape[0] rows of a mask that is constant along every other
-               dimension (channel-structured: whole filters or neurons kept or dropped);
-               needs ndim >= 2 and a row size R = n / C >= 1, and nnz = kept_rows * R exactly.
-               param 0: ceil(C/8) bytes, one bit per row, MSB first, zero padding;
-               param k + 1: the Rice section (parameter k) of the kept_rows gaps between
-               kept rows. The encoder writes whichever is smaller (packed on a tie).
-
-Mode ROWS (8) was added after the first release of version 1. It is a new code, not a new
-meaning of an old one, so TENSOR_VERSION is unchanged: every earlier payload decodes exactly
-as before, and a reader that predates ROWS rejects such a record as an unknown mask mode
-(a DecodeError), never misreads it.
-
-The fixed part is 10 bytes; a ResNet-18 tensor's header is 14-24 bytes, its name record
-about 10-30 more. Every length is explicit, so a record can be skipped without decoding it
-(:func:`sparsefl.comm.describe` does) and over-long or truncated sections are detected exactly.
+* All integers are little-endian; varints are unsigned LEB128, accepted only in their
+  canonical (shortest) form, and names are sorted and distinct, so an update has exactly one
+  encoding and a duplicated name is a decode error.
+* The CRC32 trailer turns any corruption of up to 32 consecutive bits (and all but 2**-32 of
+  the rest) into a :class:`DecodeError` before any field is interpreted; the structural checks
+  behind it still reject every inconsistent message on their own (``benchmarks/codec_fuzz.py``
+  re-seals mutated messages to prove it).
+* Every length is explicit, so a record can be skipped without decoding it
+  (:func:`sparsefl.comm.describe` does) and over-long or truncated sections are detected exactly.
+* Version 1 grows only by new codes (such as mask mode ROWS), never by a new meaning of an old
+  one: a reader that lacks a code rejects it as a DecodeError and never misreads it.
 """
 
 from __future__ import annotations
@@ -170,10 +129,10 @@ def varint_len(value: int) -> int:
 
 
 class TensorHeader(NamedTuple):
-    """The fields of one tensor record's header (see the module docstring for the layout).
+    """The fields of one tensor record's header (layout: ``docs/wire-format.md``).
 
-    A named tuple: built once per decoded tensor, and a frozen dataclass took a third of the
-    header parse."""
+    A named tuple, not a frozen dataclass: one is built per decoded tensor, and a dataclass's
+    construction would cost a third of the header parse."""
 
     codec: int
     dtype: int
@@ -234,7 +193,7 @@ def name_record(name: str) -> bytes:
     return varint(len(raw)) + raw
 
 
-try:  # zlib-ng's CRC-32 (a dependency; the same checksum) is 15x faster than zlib's here
+try:  # zlib-ng's CRC-32 (a dependency; the same checksum): about 15x faster than zlib's
     from zlib_ng.zlib_ng import crc32 as _crc32
 except ImportError:  # pragma: no cover - without it, zlib's
     _crc32 = zlib.crc32
@@ -243,8 +202,8 @@ except ImportError:  # pragma: no cover - without it, zlib's
 def crc32(data: bytes | bytearray | memoryview, value: int = 0) -> int:
     """The CRC-32 of ``data`` (zlib's checksum, ``zlib.crc32``), continuing from ``value``.
 
-    Computed by zlib-ng when it is installed: 4 us instead of 55 us for a 210 kB message
-    here, about 0.1 ms of every message a round encodes or decodes in the default run."""
+    Computed by zlib-ng when it is installed: 4 us against zlib's 55 us for a 210 kB message,
+    which saves about 0.1 ms of every message a round encodes or decodes in the default run."""
     return _crc32(data, value)
 
 

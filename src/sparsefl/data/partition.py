@@ -57,7 +57,7 @@ def make_partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: 
 
 def class_labels(labels: np.ndarray) -> np.ndarray:
     """The sorted distinct labels: ``np.unique(labels)``, which imports ``numpy.ma`` on its
-    first call (65 ms here, 2% of a default run)."""
+    first call (65 ms, 2% of a default run)."""
     s = np.sort(labels)
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 

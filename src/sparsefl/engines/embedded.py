@@ -1,7 +1,7 @@
 """The embedded engine: clients run in this process, helped by ``jobs - 1`` worker processes.
 
-Per-client state lives between rounds in memory or on disk (one safetensors file per client);
-only the sampled clients' models exist at any time. Results do not depend on ``jobs``: each
+Per-client state lives between rounds in a :class:`~sparsefl.runtime.ClientStateStore`; only
+the sampled clients' models exist at any time. Results do not depend on ``jobs``: each
 client's randomness is derived from (seed, client, round), and aggregation happens in client-id
 order on the server.
 """
@@ -17,98 +17,21 @@ import pickle
 import queue
 import sys
 import threading
-import traceback
 import warnings
 from collections.abc import Callable, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from pathlib import Path
 from typing import Any
 
 import torch
 
 from sparsefl.data import ClientSplit
-from sparsefl.fl.client import run_client
-from sparsefl.fl.messages import ClientData, ClientResult, ClientState, ClientTask
-from sparsefl.fl.server import ClientFailure, ResultCallback
 from sparsefl.methods.base import Method
 from sparsefl.orphans import exit_with_parent
-from sparsefl.state import read_state_file, write_state_file
-
-
-class ClientStateStore:
-    """Per-client state between rounds: a dict in memory, or safetensors files in a folder.
-
-    On disk every state is written as ``client-<id>.r<round>.safetensors`` (atomically), so a
-    crash mid-round never overwrites the state a checkpoint refers to: resuming from round r
-    uses, for each client, its newest file of a round <= r and discards later ones.
-    In memory, the states travel inside the checkpoint (:meth:`snapshot` / :meth:`restore`).
-    """
-
-    def __init__(self, folder: Path | None = None) -> None:
-        self.folder = folder
-        self._mem: dict[int, ClientState] = {}
-        self._version: dict[int, int] = {}
-        if folder is not None:
-            folder.mkdir(parents=True, exist_ok=True)
-
-    def _path(self, cid: int, rnd: int) -> Path:
-        assert self.folder is not None
-        return self.folder / f"client-{cid}.r{rnd}.safetensors"
-
-    def get(self, cid: int) -> ClientState:
-        if self.folder is None:
-            return dict(self._mem.get(cid, {}))
-        if cid not in self._version:
-            return {}
-        return read_state_file(self._path(cid, self._version[cid]))
-
-    def put(self, cid: int, state: ClientState, rnd: int) -> None:
-        if self.folder is None:
-            self._mem[cid] = dict(state)
-            return
-        write_state_file(self._path(cid, rnd), state)
-        self._version[cid] = rnd
-
-    def versions(self) -> dict[int, int]:
-        """Each client's newest state file's round now (for :meth:`commit`)."""
-        return dict(self._version)
-
-    def commit(self, rnd: int, versions: dict[int, int]) -> None:
-        """A checkpoint of round ``rnd`` is durable: drop each client's files of rounds up to
-        ``rnd`` older than its round in ``versions``. The runner passes :meth:`versions` of the
-        end of round ``rnd - 1``, so the files the previous checkpoint (the fallback) needs
-        stay, and so do newer files the next round may be writing meanwhile."""
-        if self.folder is None:
-            return
-        for p in self.folder.glob("client-*.r*.safetensors"):
-            cid, r = _parse(p.name)
-            if r < versions.get(cid, -1) and r <= rnd:
-                p.unlink(missing_ok=True)
-
-    def snapshot(self) -> dict[int, ClientState]:
-        """All in-memory states (for checkpoints); empty when states live on disk."""
-        return {c: dict(s) for c, s in self._mem.items()}
-
-    def restore(self, states: dict[int, ClientState], upto_round: int) -> None:
-        """Back to the state of the checkpoint of round ``upto_round``."""
-        if self.folder is None:
-            self._mem = {c: dict(s) for c, s in states.items()}
-            return
-        self._version = {}
-        for p in sorted(self.folder.glob("client-*.r*.safetensors")):
-            cid, r = _parse(p.name)
-            if r > upto_round:
-                p.unlink(missing_ok=True)  # written by a round that never completed
-            elif r > self._version.get(cid, -1):
-                self._version[cid] = r
-
-
-def _parse(name: str) -> tuple[int, int]:
-    stem = name[len("client-") : -len(".safetensors")]
-    cid, r = stem.split(".r")
-    return int(cid), int(r)
-
+from sparsefl.protocol.messages import ClientFailure, ClientResult, ClientState, ClientTask
+from sparsefl.runtime.client import ClientDataSource, execute_task
+from sparsefl.runtime.server import ResultCallback
+from sparsefl.runtime.store import ClientStateStore
 
 # -- worker-process plumbing --------------------------------------------------------------------------
 _W: dict[str, object] = {}
@@ -119,8 +42,6 @@ def _worker_init(
     x: torch.Tensor,
     y: torch.Tensor,
     split: ClientSplit,
-    comm_up: str,
-    seed: int,
     owner: int,
     claims: Any,
     results: Any,
@@ -132,20 +53,9 @@ def _worker_init(
     _W.update(
         method=method,
         data=ClientDataSource(x, y, split),
-        comm_up=comm_up,
-        seed=seed,
         claims=claims,
         results=results,
     )
-
-
-def _client_data(x: torch.Tensor, y: torch.Tensor, split: ClientSplit, cid: int) -> ClientData:
-    # index_select: the same tensors as x[idx] in two thirds of the time (measured here)
-    idx = torch.from_numpy(split.train[cid])
-    if not len(split.val[cid]):  # no validation split (the default)
-        return ClientData(x.index_select(0, idx), y.index_select(0, idx))
-    vidx = torch.from_numpy(split.val[cid])
-    return ClientData(x.index_select(0, idx), y.index_select(0, idx), x.index_select(0, vidx), y.index_select(0, vidx))
 
 
 #: seconds this process waits for the task counter's lock before it checks that the workers
@@ -155,44 +65,6 @@ LOCK_WAIT = 1.0
 #: seconds to wait for an outcome the workers sent once their round has ended (it is in the
 #: queue by then; only a message that did not unpickle can be missing)
 RESULT_WAIT = 60.0
-
-#: a training set of up to this many bytes has each client's share kept after its first task
-#: (one more copy of the set at most); a larger one is gathered again for every task
-KEEP_CLIENT_DATA_BYTES = 64 * 2**20
-
-
-class ClientDataSource:
-    """Each client's share of the training data (and of its validation split), by client id.
-
-    Clients only read their data (batches are gathered from it), so a share can be kept and
-    handed out again: it is, when the whole training set is at most
-    ``KEEP_CLIENT_DATA_BYTES``. Gathering the default run's clients took 0.4-0.5% of a round.
-    """
-
-    def __init__(self, x: torch.Tensor, y: torch.Tensor, split: ClientSplit) -> None:
-        self.x, self.y, self.split = x, y, split
-        self.keep = x.numel() * x.element_size() + y.numel() * y.element_size() <= KEEP_CLIENT_DATA_BYTES
-        self._kept: dict[int, ClientData] = {}
-
-    def __call__(self, cid: int) -> ClientData:
-        data = self._kept.get(cid)
-        if data is None:
-            data = _client_data(self.x, self.y, self.split, cid)
-            if self.keep:
-                self._kept[cid] = data
-        return data
-
-
-def execute_task(
-    method: Method, data: ClientDataSource, comm_up: str, seed: int, task: ClientTask, state: ClientState
-) -> ClientResult | ClientFailure:
-    """Run one client task on its share of the training data; any exception becomes a
-    :class:`ClientFailure` with the error's last line (shared by every engine's client side)."""
-    try:
-        return run_client(task, method, data(task.client_id), state, comm_up, seed)
-    except Exception as e:  # noqa: BLE001 - a failing client must not stop the federation
-        tb = traceback.format_exception_only(type(e), e)[-1].strip()
-        return ClientFailure(task.client_id, f"raised {tb}")
 
 
 def _worker_ready() -> None:
@@ -263,7 +135,7 @@ def _worker_round(key: int, tasks: Sequence[ClientTask], states: Sequence[Client
     claims, results = _W["claims"], _W["results"]
     while (k := _claim(claims, key, len(tasks))) is not None:
         task = tasks[k]
-        out = execute_task(_W["method"], _W["data"], _W["comm_up"], _W["seed"], task, states[k])  # type: ignore[arg-type]
+        out = execute_task(_W["method"], _W["data"], task, states[k])  # type: ignore[arg-type]
         try:
             results.put((key, k, out))  # type: ignore[attr-defined]
         except Exception as e:  # noqa: BLE001 - pickling failed before anything was written
@@ -321,15 +193,12 @@ class EmbeddedEngine:
         x_train: torch.Tensor,
         y_train: torch.Tensor,
         split: ClientSplit,
-        comm_up: str,
-        seed: int,
         jobs: int = 1,
         store: ClientStateStore | None = None,
     ) -> None:
         self.method = method
         self.x, self.y, self.split = x_train, y_train, split
         self.data = ClientDataSource(x_train, y_train, split)
-        self.comm_up, self.seed = comm_up, seed
         self.jobs = jobs
         self.store = store or ClientStateStore()
         self.ran_in_workers = 0  # tasks the worker processes ran (for tests and benchmarks)
@@ -366,8 +235,7 @@ class EmbeddedEngine:
             outs = self._run_shared(tasks, states, report)
         else:
             # reported once every client ran: there is no other process to wait for, and the
-            # server's decoding then runs warm, upload after upload (0.3-0.5% of a default round
-            # less than decoding each upload right after its client's training)
+            # server's decoding then runs warm, upload after upload
             outs = [self._run_here(t, s) for t, s in zip(tasks, states)]
             outs = [report(i, out) for i, out in enumerate(outs)]
         if errors:
@@ -375,7 +243,7 @@ class EmbeddedEngine:
         return outs
 
     def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
-        return execute_task(self.method, self.data, self.comm_up, self.seed, task, state)
+        return execute_task(self.method, self.data, task, state)
 
     def _run_shared(
         self,
@@ -388,9 +256,8 @@ class EmbeddedEngine:
 
         Every worker gets the round's whole task list once (:func:`_worker_round`); the next
         task is claimed from a counter in shared memory, by a worker or by this process,
-        so a worker that finishes a task starts the next one at once. Handing out tasks one
-        by one from here cost the worker 2-3 ms at each hand-off (8-13 ms a default round at
-        jobs=2) and 4-8 ms before its first task. Outcomes come back through a queue whose
+        so a worker that finishes a task starts the next one at once, with no hand-off through
+        this process. Outcomes come back through a queue whose
         reader thread passes them to this thread, which reports them between its own clients.
         When a worker dies, the pool breaks: the tasks the workers had claimed and not sent
         back fail (``worker process died``), this process runs the rest of the round, and the
@@ -490,11 +357,8 @@ class EmbeddedEngine:
         """Task indices by the client's training samples, largest first (ties in task order).
 
         A client's time grows with its local steps, and with ``local.epochs`` those follow its
-        samples (a Dirichlet split makes them differ by up to 9x here). Starting the big ones
-        first leaves only small ones for the end of the round. Simulated from the clients'
-        batch counts, the 20 rounds of the default run at jobs=2 end 3.2% sooner than with one
-        process taking tasks from each end of the list (the previous order); measured, 2.6%
-        and 10% (medians of 8 and 12 interleaved runs each)."""
+        samples (a Dirichlet split makes them differ by up to 9x). Starting the big ones first
+        leaves only small ones for the end of the round (longest-processing-time-first)."""
         size = [len(self.split.train[t.client_id]) for t in tasks]
         return collections.deque(sorted(range(len(tasks)), key=lambda i: -size[i]))
 
@@ -512,7 +376,7 @@ class EmbeddedEngine:
         """
         fork = forks(self.method.experiment.local.threads) and self._starts == 0
         self._starts += 1
-        initargs: tuple | None = (self.method, self.x, self.y, self.split, self.comm_up, self.seed, os.getpid())
+        initargs: tuple | None = (self.method, self.x, self.y, self.split, os.getpid())
         if not fork:  # a forked worker shares this memory as it is; others get pickled tensors
             try:
                 share_tensors(initargs)

@@ -32,7 +32,7 @@ def plot_run(folder: Path, records: list[dict[str, Any]]) -> None:
     """accuracy_vs_round.svg and accuracy_vs_uplink.svg from ``metrics.jsonl`` records.
 
     Written as SVG by :func:`line_chart`, without matplotlib: importing it and drawing two PNGs
-    took 1.2 s here, a quarter of the default run.
+    costs about 1.2 s, a quarter of the default run.
     """
     pts = [(r["round"], r["accuracy"]) for r in records if r["accuracy"] is not None]
     up, cum = [], 0

@@ -23,14 +23,17 @@ import sparsefl.methods  # noqa: F401  (fills the method registry)
 from sparsefl.accounting import profile_model
 from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
-from sparsefl.engines.embedded import ClientStateStore, EmbeddedEngine, start_fork_server
+from sparsefl.engines.embedded import EmbeddedEngine, start_fork_server
+from sparsefl.errors import ConfigError
 from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
-from sparsefl.fl.client import torch_threads
-from sparsefl.fl.server import Engine, RoundRecord, Server
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import Method, ModelSpec, ServerState
-from sparsefl.models import build_model
+from sparsefl.methods.base import Method
+from sparsefl.models import ModelSpec, build_model
+from sparsefl.protocol.messages import ServerState
 from sparsefl.registry import METHODS
+from sparsefl.runtime.client import torch_threads
+from sparsefl.runtime.server import Engine, RoundRecord, Server, state_of
+from sparsefl.runtime.store import ClientStateStore
 from sparsefl.state import atomic_write_bytes, clone_state, state_sha256
 
 
@@ -65,38 +68,9 @@ def _prunable_density(model: nn.Module, params: dict[str, torch.Tensor]) -> floa
     return kept / total if total else 1.0
 
 
-def _state_to_ckpt(state: ServerState) -> dict[str, Any]:
-    return {
-        "round": state.round,
-        "params": state.params,
-        "mask": None if state.mask is None else state.mask.to_dict(),
-        "extra": state.extra,
-    }
-
-
 def _usable_cpus() -> int:
     """The CPUs this process may run on (its affinity mask, where the OS has one)."""
     return len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count() or 1
-
-
-def _copied(obj: Any) -> Any:
-    """``obj`` with every dict and list copied and every tensor cloned (a snapshot)."""
-    if isinstance(obj, torch.Tensor):
-        return obj.detach().clone()
-    if isinstance(obj, dict):
-        return {k: _copied(v) for k, v in obj.items()}
-    if isinstance(obj, (list, tuple)):
-        return type(obj)(_copied(v) for v in obj)
-    return obj
-
-
-def _state_from_ckpt(d: dict[str, Any]) -> ServerState:
-    return ServerState(
-        round=int(d["round"]),
-        params=d["params"],
-        mask=None if d["mask"] is None else Mask(d["mask"]),
-        extra=d["extra"],
-    )
 
 
 ProgressFn = Callable[[RoundRecord, dict[str, Any]], None]
@@ -121,9 +95,7 @@ def run_experiment(
     server thread while the next round trains, in round order; ``progress`` is called there.
     """
     if cfg.engine != "embedded" and engine is None:
-        from sparsefl.engines.flower import run_on_flower  # lazy: Flower is the optional extra sparsefl[flower]
-
-        return run_on_flower(cfg, out, model=model, force=force, progress=progress, log=log)
+        raise ConfigError("engine", cfg.engine, "'embedded' here (Flower engines run through sparsefl.run or the CLI)")
     folder = RunFolder(out)
     if force:
         folder.reset()
@@ -140,18 +112,17 @@ def run_experiment(
     method = b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
-        engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.comm.up, cfg.seed, cfg.jobs, store)
+        engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.jobs, store)
     # one server thread: it evaluates and records each round while the next one trains. The
     # evaluation is mostly long kernels, which release the GIL, so it takes a free core (when
-    # there is one: its intra-op threads come on top of the training's). Decoding uploads there
-    # was tried three times: the GIL hand-offs with the training loop slowed the clients by as
-    # much as it took off the critical path, or more (by up to 3x when decoding was pure Python).
+    # there is one: its intra-op threads come on top of the training's). Uploads are decoded in
+    # the training thread: decoding here would contend with training for the GIL.
     background = ThreadPoolExecutor(
         1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
     )
     overlap = 2 * cfg.local.threads <= _usable_cpus()
     try:  # the engine's worker processes are shut down whatever happens next
-        server = Server(cfg, method, engine, b.data.x_test, b.data.y_test)
+        server = Server(cfg, method, engine, b.data.x_test, b.data.y_test, store=store)
 
         if status == "resume" and log is not None:
             for name in folder.damaged_checkpoints():
@@ -177,17 +148,14 @@ def run_experiment(
             else:
                 log(f"{folder.path}: no usable checkpoint; starting again from round 1")
         if ckpt is not None:
-            state = _state_from_ckpt(ckpt["server"])
-            server.initialised = set(ckpt["initialised"])
-            store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
+            state = server.restore(ckpt)
             wall_before = float(ckpt["wall_seconds"])
         else:
             params = clone_state(b.spec.build().state_dict())
             proxy = (b.data.x_train[:256], b.data.y_train[:256])
-            state = method.init_state(params, proxy)
+            state = server.restore(None, method.init_state(params, proxy))
             records = []
             wall_before = 0.0
-            store.restore({}, 0)
         folder.write_metrics(records)
 
         def finish(record: RoundRecord, snapshot: dict[str, Any], keep: dict[int, int]) -> None:
@@ -196,7 +164,7 @@ def run_experiment(
             in that order), the client files no checkpoint needs any more, and progress. The
             loop waits for each round end before queuing the next, so a failed one stops the
             run and nothing after it is recorded."""
-            server.evaluate_round(_state_from_ckpt(snapshot["server"]), record)
+            server.evaluate_round(state_of(snapshot), record)
             records.append(record.to_json())
             folder.append_metrics(records[-1])
             folder.write_checkpoint(checkpoint_bytes(snapshot))
@@ -205,7 +173,7 @@ def run_experiment(
                 progress(record, {"rounds": cfg.federation.rounds})
 
         pending: Future[None] | None = None
-        cfg_hash = config_hash(cfg)  # (once: hashing the config took 0.1-0.2 ms a round)
+        cfg_hash = config_hash(cfg)  # once, not per round
         # the client files of checkpoint.prev.pt (the fallback) stay until the next commit
         prev_versions = store.versions()
         try:
@@ -214,16 +182,12 @@ def run_experiment(
                 with torch_threads(cfg.local.threads):
                     # the checkpoint's content is copied now (later rounds may change tensors in
                     # place); the server thread serialises and writes it
-                    snapshot = _copied(
-                        {
-                            "config_hash": cfg_hash,
-                            "server": _state_to_ckpt(state),
-                            "initialised": sorted(server.initialised),
-                            "clients": {str(k): v for k, v in store.snapshot().items()},
-                            "metrics_count": rnd,
-                            "wall_seconds": wall_before + time.perf_counter() - t_start,
-                        }
-                    )
+                    snapshot = {
+                        "config_hash": cfg_hash,
+                        **server.checkpoint(state),
+                        "metrics_count": rnd,
+                        "wall_seconds": wall_before + time.perf_counter() - t_start,
+                    }
                 if pending is not None:  # at most one round end outstanding (a failed one stops here)
                     pending.result()
                 pending = background.submit(finish, record, snapshot, prev_versions)

@@ -8,9 +8,9 @@ into the dense weight (zeros elsewhere) and restores the forwards. SGD with mome
 decay is elementwise, so training the kept values is the same update as training the dense
 weight with masked gradients and re-applied mask (the masked entries stay exactly 0 there).
 
-Convolutions always stay dense (masked dense): PERF_PROBE measured unfold + CSR at 0.15-0.48x
-dense on ResNet-18's layers (2.05x only at 99% on 512ch@4x4), and PyTorch has no direct sparse
-convolution on CPU, so no sparse conv kernel is offered.
+Convolutions always stay dense (masked dense): unfold + CSR runs ResNet-18's layers at
+0.15-0.48x dense on a 2-vCPU x86 CPU (2.05x only at 99% sparsity on 512ch@4x4), and PyTorch has
+no direct sparse convolution on CPU, so no sparse conv kernel is offered.
 """
 
 from __future__ import annotations
@@ -29,8 +29,8 @@ from sparsefl.patching import ForwardPatches
 Tensor = torch.Tensor
 KernelMode = Literal["dense", "auto", "csr"]
 
-#: below this density's complement a CSR linear never wins (PERF_PROBE: break-even about 80%
-#: sparsity); the measurement is skipped there to keep the start of training cheap
+#: below this sparsity a CSR linear never wins (its break-even is about 80% sparsity on a
+#: 2-vCPU x86 CPU); the measurement is skipped there to keep the start of training cheap
 MIN_SPARSITY_TO_TRY = 0.7
 
 

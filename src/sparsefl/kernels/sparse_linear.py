@@ -1,8 +1,8 @@
 """A linear layer on a fixed unstructured mask, stored and trained as CSR values.
 
-PERF_PROBE section 1: on this CPU a CSR linear layer beats the dense one from about 80-90%
-sparsity (3.1x at 95% for 1024 x 1024, batch 32), *if* the mask is fixed, the nonzero values are
-the trained tensor (SGD touches only them) and the products take the fast MKL forms:
+On a 2-vCPU x86 CPU (PyTorch 2.13 with MKL) a CSR linear layer beats the dense one from about
+80-90% sparsity (3.1x at 95% for 1024 x 1024, batch 32), *if* the mask is fixed, the nonzero
+values are the trained tensor (SGD touches only them) and the products take the fast MKL forms:
 
 * forward ``Y^T = W_csr @ X^T`` (CSR on the left, dense operand contiguous, feature-major);
 * input gradient ``dX^T = (W^T)_csr @ dY^T`` with ``W^T``'s values gathered by a fixed permutation;
@@ -11,7 +11,7 @@ the trained tensor (SGD touches only them) and the products take the fast MKL fo
 
 These are exactly the products of the masked dense layer (``y = x (W * M)^T + b``, gradient
 ``dW * M``) up to floating-point summation order. Every unsupported case (autocast to bf16: MKL
-has no bf16 CSR kernels here; inputs with more than two dimensions are flattened) is handled.
+has no bf16 CSR kernels; inputs with more than two dimensions are flattened) is handled.
 """
 
 from __future__ import annotations

@@ -3,9 +3,9 @@
 :func:`compact` turns a model and a channel mask (weight name -> bool vector over the output
 channels, e.g. :func:`sparsefl.pruning.criteria.skeletonization.channel_mask`) into a smaller
 ``nn.Module`` whose convolutions, BatchNorms and linear layers hold only the kept channels;
-:func:`expand` writes the trained small parameters back into the big model. PERF_PROBE section 3:
-a ResNet-18 at 10% of its parameters this way trains about 4x faster than dense, while the masked
-big model is never faster.
+:func:`expand` writes the trained small parameters back into the big model. On a 2-vCPU x86
+CPU a ResNet-18 at 10% of its parameters trains about 4x faster than dense this way, while the
+masked big model is never faster.
 
 How: the model is traced with ``torch.fx`` and, along the graph, every tensor carries its *live*
 channels (the channel positions that can be nonzero). A conv/linear keeps its live output

@@ -1,12 +1,12 @@
 """Exact top-k selection in linear time, and the one-pass magnitude threshold.
 
 ZeroFL refreshes every sparsified weight and activation tensor's top-k every few steps, and the
-pruning allocations rank whole models, so the selection must not dominate. Measured here (one
-thread): on a ResNet-18 layer's 2.4M weights a stable sort takes 0.9 s and ``torch.kthvalue``
-20 ms; on a 0.5M-entry ReLU output ``torch.kthvalue`` takes 8 ms and :func:`kth_largest` (a
-sample bound, one numpy pass, introselect on what is left) about 1 ms. Counting entries at or
-above a threshold goes through ``np.count_nonzero``: a boolean ``sum`` in torch converts to
-int64 first and is 7x slower.
+pruning allocations rank whole models, so the selection must not dominate. On one CPU thread, a
+stable sort of a ResNet-18 layer's 2.4M weights takes 0.9 s and ``torch.kthvalue`` 20 ms; on a
+0.5M-entry ReLU output ``torch.kthvalue`` takes 8 ms and :func:`kth_largest` (a sample bound,
+one numpy pass, introselect on what is left) about 1 ms. Counting entries at or above a
+threshold goes through ``np.count_nonzero``: a boolean ``sum`` in torch converts to int64 first
+and is 7x slower.
 
 Tie rule everywhere: among entries equal to the threshold, the lower flat index is kept (the
 order a stable descending sort gives), so every mask here is deterministic.
@@ -52,8 +52,8 @@ def kth_largest(a: Tensor, k: int) -> float:
 
     Large tensors: a fixed-stride sample (deterministic) gives a bound on the value, one
     vectorised pass keeps the entries on the value's side of it (the top of the tensor for the
-    usual small top-k), and introselect runs on those only. Introselect on a whole ReLU output
-    (half exact zeros) hit a slow path here: 38 ms instead of 1.5 ms for the same 0.5M entries,
+    usual small top-k), and introselect runs on those only: on a whole ReLU output (half exact
+    zeros) introselect can hit a slow path, 38 ms rather than 1.5 ms for the same 0.5M entries,
     depending on their order. When the bound misses (it cannot be wrong, only unlucky)
     ``torch.kthvalue`` selects from the whole tensor.
     """
@@ -64,7 +64,7 @@ def kth_largest(a: Tensor, k: int) -> float:
     arr = _np(a)
     if n <= SMALL:
         return float(np.partition(arr, r)[r])
-    # an odd stride: a power-of-two one lined up with feature-map rows and missed (measured)
+    # an odd stride: a power-of-two one lines up with feature-map rows, and its bound misses
     sample = np.sort(arr[:: (n // SAMPLE) | 1])
     m = sample.size
     f = (r + 0.5) / n
@@ -116,7 +116,7 @@ def nonzero_fraction(t: Tensor, max_exact: int = 8192, tau: float | None = None)
     """The fraction of nonzero entries of ``t``: exact up to ``max_exact`` entries, else measured
     on a fixed sample of ``max_exact`` entries in evenly spaced runs of 64 (deterministic).
 
-    An exact count costs more than a :func:`shrink` pass on this CPU (``torch.count_nonzero`` is
+    An exact count costs more than a :func:`shrink` pass on CPU (``torch.count_nonzero`` is
     not vectorised; a boolean sum converts to int64 first), so a training loop that wants the
     density of every sparsified tensor on every step samples the large ones. The standard error
     is about ``sqrt(d (1 - d) / max_exact)`` in absolute density ``d`` (0.0033 at ``d = 0.1``)
@@ -131,7 +131,7 @@ def nonzero_fraction(t: Tensor, max_exact: int = 8192, tau: float | None = None)
     flat = _flat_view(t)
     if n > max_exact:
         # evenly spaced runs of 64 entries: a single-entry stride reads one cache line per
-        # sample, which cost as much as the sparsification pass itself
+        # sample, which costs as much as the sparsification pass itself
         runs = max(1, max_exact // 64)
         flat = flat.as_strided((runs, 64), (n // runs, 1))
     if tau is not None:
@@ -152,8 +152,8 @@ def _flat_view(t: Tensor) -> Tensor:
 def below(tau: float, dtype: torch.dtype) -> float:
     """The largest value of ``dtype`` strictly below ``tau`` (``tau > 0`` finite, representable).
 
-    Remembered: a cached threshold is shrunk with every step (numpy's scalar ``nextafter`` took
-    about 1 ms of a 130 ms ResNet-20 ZeroFL step, over its 58 calls)."""
+    Cached: the same threshold is shrunk every step, and numpy's scalar ``nextafter`` costs
+    about 1 ms of a 130 ms ResNet-20 ZeroFL step over its 58 calls."""
     if dtype == torch.float32:
         return float(np.nextafter(np.float32(tau), np.float32(0)))
     if dtype == torch.float64:

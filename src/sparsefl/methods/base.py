@@ -1,23 +1,23 @@
-"""The method interface: narrow hooks around the one server loop and the one local training loop.
+"""The method interface: the hooks around the one server loop and the one local training loop.
 
 A federated method is a :class:`Method` subclass registered in ``sparsefl.registry.METHODS``
 with its own config dataclass (a subclass of :class:`sparsefl.config.MethodConfig`). The base
 class *is* dense FedAvg: every hook has the FedAvg behaviour as its default, so a method
-overrides only what it changes.
+overrides only what it changes; :class:`Wrapper` forwards every hook to an inner method, so a
+method around another (distillation) overrides only what it adds.
 
-Server side (pure functions of values, no client objects):
-    ``init_state`` -> ``downlink`` per sampled client -> ``aggregate`` the decoded uploads ->
-    ``eval_params`` for evaluation.
-Client side (inside :func:`sparsefl.fl.client.run_client`, the same code on every engine):
-    ``new_model`` -> ``receive`` the decoded downlink -> ``hooks`` around the training loop ->
-    ``upload`` what to send.
+Server side (pure functions of values, no client objects): ``init_state`` -> per round
+``task_config`` and the downlink (``broadcast``, or ``downlink`` per client) -> ``aggregate``
+the decoded uploads -> ``eval_params`` for evaluation.
+
+Client side (inside :func:`sparsefl.runtime.run_client`, the same code on every engine):
+``new_model`` -> ``receive`` the decoded downlink (and the one-time setup) -> ``prepare`` with
+the client's own data -> ``hooks`` around the training loop -> ``upload`` what to send.
 """
 
 from __future__ import annotations
 
-import copy
-from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass, field
+from collections.abc import Mapping, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -25,63 +25,20 @@ from torch import nn
 
 from sparsefl.accounting import LayerDensity, ModelProfile, inference_flops
 from sparsefl.comm import Update
-from sparsefl.config import ExperimentConfig, LocalConfig, MethodConfig
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
-from sparsefl.masks import Mask
+from sparsefl.config import ExperimentConfig, MethodConfig
+from sparsefl.models import ModelSpec
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import (
+    ClientData,
+    ClientState,
+    LocalContext,
+    Received,
+    ServerState,
+    StateDict,
+    TaskConfig,
+)
 
-StateDict = dict[str, torch.Tensor]
-
-
-@dataclass(frozen=True)
-class ModelSpec:
-    """How to build a fresh copy of the model anywhere: a template module that is deep-copied.
-
-    Any user ``nn.Module`` works; registered models are built from the config.
-    """
-
-    template: nn.Module
-    input_shape: tuple[int, ...]
-    num_classes: int
-
-    def build(self) -> nn.Module:
-        """A fresh, independent copy of the template."""
-        return copy.deepcopy(self.template)
-
-
-@dataclass(frozen=True)
-class ServerState:
-    """Everything the server knows between rounds (checkpointed every round).
-
-    ``params`` is the global state_dict; ``mask`` the global mask if the method has one;
-    ``extra`` holds method-owned tensors (server optimiser state, per-client skeletons, ...).
-    """
-
-    round: int
-    params: StateDict
-    mask: Mask | None = None
-    extra: StateDict = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class LocalContext:
-    """What a client knows about its current round of local training."""
-
-    client_id: int
-    round: int
-    lr: float
-    seed: int
-    local: LocalConfig
-    num_examples: int
-
-
-@dataclass(frozen=True)
-class Received:
-    """A client's decoded upload, as the server's aggregation sees it."""
-
-    client_id: int
-    update: Update
-    num_examples: int
+Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
 
 
 class LocalHooks:
@@ -164,6 +121,16 @@ class Method:
         """A one-time payload for a client's first participation (e.g. a shared mask), or None."""
         return None
 
+    def known_masks(self, setup: Update) -> dict[str, torch.Tensor]:
+        """Masks both sides hold once a client has the setup payload ``setup`` (as built on the
+        server, as decoded on the client); later messages omit them (4-byte fingerprints)."""
+        return {}
+
+    def task_config(self, state: ServerState, clients: Sequence[int]) -> Mapping[int, TaskConfig]:
+        """Settings for the round's sampled ``clients`` (in sampling order), by client id; each
+        travels with that client's task (``ctx.config``). Default: none."""
+        return {}
+
     def broadcast(self, state: ServerState) -> Update:
         """What every client downloads this round unless :meth:`downlink` personalises it.
         The server encodes it once per round and counts it once per client that receives it."""
@@ -214,37 +181,31 @@ class Method:
         }
         return float(inference_flops(self.profile, 1, dens).forward), float(self.profile.dense_forward())
 
-    def known_masks(self, state: ServerState) -> dict[str, torch.Tensor]:
-        """Masks both sides share (sent once in the setup payload); lets codecs omit them."""
-        return {}
-
     # ---------------------------------------------------------------------------------- client
     def new_model(self) -> nn.Module:
         """A fresh model for local training (methods that add modules wrap it here)."""
         return self.spec.build()
 
-    def client_known_masks(self, client_state: ClientState) -> dict[str, torch.Tensor]:
-        """The client-side twin of :meth:`known_masks`, read from the client's state."""
-        return {}
-
-    def setup_spec(
-        self, spec: dict[str, tuple[tuple[int, ...], torch.dtype]]
-    ) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+    def setup_spec(self, spec: Spec) -> Spec:
         """Names, shapes and dtypes the setup payload may carry (default: the model's own
         tensors); a method that ships more (e.g. a distillation teacher) adds them here."""
         return spec
 
-    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
-        """Store the one-time setup payload in the client's state."""
-        return client_state
-
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
-        """Load the downlink into ``model``; return the (possibly updated) client state."""
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
+        """Load the downlink into ``model``; return the client's state. ``setup`` is the decoded
+        setup payload on the client's first participation (keep what later rounds need)."""
         model.load_state_dict(down.values, strict=True)
         return client_state
 
-    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
-        """The hooks around local training."""
+    def prepare(self, model: nn.Module, data: ClientData, client_state: ClientState, ctx: LocalContext) -> ClientState:
+        """Work on the client's own data before training (scoring, mask search); returns the
+        client's state. Default: nothing."""
+        return client_state
+
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks | None:
+        """The hooks around local training, or None to train nothing this round."""
         return LocalHooks(model, self.profile)
 
     def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
@@ -259,12 +220,33 @@ class Method:
         return Update(values={k: v.detach().clone() for k, v in model.state_dict().items()}), client_state
 
 
-def iter_batches(n: int, batch_size: int, gen: torch.Generator) -> Iterator[torch.Tensor]:
-    """One epoch of shuffled index batches; a trailing batch of one sample is dropped when
-    n > 1 (BatchNorm cannot train on a single sample)."""
-    perm = torch.randperm(n, generator=gen)
-    for i in range(0, n, batch_size):
-        b = perm[i : i + batch_size]
-        if len(b) == 1 and n > 1:
-            continue
-        yield b
+#: Every hook a method may override (what :class:`Wrapper` forwards).
+HOOKS = (
+    "init_state", "setup_payload", "known_masks", "task_config", "broadcast", "downlink", "aggregate",
+    "update_norm", "eval_params", "inference_flops_per_sample", "new_model", "setup_spec", "receive",
+    "prepare", "hooks", "personal_params", "upload",
+)  # fmt: skip
+
+
+class Wrapper(Method):
+    """A method around an ``inner`` one: every hook forwards to it, so a subclass overrides only
+    what it changes (as optax's ``chain`` composes transformations)."""
+
+    def __init__(
+        self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile, inner: Method
+    ) -> None:
+        super().__init__(config, experiment, spec, profile)
+        self.inner = inner
+
+
+def _forward(name: str):  # type: ignore[no-untyped-def]
+    def hook(self: Wrapper, *args, **kwargs):  # type: ignore[no-untyped-def]
+        return getattr(self.inner, name)(*args, **kwargs)
+
+    hook.__name__ = hook.__qualname__ = name
+    hook.__doc__ = f"The inner method's ``{name}``."
+    return hook
+
+
+for _name in HOOKS:
+    setattr(Wrapper, _name, _forward(_name))

@@ -1,35 +1,10 @@
 """BatchNorm-only federated training (Frankle, Schwab and Morcos, ICLR 2021).
 
 "Training BatchNorm and Only BatchNorm" freezes every convolution and linear layer at its random
-initialisation and trains only the BatchNorm affine parameters ``gamma`` and ``beta`` (a variant
-also trains the output layer). Federated, this makes a client update tiny: two floats per
-channel up and down each round, after the frozen random features have been sent once. Reference
-code: facebookresearch/open_lth (``--others_frozen --output_frozen``; METHODS.md section 8).
-
-Choices
--------
-* **Trained**: the affine ``weight``/``bias`` of every BatchNorm; with
-  ``method.train_classifier=true`` also the classifier (the last ``nn.Linear``, weight and bias),
-  open_lth's variant without ``--output_frozen``. Everything else that is a parameter (conv and
-  linear weights *and biases*) is frozen: ``requires_grad`` is switched off inside the local
-  hooks (restored in ``close``), so the optimiser never sees them, weight decay cannot move them
-  and autograd computes no weight gradient for them (their input gradients still flow to the
-  BatchNorm layers below).
-* **Sent each round** (both ways): the trained tensors plus every BatchNorm buffer
-  (``running_mean``, ``running_var``, ``num_batches_tracked``). The running statistics are part
-  of the trained state: they change with the affine parameters below them, and the global
-  model's evaluation needs them; they cost as much as the affine parameters. The server takes
-  the sample-weighted mean of all of them (as FedAvg does) and leaves everything else untouched,
-  so the global frozen tensors stay bit-identical to the initialisation.
-* **Sent once**: the frozen tensors travel in the setup payload at a client's first
-  participation (counted once per client) and live in the client's state afterwards
-  (``frozen/{name}``).
-* **Initialisation of gamma, beta** (``method.bn_init``, applied by the server in
-  ``init_state``): ``uniform`` (default) draws ``gamma ~ U(0, 1)``, ``beta = 0``, open_lth's default
-  and the one the paper's experiments used; ``fixed`` sets ``gamma = 1, beta = 0``; ``keep`` leaves
-  the model's own initialisation. Draws come from ``rng.torch_gen(seed, "bn_only", "bn_init", name)``.
-* **FLOPs**: frozen conv/linear layers report ``grad_weight = 0`` (their input gradients are
-  still computed and counted).
+initialisation and trains only the BatchNorm affine parameters (``method.train_classifier``
+also trains the output layer). Federated, a client update is two floats per channel each way,
+after the frozen random features have been sent once in the setup payload. Reference code:
+facebookresearch/open_lth. Options and choices: ``docs/methods/bn_only.md``.
 """
 
 from __future__ import annotations
@@ -45,9 +20,9 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update
 from sparsefl.config import MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, Received, ServerState, StateDict
+from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import ClientState, LocalContext, Received, ServerState, StateDict
 from sparsefl.registry import METHODS
 from sparsefl.rng import torch_gen
 
@@ -56,7 +31,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 @dataclass(frozen=True)
 class BNOnlyConfig(MethodConfig):
-    """Options of BatchNorm-only training (see the module docstring)."""
+    """Options of BatchNorm-only training (docs/methods)."""
 
     train_classifier: bool = opt(False, "also train (and send) the classifier, the last linear layer")
     bn_init: Literal["uniform", "fixed", "keep"] = opt(
@@ -118,7 +93,7 @@ class FrozenHooks(LocalHooks):
 class BNOnly(Method):
     """Train only BatchNorm (and optionally the classifier) on frozen random features.
 
-    See the module docstring for what is trained, sent and counted.
+    See docs/methods/bn_only.md for what is trained, sent and counted.
     """
 
     config_cls = BNOnlyConfig
@@ -165,15 +140,13 @@ class BNOnly(Method):
         return ServerState(round=state.round + 1, params=params, mask=state.mask, extra=state.extra)
 
     # ---------------------------------------------------------------------------------- client
-    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
-        """Keep the frozen tensors in the client's state."""
-        state = dict(client_state)
-        for k in self.frozen:
-            state[f"frozen/{k}"] = setup.values[k]
-        return state
-
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
-        """Load the frozen tensors from the client's state and the round's tensors from the downlink."""
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
+        """Keep the frozen tensors of the setup payload in the client's state; load them and the
+        round's tensors from the downlink."""
+        if setup is not None:
+            client_state = {**client_state, **{f"frozen/{k}": setup.values[k] for k in self.frozen}}
         missing = [k for k in self.frozen if f"frozen/{k}" not in client_state]
         if missing:
             raise ValueError(f"bn_only: the client never received the frozen tensors (e.g. {missing[0]!r})")

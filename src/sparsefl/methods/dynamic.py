@@ -1,94 +1,12 @@
 """Adaptive dynamic pruning for non-IID FL (Yu et al.): per-sample channel gating, sparse uploads.
 
 Yu, Nguyen, Anwar, Jannesari, "Adaptive Dynamic Pruning for Non-IID Federated Learning" (arXiv
-2106.06921 v1; v2: "Heterogeneous Federated Learning using Dynamic Model Pruning and Adaptive
-Gradient"). Registered as ``method.name=dynamic``. The mechanism follows the paper-era (v1)
-reference code, pinned in METHODS.md section 14.3.2: Feature-Boosting-and-Suppression-style
-per-sample channel gating (Gao et al., ICLR 2019).
-
-The gated layer (``method.variant=gating``, the default)
---------------------------------------------------------
-For every convolution followed by a BatchNorm (found by tracing one forward pass: a ``Conv2d``
-whose next module call is a ``BatchNorm2d`` of its width; ResNet shortcuts excluded, see below)
-and for every sample ``x`` of the batch::
-
-    z = GAP(x_in)                   (per input channel; sigmoid(z) with method.sigmoid_on_pool)
-    s = ReLU(W_g z + b_g)           (W_g: Linear(C_in -> C_out), Kaiming-normal; b_g = 1)
-    g = WTA_k(s)                    (keep the k = round(density * C_out) largest, zero the rest)
-    y = ReLU(BN(conv(x_in)) * g)    (the gate multiplies after BN, before the ReLU)
-
-``x_in`` is the input of the convolution. In a ResNet basic block both convolutions are gated,
-the second gate before the residual addition (as the reference ``GatedBlock``).
-
-Suppressed channels are neither computed nor back-propagated for that sample: a zero gate gives
-a zero output and a zero gradient to everything that produced that channel for that sample (the
-conv filter, the BN affine pair, the predictor row). This is the "only retain the salient
-parameter's gradients" of the v2 abstract. The products still run densely here (the gate
-multiplies a dense result): the savings are **theoretical FLOPs** (real speed needs a kernel
-that skips the suppressed filters).
-
-The federated round
--------------------
-1. **Downlink**: the dense global model, predictors included (plain FedAvg broadcast).
-2. **Local training** (:class:`DynamicHooks`): plain SGD on cross-entropy (+ ``method.l1`` times
-   the mean L1 norm of the gates ``g``). While training, the union over all samples of the kept
-   channels of every gated layer is accumulated into the client state.
-3. **Upload**: only what received gradient in the round. Per gated layer, the filters, conv
-   biases, BN weights/biases and predictor rows/biases of the channels in the union; everything
-   else (ungated layers, BN running statistics) dense. **This accounting is ours**: neither
-   reference release transmits sparse data (both send dense state_dicts), so the abstract's
-   "-57% communication" is **not reproduced** here, only our union-of-gradients analogue.
-4. **Aggregation**: each coordinate averaged over the clients that sent it
-   (:func:`sparsefl.fl.aggregate.per_coordinate`); a coordinate nobody sent keeps its value.
-5. **Evaluation** runs the gated model (gating is per sample at inference too).
-   :meth:`Dynamic.inference_flops_per_sample` gives the inference FLOPs per sample with gating
-   beside the dense count.
-
-Parameter names
----------------
-The gated model is a :class:`GatedModel` wrapper that registers the user's model's children
-under their **own names** (no prefix) and adds the predictors under ``gates.``: the predictor of
-the convolution ``layers.0.0.conv1`` is ``gates.layers__0__0__conv1`` (``.`` replaced by
-``__``), so its parameters are ``gates.layers__0__0__conv1.weight`` / ``.bias``. The original
-state_dict names are unchanged; the server's global params (and the saved ``model.safetensors``)
-contain the predictors too. The user's classes are not modified: the gating is two forward hooks
-per layer on the fresh copy the method builds.
-
-The threshold variant (``method.variant=threshold``)
------------------------------------------------------
-The later code release ("FedDP" in FedLib, METHODS.md 14.3.3) implements a different mechanism:
-after every local epoch every conv weight with ``|w| <= method.threshold`` (1e-3) is zeroed in
-place; no gating, no gradient masking, dense uploads and dense FedAvg. Offered as a documented
-alternative; zeroed weights may regrow (masks are not persisted), as in the artifact.
-
-Choices and departures (each an option where it matters)
---------------------------------------------------------
-* ``method.density=0.7``: the reference scripts' ``--ratio 0.7`` (fraction of channels kept).
-  ``k = clip(round(density * C_out), 1, C_out)``, with Python's ``round``.
-* ``method.sigmoid_on_pool=False``: the ResNet reference has no sigmoid on the pooled vector,
-  the VGG one has; neither takes ``|x|`` (FBS does).
-* ``method.l1=0``: the reference uses plain cross-entropy. When set, the penalty is on the gates
-  *after* winner-take-all (FBS puts it on ``s``): a penalty on suppressed saliencies would give
-  gradient to predictor rows of channels that were never kept, breaking the union-of-gradients
-  upload.
-* ``method.gate_shortcut=False``: 1x1 projection shortcuts (modules named ``shortcut`` or
-  ``downsample``) are not gated (gating both branches of a sum leaves no channel skipped).
-* BatchNorm statistics are computed over the dense conv output of the whole batch (the gate
-  comes after BN, as in the reference), so a suppressed (sample, channel) still enters the
-  batch mean/variance of that channel; the BN running buffers are uploaded dense.
-* Kept = selected by winner-take-all. A kept channel whose saliency is 0 (ReLU) is counted as
-  kept and uploaded (a superset of what received gradient; never a subset).
-* Predictor initialisation: from ``sparsefl.rng.seeded_torch(seed, "dynamic", "gates")``.
-* The predictors' own MACs (``C_in * C_out`` per layer and sample) are not layers of the model
-  profile, so the training FLOPs omit them; :meth:`Dynamic.inference_flops_per_sample` adds them
-  to the effective inference count.
-
-FLOPs
------
-:meth:`DynamicHooks.densities` reports, per gated conv and per step, ``LayerDensity(forward = gw
-= gi = mean kept fraction of output channels)``. Only the output-channel saving of each gated
-conv is counted; the zero input channels a gate also gives the next layer are not (a
-conservative count).
+2106.06921). Every convolution followed by a BatchNorm gets a small gate predictor
+(Feature-Boosting-and-Suppression style, Gao et al., ICLR 2019) that keeps, per sample, the
+``density`` fraction of channels with the highest predicted saliency (winner-take-all); the
+client uploads only the channels it used. ``variant=threshold`` prunes channels by a learned
+threshold instead. Inference FLOPs are measured on the test inputs, since the computation
+depends on them. Options and every choice where the paper is silent: ``docs/methods/dynamic.md``.
 """
 
 from __future__ import annotations
@@ -106,9 +24,10 @@ from sparsefl.accounting import LayerDensity, ModelProfile, inference_flops
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.models import ModelSpec
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import ClientState, LocalContext, Received, ServerState, StateDict
 from sparsefl.registry import METHODS
 from sparsefl.rng import seeded_torch
 
@@ -128,7 +47,7 @@ _USED = "dynamic.used."
 
 @dataclass(frozen=True)
 class DynamicConfig(MethodConfig):
-    """Options of Yu et al.'s dynamic pruning (see the module docstring for each choice)."""
+    """Options of Yu et al.'s dynamic pruning (docs/methods)."""
 
     variant: Variant = opt("gating", "gating: v1 per-sample channel gating; threshold: v2 |w| <= threshold zeroing")
     density: float = opt(0.7, "gating: fraction of each gated conv's output channels kept per sample", gt=0, le=1)
@@ -195,7 +114,7 @@ def find_gated_pairs(
 
 
 class GatedModel(nn.Module):
-    """The user's model with FBS-style per-sample channel gates (see the module docstring).
+    """The user's model with FBS-style per-sample channel gates (docs/methods).
 
     The user's model is held unregistered as ``net``; its children (and any root parameters and
     buffers) are registered here under their own names, so the state_dict names are the
@@ -367,8 +286,8 @@ def steps_per_epoch(n: int, batch_size: int) -> int:
 
 @METHODS.register("dynamic", DynamicConfig, summary="Yu et al. dynamic pruning: per-sample channel gating (FBS-style)")
 class Dynamic(Method):
-    """Yu et al.'s adaptive dynamic pruning (v1 gating, or the v2 threshold variant); see the
-    module docstring for the algorithm and every choice."""
+    """Yu et al.'s adaptive dynamic pruning (v1 gating, or the v2 threshold variant); see
+    docs/methods/dynamic.md for the algorithm and every choice."""
 
     config_cls = DynamicConfig
     config: DynamicConfig
@@ -452,7 +371,9 @@ class Dynamic(Method):
         return inference_flops(self.profile, 1, dens).forward + predictors, dense
 
     # ---------------------------------------------------------------------------------- client
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
         """Load the dense global model; forget the previous round's union."""
         model.load_state_dict(down.values, strict=True)
         return {k: v for k, v in client_state.items() if not k.startswith(_USED)}

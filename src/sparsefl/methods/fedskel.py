@@ -1,79 +1,13 @@
-"""FedSkel: federated training of per-client "skeleton" channels (Luo et al., CIKM 2021).
+"""FedSkel: federated training of per-client skeleton channels (Luo et al., CIKM 2021).
 
-Each client picks a *skeleton*: for every convolution, the output channels whose feature maps
-had the largest accumulated L1 norm over a short full-backprop "SetSkel" phase. Afterwards
-("UpdateSkel") the backward pass runs only through the skeleton: the output gradient of every
-non-skeleton channel is zeroed, so non-skeleton filters get no weight gradient and the input
-gradient comes from skeleton channels only, while the forward stays dense. The client uploads
-only its skeleton filters, the server averages each filter over the clients that sent it, and a
-client takes the server's values for its skeleton filters only, keeping its own other filters
-(personalisation). Reference code: BUAA-CI-LAB/FedSkel (``acc-pytorch/sconv.py``,
-``speedup-caffe/base_conv_layer.cpp``); the algorithm as pinned from the code is in METHODS.md
-sections 2 and 14.4.
-
-Choices and departures (every one is a config key where it is a choice)
------------------------------------------------------------------------
-* **Importance** ``m_c = sum over SetSkel steps and over n, h, w of |Y[n, c, h, w]|`` with ``Y``
-  the conv output (before BatchNorm), the paper's activation criterion (``cut_based="act"``).
-  Computed on the device inside a forward hook, with no NumPy round-trips.
-* **Skeleton size** per layer ``k = max(1, floor(ratio * C_out + 0.5))`` channels, the top-k by
-  ``m_c`` (ties to the lower channel index). ``ratio`` is the fraction of each layer's output
-  channels *in* the skeleton (the reference's ``skel_rate``/``cut_percent`` is the fraction cut,
-  ``1 - ratio``; its threshold rule keeps about the same number of channels).
-* **SetSkel length** ``method.setskel_steps`` (default 5; the paper does not give it): the first
-  that many local steps of the selecting round run full backprop while the importance
-  accumulates, then the skeleton is chosen and the rest of the round is skeleton-only. A round
-  with fewer steps selects at its end from what it saw. Selection happens at a client's first
-  participation, as in the reference code (whose ``skel_index`` is filled once), or again every
-  ``method.reselect_every`` rounds of the client's own clock (0 = never, the default).
-* **Per-client ratios** ``method.tiers``: when given, client ``c`` gets the ratio
-  ``tiers[p(c) mod len(tiers)]`` where ``p`` is a permutation of the client ids drawn from
-  ``rng.np_rng(seed, "fedskel", "tiers")``: the tiers get equal shares (up to one client) of the
-  federation, and the assignment depends only on the seed and the federation size.
-* **BatchNorm** (``method.bn``): FedSkel masks ``dL/dY`` of the conv only, so the BatchNorm after
-  it still trains its affine parameters for *every* channel (``bn="train"``, default, the
-  reference's behaviour: BN is sent densely and loaded with a plain state-dict load).
-  ``bn="skeleton"`` also zeroes the gradient at the BN output, freezes ``gamma, beta`` of
-  non-skeleton channels and treats them like the filters (sent and downloaded for skeleton
-  channels only, kept personal otherwise). Running statistics follow the dense forward and are
-  sent densely. Measured on digits (20 clients, 10 per round, 30 rounds, alpha 0.5, ratio 0.25)
-  both reach 0.972 global test accuracy (dense FedAvg 0.983).
-* **Frozen means bit-identical.** Zeroed gradients alone do not stop SGD weight decay (and
-  momentum carried over from the SetSkel steps) from moving a frozen filter, so during
-  skeleton-only steps the optimiser updates only the skeleton rows of each skeletonised tensor
-  (the weight, its bias and, with ``bn="skeleton"``, the BN affine entries;
-  :meth:`LocalHooks.update_rows`): the frozen rows are never written.
-* **Scope**: convolutions only (the reference's ``sconv``); linear layers train densely.
-  ``method.skeleton_linear=true`` (a departure, off by default) also skeletonises every hidden
-  linear layer by output feature (the classifier, the last linear layer, stays dense), which
-  matters for models whose parameters sit mostly in a hidden linear layer (the digits CNN).
-* **Uplink** (``aggregation="per_filter"``): the full-shape weight with a ``sent`` mask of the
-  skeleton rows for each skeletonised layer; everything else (biases, BatchNorm, dense linear
-  layers, buffers) densely. The server learns each client's skeleton from these masks and keeps
-  it in ``ServerState.extra["skel/{client}/{weight name}"]`` (a bool vector over output
-  channels). **Downlink**: the full model at a client's first participation (the server does
-  not know its skeleton yet), afterwards only that client's skeleton rows of the skeletonised
-  tensors plus the dense rest.
-* **Aggregation**: ``per_filter`` (default) averages each coordinate sample-weighted over the
-  clients that sent it (:func:`sparsefl.fl.aggregate.per_coordinate`); a filter nobody sent
-  keeps the server's value. ``mean_full`` is the reference code's ``Fed.py``: the unweighted
-  mean of full state dicts; clients then upload (and download) full models, so it saves no
-  traffic, only backward compute; the client still keeps its own non-skeleton filters on
-  download.
-* **Backward kernels** (``method.backward``): ``compact`` (default) runs each skeleton layer's
-  backward on the gathered skeleton channels (:mod:`sparsefl.kernels.skeleton`: smaller weight-
-  and input-gradient convolutions, the BatchNorm after it computing its input gradient for the
-  skeleton channels only and handing it to the conv directly), which is where FedSkel's
-  wall-clock saving comes from; ``mask`` zeroes the non-skeleton output-gradient channels with a
-  tensor hook and runs the dense backward (the reference; slower than dense). Both train the
-  same model up to floating-point summation order (tests/kernels check 1e-5). Convs whose
-  skeleton padded to 16 channels would be more than half the layer (where gathering costs more
-  than it saves: resnet20's 16-channel stage at ratio 0.1) run the dense backward kernel with
-  the non-skeleton filters zeroed instead: the same products, without the hook's pass over the
-  whole output gradient. Layers the kernels do not cover (grouped convs, string padding) use
-  the mask in either mode. ``benchmarks/speed.py`` measures the two.
-* **Personalisation** is the client's state: its skeleton, the round it was chosen, and its own
-  copy of every skeletonised tensor (``personal_params`` is simply its trained model).
+Each client picks a skeleton: per convolution, the output channels whose feature maps had the
+largest accumulated L1 norm over a short full-backprop SetSkel phase. Afterwards (UpdateSkel)
+the backward runs only through the skeleton, the client uploads only its skeleton filters, the
+server averages each filter over the clients that sent it, and a client takes the server's
+values for its skeleton filters only, keeping its other filters (personalisation). Reference
+code: BUAA-CI-LAB/FedSkel. Options (``skeleton_ratio`` or ``tiers``, ``setskel_steps``,
+``reselect_every``, ``aggregation``, ``skeleton_linear``) and every choice where the paper is
+silent: ``docs/methods/fedskel.md``.
 """
 
 from __future__ import annotations
@@ -91,10 +25,10 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update
 from sparsefl.config import MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
 from sparsefl.kernels.skeleton import CompactSkeleton
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, Received, ServerState
+from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import ClientState, LocalContext, Received, ServerState
 from sparsefl.registry import METHODS
 from sparsefl.rng import np_rng
 
@@ -104,7 +38,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 @dataclass(frozen=True)
 class FedSkelConfig(MethodConfig):
-    """Options of FedSkel (see the module docstring for what each choice means)."""
+    """Options of FedSkel (docs/methods)."""
 
     skeleton_ratio: float = opt(
         0.25, "fraction of each conv layer's output channels in a client's skeleton", gt=0, le=1
@@ -372,7 +306,7 @@ class SkeletonHooks(LocalHooks):
 class FedSkel(Method):
     """FedSkel (Luo et al., CIKM 2021): skeleton-only backprop, upload and personalised download.
 
-    See the module docstring for the algorithm and every choice made.
+    See docs/methods/fedskel.md for the algorithm and every choice made.
     """
 
     config_cls = FedSkelConfig
@@ -431,7 +365,9 @@ class FedSkel(Method):
             return None
         return {layer.name: client_state[f"skel/{layer.name}"].bool() for layer in self.layers}
 
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
         """Load the downlink; for a client with a skeleton, take the server's values for its
         skeleton rows only and keep its own values elsewhere (the reference's
         ``update_skel_weight``). Returns a fresh copy of the state for this round."""

@@ -1,121 +1,12 @@
-"""HideNseek: server-side SynFlow pruning at initialisation and a collectively learned sign supermask.
+"""HideNseek: server-side SynFlow pruning at initialisation and a learned sign supermask.
 
-**A labelled reconstruction.** HideNseek (Vallapuram, Zhou, Kwon, Lee, Xu, Hui; "HideNseek:
-Federated Lottery Ticket via Server-side Pruning and Sign Supermask", arXiv 2206.04385) has no
-public code and its full text was not available; only the abstract and the thesis abstract are
-(METHODS.md sections 3 and 14.2). What they state: the server prunes a *randomly initialised*
-model once, data-free, by synaptic saliency; clients then "collectively learn a sign supermask"
-in {-1, +1} that multiplies the unpruned weights, which stay frozen. Everything else below is a
-choice made here, and each one is an option. No accuracy, traffic or time number of the paper is
-reproduced or claimed. Registered as ``method.name=hidenseek``.
-
-The round
----------
-1. **Server initialisation** (:meth:`HideNseek.init_state`, once): every Conv/Linear weight is
-   re-drawn (``method.weight_init``), then SynFlow (Tanaka et al. 2020,
-   :mod:`sparsefl.pruning.criteria.synflow`) prunes the pruning scope to ``method.sparsity`` in
-   ``method.synflow_iterations`` iterations (100, as the SynFlow reference), data-free (an
-   all-ones input of the data's shape), with the global allocation and SynFlow's per-layer
-   minimum (1 weight, raise with ``method.min_keep_fraction``) against layer collapse
-   (Synaptic-Flow#7). The pruned weights ``W0 = M * W_init`` are then **frozen for good**:
-   ``state.params`` holds them bit for bit in every round.
-2. **Setup payload** (once per client, at its first participation): the frozen tensors, the
-   scope weights with ``sent = M`` so that the mask travels with them. Afterwards both sides know
-   ``M`` (:meth:`known_masks`), so sign tensors cost one bit per kept weight.
-3. **Downlink** (every round): the global signs ``g`` (+-1 on the kept positions, sent with the
-   known mask: 1 bit per kept weight), plus the BatchNorm running statistics and, with
-   ``method.train_bn``, the BatchNorm affine parameters and the Conv/Linear biases.
-4. **Local training** (:class:`SignSupermaskHooks`): the client learns a real score tensor ``s``
-   per sign-scope weight; the forward pass uses the effective weights
-
-   ``W_eff = M * W0 * sign(s)``,  with ``sign(s) = +1 for s >= 0, -1 for s < 0``,
-
-   so ``s > 0`` everywhere reproduces ``W0`` and only signs, never magnitudes, change. Scores
-   start each round as ``g * s0`` with ``s0 > 0`` (``method.score_init``), i.e. from the global
-   signs. The sign is trained with a straight-through estimator (:class:`SignSTE`):
-
-   ``dL/ds = dL/dsign(s) = (dL/dW_eff) * M * W0``  (``ste=identity``), times ``1[|s| <= ste_clip]``
-   (``ste=clipped``, the default, clip 1).
-
-   The reparameterisation is functional (``torch.func.functional_call`` with the effective
-   weights on every forward): the user's model, its parameters and classes are never modified;
-   the frozen parameters get ``requires_grad=False`` for the duration of local training only.
-5. **Uplink**: ``sign(s)`` as +-1 on the kept positions with ``sent = M`` (the known mask), one
-   bit per kept weight with the ``auto`` (default) or ``sign`` codec, plus the BatchNorm running
-   statistics and, with ``method.train_bn``, the trained BatchNorm affine parameters and biases
-   (float32). Nothing else.
-6. **Aggregation** (:func:`sign_vote`): one shared sign mask by majority vote,
-   ``v = sum_k w_k * sign(u_k)`` with ``w_k = n_k`` (samples, ``vote=weighted``, default) or
-   ``1`` (``vote=unweighted``), and ``g_new = sign(v)``; **a tie (v = 0) keeps the previous sign**
-   (METHODS.md 12.3). The votes are summed in int64, so ties are exact. A client's vote is the
-   sign of whatever it sent (a crafted magnitude cannot weigh more). BatchNorm statistics and
-   trained tensors take the sample-weighted mean (FedAvg).
-7. **Evaluation**: the global model ``M * W0 * g`` (:meth:`eval_params`).
-
-Choices (each an option; ``[paper]`` = stated in the abstracts, else chosen here)
--------------------------------------------------------------------------------
-* ``method.sparsity=0.9``: fraction of the pruning scope removed by SynFlow [paper: "same
-  compression rates as state-of-the-art", value unknown]. ``0`` keeps every weight (signs only).
-* ``method.synflow_iterations=100`` (SynFlow's ``--prune-epochs``); ``method.min_keep_fraction=0``
-  (MT rule; SynFlow's ``min_keep=1`` always applies).
-* ``method.prune_first=true``, ``method.prune_classifier=true``: the pruning scope is every
-  Conv/Linear weight (one global SynFlow). Layers left out stay dense but are still sign-trained:
-  the *sign scope* is always every Conv/Linear weight.
-* ``method.weight_init=kaiming_normal``: ``N(0, 2 / fan_in)`` per Conv/Linear weight (METHODS.md
-  3.1's example); ``signed_constant`` draws ``+-sqrt(2 / fan_in)`` (Ramanujan et al.'s signed
-  Kaiming constant: every magnitude equal within a layer); ``model`` keeps the model's own
-  initialisation. Draws come from ``rng.torch_gen(seed, "hidenseek", "init", name)``. Biases keep
-  the model's initialisation.
-* ``method.rescale=false``: with ``true``, the kept weights of each layer are multiplied by
-  ``1 / sqrt(layer density)`` after pruning (keeps the forward scale of a sparse layer, as
-  Ramanujan et al.'s scaled fan-in); part of ``W0``, so still frozen.
-* ``method.score_init=abs_normal`` with ``method.score_scale=0.5``: ``s0 = 0.5 * |N(0, 1)|`` drawn
-  from ``rng.torch_gen(seed, "hidenseek", "scores", client, round, name)`` (about 5% start outside
-  the clip and cannot flip that round); ``constant`` sets ``s0 = score_scale``, which with the
-  clipped STE must lie inside the clip (validated). Random magnitudes make each client's flips
-  a noisy threshold of its gradient, which the vote then averages; on digits (30 rounds, 20
-  clients, alpha 0.5, 90%) this beat a constant 0.5 (final accuracy 0.44 vs 0.30 at the
-  default rates).
-* ``method.ste=clipped``, ``method.ste_clip=1.0`` (METHODS.md 14.2's default); ``identity`` passes
-  the gradient everywhere.
-* ``method.score_lr=5.0``: the learning rate of the scores at round 1 (they follow the same
-  schedule as ``local.lr``). Implemented by scaling the score gradients by ``score_lr / local.lr``
-  after the backward pass, which is exactly a per-tensor learning rate for SGD with momentum;
-  ``local.weight_decay`` acts on the scores at the round's ``local.lr``. The default was chosen
-  on digits (the STE gradient ``dL/dW_eff * W0`` is small, so a score of size 0.5 needs a large
-  rate to flip within a round's few steps; 10 with scale 1 and ``ste=identity`` did better there,
-  0.51, and 25 with scale 1 diverged to chance).
-* ``method.train_bn=false``: the purest reading of the abstract, where clients learn only signs;
-  the BatchNorm affine parameters and the Conv/Linear biases stay at their initialisation (sent
-  once). With ``true`` they are trained with ``local.lr`` and sent as float32 each round. In
-  both cases the BatchNorm *running statistics* travel each way and are averaged: they are not
-  learned weights, but the global model cannot be evaluated without them.
-* ``method.vote=weighted`` (sample-weighted majority), ``unweighted`` (one client, one vote).
-* ``method.personalize=false`` [paper: "collectively" suggests one global mask]. With ``true`` a
-  client keeps its scores in its state across rounds: its first participation starts from the
-  global signs, later ones continue from its own scores (local fine-tuning); it still votes
-  for the global mask each round, and its validation accuracy (``data.val_fraction > 0``) uses
-  its own effective weights (:meth:`personal_params`). Without it, the scores of the last local
-  training are kept only for that validation accuracy and restart from the global signs next
-  time.
-* Scores are stored full-shape (dense), their pruned entries unused (the STE gradient is zero
-  there because ``W0`` is).
-* Codecs: the method cannot force the uplink codec (the runtime encodes with ``comm.up``). Use the
-  default ``comm.up=auto``, which picks sign bits for the +-1 tensors (1 bit per kept weight +
-  a 4-byte mask fingerprint) and the smallest lossless encoding for the rest. ``comm.up=sign``
-  fails on the float BatchNorm tensors; ``float32`` sends 32 bits per coordinate.
-* ``update_norm`` (robust aggregation) is the fraction of kept weights whose sign the client
-  flipped against the global signs (signs are not weights, so a weight-space norm is
-  meaningless).
-
-FLOPs
------
-Per sign-scope layer of density ``d`` (kept / all weights; 1 for layers left out of pruning):
-``LayerDensity(forward=d, grad_input=d, grad_weight=d)``. The forward and input-gradient products
-use ``W_eff`` (density ``d``). There is no weight gradient of the frozen ``W0``, but the score
-gradient ``dL/ds = dL/dW_eff * W0`` needs ``dL/dW_eff`` on the kept positions, a product of the
-same size as a masked weight gradient, so it is counted at ``d``. These are **theoretical**:
-the products run densely here (masked tensors).
+A labelled reconstruction of HideNseek (Vallapuram et al., "HideNseek: Federated Lottery Ticket
+via Server-side Pruning and Sign Supermask", arXiv 2206.04385), which has no public code: the
+server prunes the randomly initialised model once with SynFlow; the kept weights stay frozen and
+clients learn a sign supermask in {-1, +1} over them (scores trained through a straight-through
+estimator), uploading one bit per kept weight; the server takes a majority vote of the signs.
+Every choice beyond the abstract is an option and is listed in ``docs/methods/hidenseek.md``;
+no number of the paper is claimed.
 """
 
 from __future__ import annotations
@@ -133,10 +24,11 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.models import ModelSpec
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import KNOWN, ClientState, LocalContext, Received, ServerState, StateDict
 from sparsefl.pruning import prune
 from sparsefl.registry import METHODS
 from sparsefl.rng import derive_seed, torch_gen
@@ -152,7 +44,7 @@ _BN = nn.modules.batchnorm._BatchNorm
 
 @dataclass(frozen=True)
 class HideNseekConfig(MethodConfig):
-    """Options of HideNseek (see the module docstring for what each one means and why)."""
+    """Options of HideNseek (docs/methods)."""
 
     sparsity: float = opt(0.9, "fraction of the pruning scope removed by SynFlow at initialisation", ge=0, lt=1)
     synflow_iterations: int = opt(100, "SynFlow iterations n (exponential schedule rho**(j/n))", ge=1)
@@ -472,7 +364,7 @@ class SignSupermaskHooks(LocalHooks):
 )
 class HideNseek(Method):
     """HideNseek (reconstruction): server-side SynFlow at init, frozen weights, a sign supermask
-    learned collectively by majority vote; see the module docstring for every choice."""
+    learned collectively by majority vote; see docs/methods for the algorithm and every choice"""
 
     config_cls = HideNseekConfig
     config: HideNseekConfig
@@ -551,10 +443,12 @@ class HideNseek(Method):
         values.update({k: state.params[k] for k in self.roles.per_round})
         return Update(values=values, sent={k: mask[k] for k in self.roles.scope})
 
-    def known_masks(self, state: ServerState) -> dict[str, Tensor]:
-        """``M`` per scope weight: sign tensors are sent without their mask."""
-        mask = self._mask(state)
-        return {k: mask[k] for k in self.roles.scope}
+    def known_masks(self, setup: Update) -> dict[str, Tensor]:
+        """``M`` per scope weight (the setup's sent masks): sign tensors are sent without it."""
+        return {
+            k: setup.sent[k] if k in setup.sent else torch.ones(setup.values[k].shape, dtype=torch.bool)
+            for k in self.roles.scope
+        }
 
     def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
         """Sign majority vote (ties keep the previous sign); FedAvg on the per-round tensors; the
@@ -593,22 +487,15 @@ class HideNseek(Method):
         return effective_params(state.params, self.signs(state))
 
     # ---------------------------------------------------------------------------------- client
-    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
-        """Keep the frozen tensors (``frozen/{name}``) and the mask (``mask/{name}``)."""
-        state = dict(client_state)
-        for k in self.roles.scope + self.roles.frozen:
-            state[f"frozen/{k}"] = setup.values[k]
-        for k in self.roles.scope:
-            sent = setup.sent.get(k)
-            state[f"mask/{k}"] = sent if sent is not None else torch.ones(setup.values[k].shape, dtype=torch.bool)
-        return state
-
-    def client_known_masks(self, client_state: ClientState) -> dict[str, Tensor]:
-        return {k: client_state[f"mask/{k}"] for k in self.roles.scope if f"mask/{k}" in client_state}
-
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
-        """Load ``W0`` and the frozen tensors from the client's state and the per-round tensors
-        from the downlink; keep the round's global signs as ``global_sign/{name}``."""
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
+        """Keep the setup's frozen tensors (``frozen/{name}``; the mask is the runtime's known
+        mask); load ``W0`` and the frozen tensors from the client's state and the per-round
+        tensors from the downlink; keep the round's global signs as ``global_sign/{name}``."""
+        if setup is not None:
+            names = self.roles.scope + self.roles.frozen
+            client_state = {**client_state, **{f"frozen/{k}": setup.values[k] for k in names}}
         missing = [k for k in self.roles.scope + self.roles.frozen if f"frozen/{k}" not in client_state]
         if missing:
             raise ValueError(f"hidenseek: the client never received the frozen tensors (e.g. {missing[0]!r})")
@@ -642,7 +529,7 @@ class HideNseek(Method):
         dens: dict[str, LayerDensity] = {}
         for k in self.roles.scope:
             if k in self.profile:
-                d = float(client_state[f"mask/{k}"].float().mean())
+                d = float(client_state[f"{KNOWN}{k}"].float().mean())
                 dens[k] = LayerDensity(forward=d, grad_input=d, grad_weight=d)
         return SignSupermaskHooks(
             model,
@@ -653,7 +540,7 @@ class HideNseek(Method):
             self.config.score_lr / self.experiment.local.lr,
             dens,
             client_state,
-            {k: client_state[f"mask/{k}"] for k in self.roles.scope if f"mask/{k}" in client_state},
+            {k: client_state[f"{KNOWN}{k}"] for k in self.roles.scope if f"{KNOWN}{k}" in client_state},
         )
 
     def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
@@ -669,7 +556,7 @@ class HideNseek(Method):
         values: StateDict = {}
         sent: dict[str, Tensor] = {}
         for k in self.roles.scope:
-            m = client_state[f"mask/{k}"]
+            m = client_state[f"{KNOWN}{k}"]
             values[k] = hard_sign(client_state[f"score/{k}"]) * m.to(torch.float32)
             sent[k] = m
         sd = model.state_dict()

@@ -1,74 +1,11 @@
-"""Knowledge distillation into a sparse student, composed with any registered method.
+"""Knowledge distillation from a dense teacher into a sparse student of any registered method.
 
-Registered as ``method.name=kd``. The losses follow the KD study "Student Capacity Moderates
-Knowledge Distillation Effectiveness" (Yasar, arXiv 2605.31191; code umutonuryasar/kd-capacity-gap;
-METHODS.md sections 10 and 12.5), the logit loss Hinton, Vinyals & Dean (2015).
-
-Composition (DESIGN principle 6: compose and wrap)
---------------------------------------------------
-KD is not a subclass per method. :class:`KD` holds a *student method* (any registered method:
-``fedavg``, ``static_mask``, ``zerofl``, ``fedskel``, ``dynamic``, ...) built from the nested
-config section ``method.student`` and delegates every server and client hook to it; only
-:meth:`KD.hooks` changes, wrapping the student's :class:`LocalHooks` in :class:`KDHooks`, which
-delegates everything to them and overrides ``loss`` (adds the distillation term),
-``parameters`` (adds the feature projections) and ``after_backward`` (the student's own hook,
-then gradient clipping over student **and** projection parameters). Config::
-
-    method.name = "kd"
-    method.kd = "logit"                    # logit | feature | none
-    method.kd_teacher = "runs/dense/model.safetensors"
-    method.student.name = "static_mask"    # the student method, with its own options:
-    method.student.sparsity = 0.95
-
-The student's options are validated by its own config class (errors name
-``method.student.<key>``). ``method.sparsity`` mirrors the student's (for the run summary); set
-explicitly it must equal it. A student's local round that trains nothing (e.g. the
-``static_mask`` scoring round, whose hooks optimise no model parameter) is left unwrapped.
-
-Losses
-------
-* **Logit** (``method.kd=logit``)::
-
-      L = alpha * T^2 * KL(softmax(t / T) || softmax(s / T)) + (1 - alpha) * L_student
-
-  with ``KL`` averaged over the batch (``batchmean``), ``T = method.kd_temperature``,
-  ``alpha = method.kd_alpha``; the ``T^2`` keeps the soft-target gradients on the scale of the
-  hard ones (Hinton et al.). ``L_student`` is the student method's own loss (cross-entropy, plus
-  e.g. ``dynamic``'s L1 term).
-* **Feature** (``method.kd=feature``)::
-
-      L_feat = mean_l MSE(pool(P_l F_s,l), pool(F_t,l)) + beta * mean_l (1 - cos(GAP(P_l F_s,l), GAP(F_t,l)))
-      L      = alpha * L_feat + (1 - alpha) * L_student
-
-  ``P_l`` a 1x1 convolution from the student's width to the teacher's (Xavier-uniform, no
-  bias), ``pool`` adaptive average pooling of both maps to the smaller spatial size, ``GAP``
-  global average pooling, ``beta = method.kd_beta`` (0.5, the study's value).
-* **Clipping** (``method.kd_clip``, max-norm 1.0; 0 = off) over the union of the student's
-  optimised parameters and the projections: clipping only the student was the study's bug.
-
-Teacher
--------
-A dense model loaded from ``method.kd_teacher`` (a ``model.safetensors``, e.g. the one a dense
-FedAvg run of the same config leaves in its run folder; a missing file or mismatched weights
-fail hard, METHODS.md 12.5), of the student's architecture or of ``method.kd_teacher_model``
-(+ ``method.kd_teacher_width``). It is frozen (``requires_grad=False``, eval mode, no-grad
-forward) and never updated. Feature layers (``method.kd_feature_layers``; default: the stages
-``layers.<i>`` of a ResNet, else every ``BatchNorm2d``) must exist in both models.
-
-Choices and departures
-----------------------
-* **Teacher transport.** The server loads the teacher from ``method.kd_teacher`` and sends it
-  once per client in the setup payload (as ``kd_teacher.*`` tensors, declared through
-  :meth:`KD.setup_spec`), so its bytes are in the run's downlink totals; each client keeps its
-  copy in its state and distils from that copy.
-* **Training the teacher in the same command** (``kd_teacher_rounds``) is not implemented: run
-  dense FedAvg first and pass its ``model.safetensors``.
-* **Projections are client-local**: kept in the client's state between its rounds (fresh,
-  seeded from ``(seed, "kd", "proj", client)``, on its first round), never uploaded or averaged.
-* The teacher's forward passes are not in the training FLOPs (the FLOP profile counts the
-  student's layers only); they cost one dense teacher inference per training sample.
-* Defaults ``alpha = 0.5`` and ``T = 4`` come from the study's grid (alpha in {0.3, 0.5, 0.7},
-  T in {2, 3, 4}).
+``method.name=kd`` wraps a student method (``method.student.name`` and its options under
+``method.student.*``) with :class:`~sparsefl.methods.base.Wrapper`: every hook is the
+student's, except that the teacher travels once per client in the setup payload and the
+student's training hooks gain the distillation loss (:class:`KDHooks`: logit KD after Hinton,
+Vinyals & Dean 2015, or feature KD with 1x1 projections), with gradient clipping over the
+student and the projections together. Options and choices: ``docs/methods/kd.md``.
 """
 
 from __future__ import annotations
@@ -87,8 +24,9 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update, encode_update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl.messages import ClientState
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.methods.base import LocalHooks, Method, Wrapper
+from sparsefl.models import ModelSpec
+from sparsefl.protocol.messages import ClientState, LocalContext, ServerState
 from sparsefl.registry import METHODS, MODELS
 from sparsefl.rng import seeded_torch
 
@@ -214,7 +152,7 @@ class KDHooks(LocalHooks):
     teacher:
         The frozen teacher (never updated; run in eval mode under ``no_grad``).
     mode, alpha, temperature, beta, clip:
-        See the module docstring (``clip`` 0 = no clipping).
+        See docs/methods/kd.md (``clip`` 0 = no clipping).
     feature_layers:
         Module names whose outputs are distilled (``mode="feature"``), in both models.
     projections:
@@ -320,7 +258,7 @@ class KDHooks(LocalHooks):
 
 @dataclass(frozen=True)
 class KDConfig(MethodConfig):
-    """Options of KD composed with a student method (see the module docstring)."""
+    """Options of KD composed with a student method (docs/methods)."""
 
     student: MethodConfig = field(
         default_factory=MethodConfig,
@@ -356,8 +294,9 @@ class KDConfig(MethodConfig):
 
 
 @METHODS.register("kd", KDConfig, summary="Knowledge distillation from a dense teacher into any method's student")
-class KD(Method):
-    """KD wrapped around a student method (see the module docstring)."""
+class KD(Wrapper):
+    """KD wrapped around a student method: the teacher travels in the setup payload, and the
+    student's training hooks gain the distillation loss; every other hook is the student's."""
 
     config_cls = KDConfig
     config: KDConfig
@@ -365,9 +304,8 @@ class KD(Method):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        super().__init__(config, experiment, spec, profile)
-        #: the student method every hook delegates to
-        self.student: Method = METHODS.get(config.student.name)(config.student, experiment, spec, profile)
+        student = METHODS.get(config.student.name)(config.student, experiment, spec, profile)
+        super().__init__(config, experiment, spec, profile, student)
         self.teacher: nn.Module | None = None
         self.feature_layers: list[str] = []
         self._widths: tuple[list[int], list[int]] = ([], [])
@@ -387,6 +325,11 @@ class KD(Method):
                 feature_widths(spec.build(), names, spec.input_shape),
                 feature_widths(self.teacher, names, spec.input_shape),
             )
+
+    @property
+    def student(self) -> Method:
+        """The student method (the wrapped one)."""
+        return self.inner
 
     def _load_teacher(self) -> nn.Module:
         from safetensors.torch import load_file
@@ -436,10 +379,7 @@ class KD(Method):
             p.requires_grad_(False)
         return teacher
 
-    # ---------------------------------------------------------------------------- server: delegate
-    def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
-        return self.student.init_state(params, proxy)
-
+    # ---------------------------------------------------------------------------- what KD changes
     def setup_payload(self, state: ServerState) -> Update | None:
         """The student's setup plus the teacher (``kd_teacher.*``), sent once per client."""
         own = self.student.setup_payload(state)
@@ -458,46 +398,18 @@ class KD(Method):
             out.update({_TEACHER + k: (tuple(v.shape), v.dtype) for k, v in self.teacher.state_dict().items()})
         return out
 
-    def broadcast(self, state: ServerState) -> Update:
-        return self.student.broadcast(state)
-
-    def downlink(self, state: ServerState, client_id: int) -> Update | None:
-        return self.student.downlink(state, client_id)
-
-    def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
-        return self.student.aggregate(state, received)
-
-    def update_norm(self, state: ServerState, received: Received) -> float:
-        return self.student.update_norm(state, received)
-
-    def eval_params(self, state: ServerState) -> StateDict:
-        return self.student.eval_params(state)
-
-    def known_masks(self, state: ServerState) -> dict[str, Tensor]:
-        return self.student.known_masks(state)
-
-    # ---------------------------------------------------------------------------- client
-    def new_model(self) -> nn.Module:
-        return self.student.new_model()
-
-    def client_known_masks(self, client_state: ClientState) -> dict[str, Tensor]:
-        return self.student.client_known_masks(client_state)
-
-    def on_setup(self, setup: Update, client_state: ClientState) -> ClientState:
-        """Keep the teacher's tensors in the client's state; the rest is the student's setup."""
-        teacher = {k: v for k, v in setup.values.items() if k.startswith(_TEACHER)}
-        own = Update(
-            values={k: v for k, v in setup.values.items() if not k.startswith(_TEACHER)},
-            sent={k: v for k, v in setup.sent.items() if not k.startswith(_TEACHER)},
-        )
-        state = self.student.on_setup(own, client_state) if own.values else dict(client_state)
-        return {**state, **teacher}
-
-    def receive(self, model: nn.Module, down: Update, client_state: ClientState) -> ClientState:
-        return self.student.receive(model, down, client_state)
-
-    def personal_params(self, model: nn.Module, client_state: ClientState) -> StateDict:
-        return self.student.personal_params(model, client_state)
+    def receive(
+        self, model: nn.Module, down: Update, client_state: ClientState, setup: Update | None = None
+    ) -> ClientState:
+        """Keep the teacher's tensors of the setup payload; the rest is the student's."""
+        if setup is not None:
+            client_state = {**client_state, **{k: v for k, v in setup.values.items() if k.startswith(_TEACHER)}}
+            own = Update(
+                values={k: v for k, v in setup.values.items() if not k.startswith(_TEACHER)},
+                sent={k: v for k, v in setup.sent.items() if not k.startswith(_TEACHER)},
+            )
+            setup = own if own.values else None
+        return self.student.receive(model, down, client_state, setup)
 
     def projections(self, client_state: ClientState, client_id: int) -> nn.ModuleList:
         """The client's feature projections: from its state, or fresh (seeded) the first time."""
@@ -509,11 +421,12 @@ class KD(Method):
                     p.weight.copy_(client_state[f"{_PROJ}{i}.weight"])
         return projs
 
-    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
-        """The student's hooks wrapped in :class:`KDHooks` (left alone when they train nothing)."""
+    def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks | None:
+        """The student's hooks wrapped in :class:`KDHooks`; left alone when the student trains
+        nothing, or nothing of the model itself (e.g. HideNseek's scores)."""
         inner = self.student.hooks(model, client_state, ctx)
         own = {id(p) for p in model.parameters()}
-        if self.teacher is None or not any(id(p) in own for p in inner.parameters()):
+        if inner is None or self.teacher is None or not any(id(p) in own for p in inner.parameters()):
             return inner
         cfg = self.config
         projs = self.projections(client_state, ctx.client_id) if cfg.kd == "feature" else None

@@ -1,111 +1,18 @@
-"""ZeroFL: federated learning with SWAT local sparsity and sparse uploads.
+"""ZeroFL: SWAT local sparsity on every client and sparse uploads (Qiu et al., ICLR 2022).
 
-ZeroFL (Qiu, Fernandez-Marques, Gusmão, Gao, Parcollet, Lane; "ZeroFL: Efficient On-Device
-Training for Federated Learning with Local Sparsity", ICLR 2022, arXiv 2208.02507) runs SWAT
-(Raihan & Aamodt, "Sparse Weight Activation Training", NeurIPS 2020) on every client and uploads
-only the largest weights (or weight changes) of each sparsified layer. Registered as
-``method.name=zerofl``; the facts used here are pinned in METHODS.md sections 1.1 and 14.1.
+ZeroFL ("ZeroFL: Efficient On-Device Training for Federated Learning with Local Sparsity",
+arXiv 2208.02507) runs SWAT (Raihan & Aamodt, NeurIPS 2020) on every client: each Conv/Linear
+layer of the sparsified scope computes its forward with its top-k weights by magnitude and its
+weight gradient with top-k activations, while dense master weights take the update. The client
+uploads, per layer, the top ``1 - sparsity + mask_ratio`` of its weights (``upload``:
+``topk_weights``, ``diff_topk_weights``, ``topk_diff`` or ``dense``); the server averages them
+(``aggregation``: the paper's zero-as-value rule or ``per_coordinate``).
 
-The round
----------
-1. **Downlink**: the dense global model (the paper's aggregated model is not sparse).
-2. **Local training (SWAT-U)**, for every Conv/Linear layer in the *sparsified scope*:
-
-   * forward ``y = layer(x, W~)`` with ``W~ = TopK(W, keep 1 - sparsity)`` (per layer, by |w|);
-   * input gradient ``dL/dx = conv_input_grad(W~, dL/dy)`` (the sparse weights);
-   * weight gradient ``dL/dW = conv_weight_grad(X~, dL/dy)`` with
-     ``X~ = TopK(x, keep 1 - act_sparsity)`` (per layer, over the whole batch tensor); it is
-     **dense over every weight position**, and the optimiser updates the dense master weights, so
-     weights outside the top-k keep learning and can re-enter it (SWAT's implicit regrowth);
-   * the bias gradient is the usual dense ``sum(dL/dy)``.
-
-   This runs on the layers' own autograd (:func:`swat`): each step the layer computes with a
-   fresh leaf tensor holding ``W~``, whose gradient (dense) moves to ``W`` after the backward
-   (:meth:`ZeroFLHooks.after_backward`), and a saved-tensor hook hands the layer's backward ``X~``
-   where it saved ``x``. :class:`ZeroFLHooks` installs it by replacing the *instance's*
-   ``forward`` for the duration of local training only; :meth:`ZeroFLHooks.close` restores it
-   (the user's classes and parameters are never modified).
-3. **Upload** (``method.upload``), per sparsified layer, the top ``min(1, 1 - sparsity + mask_ratio)``
-   fraction of the layer (paper: sp 0.9, r_mask 0.1 -> top 20%; r_mask 0 -> exactly SWAT's active
-   set):
-
-   * ``topk_weights`` (Top-K-Weights): the weights at the top-|w| positions;
-   * ``diff_topk_weights`` (Diff. on Top-K-Weights): ``w_local - w_received`` at the top-|w| positions;
-   * ``topk_diff`` (Top-K-Weights Diff.): the top-|w_local - w_received| deltas;
-   * ``dense``: the full weights ("Full model" in the paper's tables: vanilla SWAT in FedAvg).
-
-   Every other tensor (the dense input layer, the classifier unless sparsified, BatchNorm weights,
-   biases and buffers) is sent dense as plain values, also under the diff policies (the paper does
-   not say how they are handled; they are small).
-4. **Aggregation** (``method.aggregation``):
-
-   * ``paper`` (Alg. 1): Top-K-Weights is plain sample-weighted FedAvg with unsent weights counted
-     as **zeros** (:func:`sparsefl.fl.aggregate.zero_as_value`); the diff policies use
-     ``w_{t+1} = w_t + sum_k (n_k / n) d_k`` with an unsent delta = no change
-     (:func:`sparsefl.fl.aggregate.delta`), ``n`` = the samples of the round's clients;
-   * ``per_coordinate``: each coordinate averaged over the clients that sent it (deltas likewise,
-     then added to ``w_t``); a coordinate nobody sent keeps the server value. **Not the paper's
-     rule**; offered for comparison.
-
-   Dense tensors (and float buffers such as BN running statistics, and ``num_batches_tracked``,
-   floored) are averaged exactly as FedAvg does.
-5. **Evaluation** uses the global model with every sparsified layer masked to its exact top-k
-   (the paper, §4.3: inference without the top-k collapses to chance). ``personal_params`` (the
-   client's validation accuracy) applies the same top-k to the client's model.
-
-Choices and departures (each an option)
----------------------------------------
-* ``method.sparsify_first=False``: the input layer stays dense, as in the paper (A.6).
-* ``method.sparsify_classifier=False``: the classifier (the last Conv/Linear layer) stays dense, as
-  in the paper's FEMNIST CNN ("the final linear layer is dense"; the ResNet-18 setup sparsifies only
-  the 3x3 convolutions). Set it to true to sparsify it too.
-* ``method.act_sparsity=None``: the activation sparsity equals ``method.sparsity`` (SWAT-U; the paper
-  says "up to 95% sparse weights and activations").
-* ``method.topk_period=10``: SWAT's threshold caching (its config value). An exact top-k, and its
-  magnitude threshold ``tau`` (the k-th largest |v|), is recomputed on step 0 of each local
-  training, on every step ``< warmup_steps``, and every ``topk_period`` steps; in between an entry
-  is kept when ``|v| >= tau`` (``|v| > 0`` when ``tau == 0``), so the kept count may drift from k.
-  Steps count within one client's local training: each round starts from a new aggregated model,
-  so no threshold is carried across rounds.
-* ``method.warmup_steps=0``: the paper does not give SWAT's warm-up inside ZeroFL, and SWAT's
-  warm-up is an epoch boundary of centralised training; in FL the mandatory exact refresh at the
-  start of every round (from a freshly aggregated model) plays that role. Raise it to refresh on
-  every early step.
-* Exact top-k keeps exactly ``k = clip(round(keep * n), 1, n)`` entries; ties in |v| are broken
-  deterministically in favour of the lower flat index (a stable sort).
-* Activation top-k is taken over the whole input tensor of the layer (the batch included), as SWAT
-  does per mini-batch.
-* The learning-rate decay across rounds (``local.lr`` -> ``local.lr_end``, exponential) is done by
-  the server loop; the paper calls it "crucial", so set ``local.lr_end`` as the paper does
-  (CIFAR-10 0.1 -> 0.01, Speech Commands 0.01 -> 0.001, FEMNIST 0.004 -> 0.001). The default config
-  leaves it unset (constant rate).
-* Convolutions with ``padding_mode != "zeros"`` or string padding (``"same"``) are not supported in
-  the sparsified scope (a clear error); all registered models use integer zero padding.
-
-FLOPs
------
-:meth:`ZeroFLHooks.densities` reports, per sparsified layer and per step, ``LayerDensity(forward =
-weight density used, grad_input = weight density used, grad_weight = activation density used)``,
-measured from that step's masks (exactly on a refresh step; in between, tensors over 8,192
-entries are counted on a fixed sample of 8,192 entries in 128 evenly spaced runs of 64,
-because an exact count costs more than the sparsification itself). The resulting training FLOPs
-are **theoretical**: the products run densely here (sparsified tensors), and would only be that
-cheap with sparse kernels.
-
-Speed
------
-Exact top-k refreshes take linear time (:mod:`sparsefl.kernels.topk`; a sort of a 2.4M-weight
-layer took 0.9 s here), and a threshold step sparsifies each weight and input tensor in one pass
-(``hardshrink`` at the cached threshold). On those steps an input's pass runs in the backward,
-right before the weight-gradient product that reads it (:class:`_SparseInput`), so no sparse copy
-is held from the forward and both products read tensors still in cache (a refresh step builds
-the exact top-k's sparse input in the forward). What remains over a dense step is that
-pass over each sparsified layer's input activations and weights, and a few small calls per layer
-(the densities, the hooks). The layers' own autograd replaced a ``torch.autograd.Function`` per
-layer type, whose Python forward and backward cost 1.5-2% of a ResNet-20 step here. oneDNN's dense
-convolutions do not get faster on zeros, and unstructured sparse convolutions lose to them on this
-CPU (PERF_PROBE), so SWAT's sparsity cannot pay for itself in wall-clock time here.
-``benchmarks/speed.py`` measures it.
+SWAT runs on the layers' own autograd: the layer computes with a fresh leaf holding the step's
+sparse weights (its dense gradient moves to the weights in ``after_backward``) and a
+saved-tensor hook hands its backward the sparse input. FLOPs are counted at the densities that
+really ran. Algorithm, options and every choice where the paper is silent:
+``docs/methods/zerofl.md``.
 """
 
 from __future__ import annotations
@@ -123,13 +30,14 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.fl import aggregate as agg
-from sparsefl.fl.messages import ClientState
 from sparsefl.kernels.skeleton import compute_dtype
 from sparsefl.kernels.topk import count_at_least, kth_largest, nonzero_fraction, shrink, topk_flat
 from sparsefl.masks import default_scope
-from sparsefl.methods.base import LocalContext, LocalHooks, Method, ModelSpec, Received, ServerState, StateDict
+from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.models import ModelSpec
 from sparsefl.patching import ForwardPatches
+from sparsefl.protocol import aggregate as agg
+from sparsefl.protocol.messages import ClientState, LocalContext, Received, ServerState, StateDict
 from sparsefl.registry import METHODS
 
 Tensor = torch.Tensor
@@ -143,7 +51,7 @@ UploadPolicy = Literal["topk_weights", "diff_topk_weights", "topk_diff", "dense"
 
 @dataclass(frozen=True)
 class ZeroFLConfig(MethodConfig):
-    """Options of ZeroFL (see the module docstring for what each one means and why)."""
+    """Options of ZeroFL (docs/methods)."""
 
     sparsity: float = opt(0.9, "SWAT weight sparsity: fraction of each sparsified layer's weights zeroed", ge=0, lt=1)
     act_sparsity: float | None = opt(
@@ -451,7 +359,7 @@ class ZeroFLHooks(LocalHooks):
         leaf, goes to the layer's weights (added to any gradient they have), for the optimiser.
         Until then it sits on the leaf: ``torch.autograd.grad`` asked for the weights gives None,
         and a loop that skips this call trains the sparsified weights not at all (the one local
-        loop, :func:`sparsefl.fl.client.train_step`, calls it). Moved here rather than by a hook
+        loop, :func:`sparsefl.runtime.client.train_step`, calls it). Moved here rather than by a hook
         on each leaf (``register_post_accumulate_grad_hook`` or ``register_hook``), which added
         about 50 us a layer here, 1.4% of a ResNet-20 step."""
         for at, ws, _, w in self._w_sparse.values():

@@ -7,6 +7,9 @@ API accepts any user ``nn.Module`` in their place.
 
 from __future__ import annotations
 
+import copy
+from dataclasses import dataclass
+
 from torch import nn
 
 from sparsefl.config import ModelConfig
@@ -22,4 +25,20 @@ def build_model(cfg: ModelConfig, input_shape: tuple[int, ...], num_classes: int
         return builder(tuple(input_shape), num_classes, cfg.width)
 
 
-__all__ = ["build_model"]
+@dataclass(frozen=True)
+class ModelSpec:
+    """How to build a fresh copy of the model anywhere: a template module that is deep-copied.
+
+    Any user ``nn.Module`` works; registered models are built from the config.
+    """
+
+    template: nn.Module
+    input_shape: tuple[int, ...]
+    num_classes: int
+
+    def build(self) -> nn.Module:
+        """A fresh, independent copy of the template."""
+        return copy.deepcopy(self.template)
+
+
+__all__ = ["ModelSpec", "build_model"]

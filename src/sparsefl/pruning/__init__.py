@@ -1,4 +1,4 @@
-"""Pruning: score, then allocate, then schedule (DESIGN principle 3).
+"""Pruning: score, then allocate, then schedule, three parts that are swapped independently.
 
 * :func:`prune` -- one call: a criterion's scores turned into a mask at an exact sparsity (or the
   criterion's own loop for iterative and structured ones). Never changes the model.

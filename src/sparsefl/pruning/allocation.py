@@ -1,38 +1,20 @@
 """Allocation: turn per-weight scores into a mask at an exact target sparsity.
 
-The second of the three swappable parts of pruning (score, **allocate**, schedule; DESIGN
-principle 3). Every rule here is exact and deterministic:
+The second of the three swappable parts of pruning (score, **allocate**, schedule). Every rule
+here is exact and deterministic:
 
 * The kept count is ``K = N - floor(s * N)`` (``floor(s * N)`` is Global MP's ``k``, the number
   removed; a 1e-6 guard absorbs float round-off such as ``0.29 * 100 = 28.999...``).
 * "The k largest" is taken with :func:`topk_mask`: the threshold is the exact k-th largest value
   (:func:`sparsefl.kernels.topk.kth_largest`: exact, linear time; not a histogram or an
-  approximate quantile) and ties at the threshold go
-  to the lower flat index, which is what a stable sort of ``(score descending, index)`` would
-  give. NaN scores rank lowest. The kept count is therefore exactly ``K``, always.
+  approximate quantile) and ties at the threshold go to the lower flat index, which is what a
+  stable sort of ``(score descending, index)`` would give. NaN scores rank lowest. The kept
+  count is therefore exactly ``K``, always.
 
-Rules (``allocation=``):
-
-``global``
-    One threshold over all layers' scores, with the minimum-threshold (MT) rule of Gupta et al.
-    (arXiv 2209.14624): each layer keeps at least ``max(min_keep, floor(min_keep_fraction * N))``
-    weights (a layer smaller than that stays dense; a fractional floor too big for the budget is
-    lowered to fit, see :func:`mt_floors`). Their code rescales per-layer sparsities
-    until the target is met again; :func:`global_counts` does the same exactly: layers that the
-    global threshold leaves below their floor are pinned at the floor, and the threshold is
-    recomputed over the remaining layers with the remaining budget, until no layer falls short.
-``layerwise``
-    Each layer pruned to the same sparsity ``s`` (its own kept count is exact).
-``erk``
-    Erdos-Renyi-Kernel densities (RigL, Evci et al. 2020; :func:`erk_densities`), then per-layer
-    top-k. Per-layer counts are rounded by largest remainder so the global count is exact and each
-    layer is within one weight of its ERK density.
-``lamp``
-    LAMP (Lee et al., ICLR 2021): scores normalised within each layer by
-    ``v_u / sum_{v >= u} v_v`` (ascending order; :func:`lamp_scores`), then the global rule.
-
-``prev_mask`` makes any rule monotone: weights it removed are never revived (gradual and
-iterative pruning). A target below the previous mask's sparsity is an error.
+The rules (``allocation=``) are ``global`` (one threshold with Gupta et al.'s minimum per
+layer), ``layerwise``, ``erk`` and ``lamp``; :func:`allocate` describes each. ``prev_mask``
+makes any rule monotone: weights it removed are never revived (gradual and iterative pruning).
+A target below the previous mask's sparsity is an error.
 
 The rate-distortion dynamic programme of Xu et al. is here too (:func:`rd_dp_allocate`); the
 distortion curves it consumes come from :mod:`sparsefl.pruning.criteria.rd`.
@@ -333,7 +315,7 @@ def allocate(
         Fraction of all scored weights removed, ``0 <= sparsity < 1``. For ``layerwise`` each
         layer is pruned to it; otherwise the total kept count is ``N - floor(sparsity * N)``.
     allocation:
-        ``global`` (default), ``layerwise``, ``erk`` or ``lamp`` (see the module docstring).
+        ``global`` (default), ``layerwise``, ``erk`` or ``lamp`` (see Notes).
     min_keep, min_keep_fraction:
         The MT rule's per-layer minimum (global and lamp): each layer keeps at least
         ``max(min_keep, floor(min_keep_fraction * N))`` weights. ``min_keep=1`` (default) only
@@ -347,6 +329,29 @@ def allocate(
     -------
     Mask
         True = kept.
+
+    Notes
+    -----
+    The rules:
+
+    ``global``
+        One threshold over all layers' scores, with the minimum-threshold (MT) rule of Gupta et
+        al. (arXiv 2209.14624): each layer keeps at least ``max(min_keep, floor(min_keep_fraction
+        * N))`` weights (a layer smaller than that stays dense; a fractional floor too big for the
+        budget is lowered to fit, see :func:`mt_floors`). Their code rescales per-layer
+        sparsities until the target is met again; :func:`global_counts` does the same exactly:
+        layers that the global threshold leaves below their floor are pinned at the floor, and
+        the threshold is recomputed over the remaining layers with the remaining budget, until no
+        layer falls short.
+    ``layerwise``
+        Each layer pruned to the same sparsity ``s`` (its own kept count is exact).
+    ``erk``
+        Erdos-Renyi-Kernel densities (RigL, Evci et al. 2020; :func:`erk_densities`), then
+        per-layer top-k. Per-layer counts are rounded by largest remainder so the global count is
+        exact and each layer is within one weight of its ERK density.
+    ``lamp``
+        LAMP (Lee et al., ICLR 2021): scores normalised within each layer by
+        ``v_u / sum_{v >= u} v_v`` (ascending order; :func:`lamp_scores`), then the global rule.
     """
     sparsity = check_sparsity(sparsity)
     if allocation not in ALLOCATIONS:

@@ -6,13 +6,13 @@ the loss; the seed) and returns either per-weight *scores* (higher = more import
 allocation (:mod:`sparsefl.pruning.allocation`) turns into a mask, or, for criteria that own
 their loop (SynFlow, rate-distortion, Skeletonization), the mask itself.
 
-Purity (DESIGN principle 8): a criterion never touches the user's model. It works on
-:meth:`PruneContext.working_copy`, a ``copy.deepcopy`` whose gradients are cleared and whose
-mode and ``requires_grad`` flags are set for the job; temporary forward hooks live on that copy
-only, and gradients are taken with :func:`torch.autograd.grad`, which fills no ``.grad`` field.
-Randomness inside a criterion (dropout during a scoring pass, random scores, random calibration
-inputs) comes from generators derived from the seed (principle 7); the global torch RNG is
-forked for the duration of a call and restored afterwards.
+Purity: a criterion never touches the user's model, which comes back exactly as it went in.
+It works on :meth:`PruneContext.working_copy`, a ``copy.deepcopy`` whose gradients are cleared
+and whose mode and ``requires_grad`` flags are set for the job; temporary forward hooks live on
+that copy only, and gradients are taken with :func:`torch.autograd.grad`, which fills no
+``.grad`` field. Randomness inside a criterion (dropout during a scoring pass, random scores,
+random calibration inputs) comes from generators derived from the seed, never from seeded
+globals; the global torch RNG is forked for the duration of a call and restored afterwards.
 """
 
 from __future__ import annotations

@@ -1,13 +1,13 @@
 """``FlowerEngine``: runs the server loop's client tasks on Flower nodes through a ``Grid``.
 
 Everything the server decides (sampling, faults, encoding, decoding, aggregation,
-evaluation) happens in :class:`sparsefl.fl.server.Server`; this engine only carries each
-:class:`~sparsefl.fl.messages.ClientTask` to the node hosting the client and brings back a
-:class:`~sparsefl.fl.messages.ClientResult` or a :class:`~sparsefl.fl.server.ClientFailure`,
+evaluation) happens in :class:`sparsefl.runtime.server.Server`; this engine only carries each
+:class:`~sparsefl.protocol.messages.ClientTask` to the node hosting the client and brings back a
+:class:`~sparsefl.protocol.messages.ClientResult` or a :class:`~sparsefl.runtime.server.ClientFailure`,
 in task order, exactly as :class:`~sparsefl.engines.embedded.EmbeddedEngine` does.
 
 Client ``c`` lives on node ``sorted(node_ids)[c mod N]`` for the whole run
-(:func:`~sparsefl.engines.flower.options.node_of_client`), because its state is in that
+(:func:`node_of_client`), because its state is in that
 node's ``context.state``. A node never has two of our messages in flight: when a round
 samples several clients of one node, they go in *waves* (the k-th client of every node in
 wave k). Flower's simulation runtime runs two messages for one node concurrently and keeps
@@ -32,7 +32,6 @@ from flwr.app import Message, MessageType
 from flwr.serverapp import Grid
 from flwr.supercore.inflatable.inflatable_object import get_all_nested_objects
 
-from sparsefl.engines.flower.options import node_of_client
 from sparsefl.engines.flower.records import (
     DOWN,
     ERROR_PREFIX,
@@ -40,8 +39,19 @@ from sparsefl.engines.flower.records import (
     result_from_content,
     task_content,
 )
-from sparsefl.fl.messages import ClientResult, ClientTask
-from sparsefl.fl.server import ClientFailure, ResultCallback
+from sparsefl.protocol.messages import ClientFailure, ClientResult, ClientTask
+from sparsefl.runtime.server import ResultCallback
+
+
+def node_of_client(client_id: int, node_ids: list[int]) -> int:
+    """The node that hosts client ``client_id``: ``sorted(node_ids)[client_id mod N]``.
+
+    Fixed for the whole run (the node list is taken once, before round 1), because a client's
+    state lives in that node's ``context.state``. Several clients share a node when there are
+    more clients than nodes.
+    """
+    ids = sorted(node_ids)
+    return ids[client_id % len(ids)]
 
 
 def serialized_bytes(obj: Any) -> int:
@@ -50,7 +60,7 @@ def serialized_bytes(obj: Any) -> int:
 
 
 class FlowerEngine:
-    """Runs client tasks on Flower nodes (implements :class:`sparsefl.fl.server.Engine`).
+    """Runs client tasks on Flower nodes (implements :class:`sparsefl.runtime.server.Engine`).
 
     Parameters
     ----------

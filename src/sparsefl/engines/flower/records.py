@@ -4,7 +4,8 @@ The wire format of the adapter (content of a Flower ``Message`` of type ``train`
 
 instruction (ServerApp -> ClientApp)
     ``sparsefl.task`` (ConfigRecord): ``round``, ``client-id``, ``lr``, ``fault`` (``""`` = none),
-    ``experiment`` (short config hash, see :func:`~sparsefl.engines.flower.options.experiment_sha`).
+    ``experiment`` (short config hash, see :func:`~sparsefl.apps.flower.options.experiment_sha`).
+    ``sparsefl.config`` (ConfigRecord): the method's settings for this task, as they are.
     ``sparsefl.down`` (ArrayRecord): ``payload`` and, on a client's first participation,
     ``setup``; each one :class:`flwr.app.Array` of ``dtype="uint8"``, ``shape=(len,)``,
     ``stype="sparsefl/<codec>"`` whose ``data`` is exactly the bytes our codec produced.
@@ -34,12 +35,13 @@ from typing import Any
 import torch
 from flwr.app import Array, ArrayRecord, ConfigRecord, RecordDict
 
-from sparsefl.fl.messages import ClientResult, ClientState, ClientTask
+from sparsefl.protocol.messages import ClientResult, ClientState, ClientTask
 
 TASK = "sparsefl.task"
 DOWN = "sparsefl.down"
 UP = "sparsefl.up"
 RESULT = "sparsefl.result"
+CONFIG = "sparsefl.config"
 STATE_PREFIX = "sparsefl.client."
 STYPE_PREFIX = "sparsefl/"
 TORCH_STYPE = "sparsefl/torch"
@@ -77,7 +79,7 @@ def task_content(task: ClientTask, codec: str, experiment: str) -> RecordDict:
             "experiment": experiment,
         }
     )
-    return RecordDict({TASK: meta, DOWN: down})
+    return RecordDict({TASK: meta, DOWN: down, CONFIG: ConfigRecord(dict(task.config))})
 
 
 def task_from_content(content: RecordDict) -> tuple[ClientTask, str]:
@@ -93,6 +95,7 @@ def task_from_content(content: RecordDict) -> tuple[ClientTask, str]:
         lr=float(meta["lr"]),  # type: ignore[arg-type]
         setup=setup,
         fault=fault,
+        config=dict(content.config_records[CONFIG]) if CONFIG in content.config_records else {},
     )
     return task, str(meta["experiment"])
 

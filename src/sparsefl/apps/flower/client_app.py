@@ -1,12 +1,13 @@
 """The sparsefl ClientApp: one ``train`` handler running the shared client runtime.
 
 For each instruction it rebuilds the experiment from the run config (data, partition, model,
-method; cached per process, so a Ray actor builds it once), takes the addressed client's data
-partition and its state, runs :func:`sparsefl.fl.client.run_client` (the same code as the
-embedded engine, through the same failure wrapper) and replies with the encoded update. The
+method and the clients' data source; cached per process, so a Ray actor builds it once and
+keeps its clients' data shares across messages), takes the addressed client's state, runs
+:func:`sparsefl.runtime.execute_task` (the same code as the embedded engine) and replies with
+the encoded update. The
 client's state lives in the node's ``context.state``, which Flower keeps per node across the
 rounds of one Flower run, or, with ``sparsefl-client-states``, in files on the node
-(:mod:`sparsefl.engines.flower.node_states`), which a resumed run (a new Flower run) finds
+(:mod:`sparsefl.apps.flower.node_states`), which a resumed run (a new Flower run) finds
 again; a node hosts as many clients as map to it (``client mod N``), each under its own key.
 
 In a Deployment every message runs in a fresh ``flwr-clientapp`` process, so the cache does not
@@ -17,14 +18,13 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 from functools import lru_cache
-from typing import Any
 
 from flwr.app import Context, Error, Message
 from flwr.clientapp import ClientApp
 from flwr.common.constant import ErrorCode
 
-from sparsefl.engines.flower.node_states import NodeStates, run_key
-from sparsefl.engines.flower.options import AppOptions, experiment_sha
+from sparsefl.apps.flower.node_states import NodeStates, run_key
+from sparsefl.apps.flower.options import AppOptions, experiment_sha
 from sparsefl.engines.flower.records import (
     ERROR_PREFIX,
     load_state,
@@ -32,6 +32,9 @@ from sparsefl.engines.flower.records import (
     save_state,
     task_from_content,
 )
+from sparsefl.experiment.runner import Built, build
+from sparsefl.protocol.messages import ClientFailure
+from sparsefl.runtime.client import ClientDataSource, execute_task
 
 app = ClientApp()
 
@@ -39,15 +42,15 @@ app = ClientApp()
 @dataclass(frozen=True)
 class _Experiment:
     sha: str
-    built: Any  # sparsefl.experiment.runner.Built
+    built: Built
+    data: ClientDataSource
 
 
 @lru_cache(maxsize=2)
 def _experiment(config_json: str, overrides: str) -> _Experiment:
-    from sparsefl.experiment.runner import build
-
     cfg = AppOptions(config_json=config_json, overrides=overrides).experiment()
-    return _Experiment(experiment_sha(cfg), build(cfg))
+    b = build(cfg)
+    return _Experiment(experiment_sha(cfg), b, ClientDataSource(b.data.x_train, b.data.y_train, b.split))
 
 
 def _error(msg: Message, reason: str) -> Message:
@@ -57,9 +60,6 @@ def _error(msg: Message, reason: str) -> Message:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     """Run one client task; reply with its update, or an ``Error`` saying why it failed."""
-    from sparsefl.engines.embedded import ClientDataSource, execute_task
-    from sparsefl.fl.server import ClientFailure
-
     opts = AppOptions.from_run_config(context.run_config)
     exp = _experiment(opts.config_json, opts.overrides)
     task, sha = task_from_content(msg.content)
@@ -72,8 +72,7 @@ def train(msg: Message, context: Context) -> Message:
         state = load_state(context.state, task.client_id)
     else:
         state = files.load(task.client_id, task.round)
-    data = ClientDataSource(b.data.x_train, b.data.y_train, b.split)
-    out = execute_task(b.method, data, cfg.comm.up, cfg.seed, task, state)
+    out = execute_task(b.method, exp.data, task, state)
     if isinstance(out, ClientFailure):
         return _error(msg, out.reason)
     if files is None:

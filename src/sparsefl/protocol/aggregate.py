@@ -2,11 +2,13 @@
 
 Each takes the clients' decoded :class:`~sparsefl.comm.Update` values, their sample counts, and
 (where needed) the current global tensors, and returns new tensors. The sparse rules differ in
-what an unsent coordinate means (METHODS.md section 0.1):
+what an unsent coordinate means, and so do the papers:
 
-* ``zero_as_value``: an unsent value counts as 0 in the sample-weighted mean (ZeroFL Top-K-W).
+* ``zero_as_value``: an unsent value counts as 0 in the sample-weighted mean (ZeroFL Top-K-W);
+  this pulls weights toward 0.
 * ``per_coordinate``: average each coordinate over the clients that sent it (weights
-  renormalised per coordinate); a coordinate nobody sent keeps the server's value.
+  renormalised per coordinate, "average only over overlapping parameters" as in Hermes,
+  LotteryFL and Sub-FedAvg); a coordinate nobody sent keeps the server's value.
 * ``delta``: updates are deltas; an unsent delta is "no change":
   ``w + sum_k (n_k / n) d_k`` with ``n`` the total samples of the round's clients.
 """
@@ -53,7 +55,7 @@ def weighted_mean(updates: Sequence[Update], num_examples: Sequence[int], names:
         for u, w in zip(updates, weights):
             torch.cat([u.values[n].reshape(-1) for n in flat], out=raw)
             # widened, multiplied, added: not add_(alpha=w), a fused multiply-add rounds once
-            # (numpy's widening multiply, one pass instead of two, took 1.5x as long here)
+            # (and not numpy's one-pass widening multiply, which is 1.5x slower)
             acc += term.copy_(raw).mul_(w)
         for n, part in zip(flat, acc.split([first[n].numel() for n in flat])):
             out[n] = part.to(first[n].dtype, copy=True).reshape(first[n].shape)  # its own buffer

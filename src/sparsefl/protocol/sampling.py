@@ -18,9 +18,10 @@ def sample_clients(seed: int, rnd: int, num_clients: int, k: int, attempt: int =
 
 
 def round_lr(lr: float, lr_end: float | None, rnd: int, rounds: int) -> float:
-    """Exponential decay across rounds, ZeroFL-style (METHODS.md 14.1.3, corrected sign):
-    ``lr_t = lr * exp((t / T) * log(lr_end / lr))`` for round t = 0..T-1 (``rnd`` is 1-based);
-    constant when ``lr_end`` is None."""
+    """Exponential decay across rounds, as in ZeroFL (Qiu et al., ICLR 2022), with the sign of
+    the paper's printed exponent corrected (as printed, the rate would grow):
+    ``lr_t = lr * exp((t / (T - 1)) * log(lr_end / lr))`` for round t = 0..T-1 (``rnd`` is
+    1-based), so the last round runs at ``lr_end``; constant when ``lr_end`` is None."""
     if lr_end is None or rounds <= 1:
         return lr
     t = (rnd - 1) / (rounds - 1)

@@ -3,13 +3,13 @@
 The folder is what ``flwr run DIR <superlink>`` takes::
 
     DIR/pyproject.toml            [project] + [tool.flwr.app] (components, run config)
-    DIR/sparsefl_app/server_app.py  re-exports sparsefl.engines.flower.server_app:app
-    DIR/sparsefl_app/client_app.py  re-exports sparsefl.engines.flower.client_app:app
+    DIR/sparsefl_app/server_app.py  re-exports sparsefl.apps.flower.server_app:app
+    DIR/sparsefl_app/client_app.py  re-exports sparsefl.apps.flower.client_app:app
     DIR/README.md                 how to run it
 
 The app's modules are two-line re-exports, so the Flower App Bundle (FAB) stays a few KB and
 the code that runs is the installed ``sparsefl[flower]`` on the SuperLink's machine and on
-every device. The experiment is the run config (:mod:`sparsefl.engines.flower.options`).
+every device. The experiment is the run config (:mod:`sparsefl.apps.flower.options`).
 ``sparsefl run --set engine=flower-sim|flower-local`` uses this same export, so the exported
 app is the code path the tests run. This module does not import Flower.
 """
@@ -21,8 +21,8 @@ import math
 from pathlib import Path
 from typing import Any
 
+from sparsefl.apps.flower.options import AppOptions
 from sparsefl.config import ExperimentConfig
-from sparsefl.engines.flower.options import AppOptions
 
 APP_PACKAGE = "sparsefl_app"
 FLWR_REQUIREMENT = "flwr[simulation]==1.41.0"
@@ -82,14 +82,14 @@ def pyproject_text(opts: AppOptions, name: str = "sparsefl-app", version: str | 
 
 _SERVER = '''"""ServerApp of this app: sparsefl's (the code is the installed sparsefl[flower])."""
 
-from sparsefl.engines.flower.server_app import app
+from sparsefl.apps.flower.server_app import app
 
 __all__ = ["app"]
 '''
 
 _CLIENT = '''"""ClientApp of this app: sparsefl's (the code is the installed sparsefl[flower])."""
 
-from sparsefl.engines.flower.client_app import app
+from sparsefl.apps.flower.client_app import app
 
 __all__ = ["app"]
 '''

@@ -11,7 +11,6 @@ second thread while round r+1 trains.
 
 from __future__ import annotations
 
-import inspect
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -22,21 +21,14 @@ import torch
 from sparsefl.comm import decode_update, encode_update
 from sparsefl.config import ExperimentConfig
 from sparsefl.errors import DecodeError, SparseflError
-from sparsefl.fl.client import param_spec, torch_threads
-from sparsefl.fl.evaluate import evaluate
-from sparsefl.fl.faults import draw_fault
-from sparsefl.fl.messages import ClientResult, ClientTask
-from sparsefl.fl.sampling import round_lr, sample_clients
-from sparsefl.methods.base import Method, Received, ServerState
-
-
-@dataclass(frozen=True)
-class ClientFailure:
-    """A client that did not return a usable result this round, and why."""
-
-    client_id: int
-    reason: str
-
+from sparsefl.masks import Mask
+from sparsefl.methods.base import Method
+from sparsefl.protocol.faults import draw_fault
+from sparsefl.protocol.messages import ClientFailure, ClientResult, ClientTask, Received, ServerState
+from sparsefl.protocol.sampling import round_lr, sample_clients
+from sparsefl.runtime.client import param_spec, torch_threads
+from sparsefl.runtime.evaluate import evaluate
+from sparsefl.runtime.store import ClientStateStore
 
 ResultCallback = Callable[[int, "ClientResult | ClientFailure"], None]
 
@@ -46,8 +38,7 @@ class Engine(Protocol):
 
     An engine that can calls ``on_result(i, outcome)`` in the calling thread as soon as task
     ``i`` is done: the server decodes it then, in time it would otherwise spend waiting for
-    other processes' clients. Tasks it does not report are decoded after ``run`` returns, and
-    an engine whose ``run`` has no ``on_result`` parameter is called as ``run(tasks)``.
+    other processes' clients. Tasks it does not report are decoded after ``run`` returns.
     """
 
     def run(
@@ -93,23 +84,49 @@ class Server:
     engine: Engine
     x_test: torch.Tensor
     y_test: torch.Tensor
-    initialised: set[int] = field(default_factory=set)
+    initialised: set[int] = field(default_factory=set)  # clients that have the setup payload
+    store: ClientStateStore = field(default_factory=ClientStateStore)  # what the engine keeps between rounds
 
     def __post_init__(self) -> None:
         self._eval_model = self.method.new_model()
         self._spec = param_spec(self._eval_model)
-        # engines written before on_result existed are called as run(tasks)
-        run = getattr(self.engine, "run", None)
-        self._engine_reports = run is not None and "on_result" in inspect.signature(run).parameters
+        self._known: tuple[ServerState, dict[str, torch.Tensor]] | None = None
+
+    def checkpoint(self, state: ServerState) -> dict[str, Any]:
+        """A copy of what the server loop knows after a round: the server state, the clients
+        that have their setup payload and the in-memory client states (copied now: later rounds
+        change tensors in place)."""
+        server = {
+            "round": state.round,
+            "params": state.params,
+            "mask": None if state.mask is None else state.mask.to_dict(),
+            "extra": state.extra,
+        }
+        clients = {str(k): v for k, v in self.store.snapshot().items()}
+        return _copied({"server": server, "initialised": sorted(self.initialised), "clients": clients})
+
+    def restore(self, ckpt: dict[str, Any] | None, initial: ServerState | None = None) -> ServerState:
+        """Back to a :meth:`checkpoint` (client states included), or to ``initial`` for a run
+        that starts afresh."""
+        if ckpt is None:
+            assert initial is not None
+            self.initialised = set()
+            self.store.restore({}, 0)
+            return initial
+        state = state_of(ckpt)
+        self.initialised = set(ckpt["initialised"])
+        self.store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
+        return state
 
     def make_tasks(self, state: ServerState, rnd: int, clients: list[int], attempt: int = 0) -> list[ClientTask]:
-        """Encode each sampled client's downlink (the broadcast is encoded once per round) and
-        draw its injected fault, if any."""
+        """Encode each sampled client's downlink (the broadcast is encoded once per round), add
+        the method's settings for its task and draw its injected fault, if any."""
         cfg = self.cfg
         lr = round_lr(cfg.local.lr, cfg.local.lr_end, rnd, cfg.federation.rounds)
         setup_update = self.method.setup_payload(state)
         setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
-        known = self.method.known_masks(state)
+        known = self.known_masks(state)
+        configs = self.method.task_config(state, clients)
         shared: bytes | None = None
         tasks = []
         for cid in clients:
@@ -122,12 +139,20 @@ class Server:
                 payload = shared
             first = cid not in self.initialised
             fault = draw_fault(cfg.faults, cfg.seed, rnd, attempt, cid)
-            tasks.append(ClientTask(rnd, cid, payload, lr, setup if first else None, fault))
+            tasks.append(ClientTask(rnd, cid, payload, lr, setup if first else None, fault, dict(configs.get(cid, {}))))
         return tasks
+
+    def known_masks(self, state: ServerState) -> dict[str, torch.Tensor]:
+        """The masks every client holds from the setup payload (later messages omit them); kept
+        for the round's state, which every upload of the round is decoded against."""
+        if self._known is None or self._known[0] is not state:
+            setup = self.method.setup_payload(state)
+            self._known = (state, {} if setup is None else self.method.known_masks(setup))
+        return self._known[1]
 
     def decode(self, state: ServerState, result: ClientResult) -> Received:
         """Strictly decode one upload (DecodeError on anything malformed, NaN or Inf included)."""
-        upd = decode_update(result.payload, self._spec, known=self.method.known_masks(state))
+        upd = decode_update(result.payload, self._spec, known=self.known_masks(state))
         return Received(result.client_id, upd, result.num_examples)
 
     def _screen(self, state: ServerState, task: ClientTask, out: ClientResult | ClientFailure) -> Received | str:
@@ -187,7 +212,7 @@ class Server:
             def arrived(i: int, out: ClientResult | ClientFailure) -> None:
                 screened[i] = self._screen(state, tasks[i], out)  # noqa: B023 - called within this attempt
 
-            outcomes = self.engine.run(tasks, on_result=arrived) if self._engine_reports else self.engine.run(tasks)
+            outcomes = self.engine.run(tasks, on_result=arrived)
             ok: list[tuple[ClientResult, Received]] = []
             for i, (task, out) in enumerate(zip(tasks, outcomes, strict=True)):
                 if isinstance(out, ClientResult):
@@ -271,4 +296,19 @@ class Server:
         return kept
 
 
-RoundCallback = Callable[[ServerState, RoundRecord], None]
+def state_of(ckpt: dict[str, Any]) -> ServerState:
+    """The server state of a :meth:`Server.checkpoint`."""
+    d = ckpt["server"]
+    mask = None if d["mask"] is None else Mask(d["mask"])
+    return ServerState(round=int(d["round"]), params=d["params"], mask=mask, extra=d["extra"])
+
+
+def _copied(obj: Any) -> Any:
+    """``obj`` with every dict and list copied and every tensor cloned (a snapshot)."""
+    if isinstance(obj, torch.Tensor):
+        return obj.detach().clone()
+    if isinstance(obj, dict):
+        return {k: _copied(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return type(obj)(_copied(v) for v in obj)
+    return obj

@@ -16,7 +16,7 @@ key                         meaning
 ``sparsefl-out``            the run folder the ServerApp writes (relative to its working directory)
 ``sparsefl-nodes``          SuperNodes to wait for before round 1 (the client -> node map uses them)
 ``sparsefl-node-wait``      seconds to wait for them (default 300)
-``sparsefl-reply-timeout``  seconds to wait for one wave of replies; 0 = automatic (see below)
+``sparsefl-reply-timeout``  seconds to wait for one wave of replies; 0 = automatic (``reply_wait``)
 ``sparsefl-reply-grace``    automatic wait = ``federation.client_timeout`` + this (default 30 s)
 ``sparsefl-poll``           seconds between reply polls of the ServerApp (default 0.2)
 ``sparsefl-trace``          a JSONL file the ServerApp appends one line per message to ("" = off)
@@ -24,15 +24,9 @@ key                         meaning
                             and round ("" = off: ``context.state``, lost on resume)
 =========================== ========================================================================
 
-The default wait for replies: ``federation.client_timeout + sparsefl-reply-grace`` when
-``federation.client_timeout > 0`` (the grace covers what Flower adds to a client's own time:
-ClientApp process start, polling), else :data:`DEFAULT_REPLY_TIMEOUT` (one hour). A SuperNode
-that dies is reported sooner by Flower itself: the SuperLink answers its pending messages with
-a *node unavailable* error once the node misses its heartbeats (at most 2 x 30 s in 1.41).
-
-Number of nodes: the config has no key for it yet (``engine_nodes`` is proposed); it comes
-from a function argument, else the environment variable ``SPARSEFL_FLOWER_NODES``, else the
-defaults of :func:`default_nodes`. This module does not import Flower.
+The number of nodes has no config key; :func:`default_nodes` takes it from a function
+argument, the environment variable ``SPARSEFL_FLOWER_NODES`` or a default. This module does
+not import Flower.
 """
 
 from __future__ import annotations
@@ -53,7 +47,7 @@ DEFAULT_REPLY_TIMEOUT = 3600.0
 DEFAULT_REPLY_GRACE = 30.0
 #: Seconds the ServerApp waits for the expected SuperNodes to connect.
 DEFAULT_NODE_WAIT = 300.0
-#: Environment variable naming the number of Flower nodes (until the config has a key for it).
+#: Environment variable naming the number of Flower nodes (the config has no key for it).
 NODES_ENV = "SPARSEFL_FLOWER_NODES"
 
 PREFIX = "sparsefl-"
@@ -76,7 +70,7 @@ class AppOptions:
     node_wait:
         Seconds it waits for them.
     reply_timeout:
-        Seconds to wait for one wave of replies; 0 = automatic (module docstring).
+        Seconds to wait for one wave of replies; 0 = automatic (:meth:`reply_wait`).
     reply_grace:
         Added to ``federation.client_timeout`` for the automatic wait.
     poll:
@@ -86,7 +80,7 @@ class AppOptions:
     client_states:
         A folder (on each node's file system) for the clients' states, so that a resumed run,
         which is a new Flower run with an empty ``context.state``, finds them
-        (:mod:`sparsefl.engines.flower.client_app`); ``""`` = none.
+        (:mod:`sparsefl.apps.flower.client_app`); ``""`` = none.
     """
 
     config_json: str
@@ -109,7 +103,16 @@ class AppOptions:
         return load_config(None, shlex.split(self.overrides), base=base)
 
     def reply_wait(self, cfg: ExperimentConfig) -> float:
-        """Seconds to wait for one wave of replies (see the module docstring)."""
+        """Seconds to wait for one wave of replies.
+
+        ``sparsefl-reply-timeout`` when it is set (> 0). Otherwise, automatically:
+        ``federation.client_timeout + sparsefl-reply-grace`` when ``federation.client_timeout >
+        0`` (the grace covers what Flower adds to a client's own time: ClientApp process start,
+        polling), else :data:`DEFAULT_REPLY_TIMEOUT` (one hour). A SuperNode that dies is
+        reported sooner by Flower itself: the SuperLink answers its pending messages with a
+        *node unavailable* error once the node misses its heartbeats (at most 2 x 30 s in Flower
+        1.41).
+        """
         if self.reply_timeout > 0:
             return self.reply_timeout
         if cfg.federation.client_timeout > 0:
@@ -209,17 +212,12 @@ def default_nodes(cfg: ExperimentConfig, nodes: int | None = None) -> int:
     return nodes
 
 
-def node_of_client(client_id: int, node_ids: list[int]) -> int:
-    """The node that hosts client ``client_id``: ``sorted(node_ids)[client_id mod N]``.
-
-    Fixed for the whole run (the node list is taken once, before round 1), because a client's
-    state lives in that node's ``context.state``. Several clients share a node when there are
-    more clients than nodes.
-    """
-    ids = sorted(node_ids)
-    return ids[client_id % len(ids)]
-
-
 def experiment_sha(cfg: ExperimentConfig) -> str:
     """Short identity of a resolved config: a ClientApp refuses tasks of a different one."""
     return config_hash(cfg)[:16]
+
+
+#: Marker of the ServerApp's log line carrying the run's summary (the launcher looks for it).
+RESULT_MARK = "sparsefl-result "
+#: Marker of the ServerApp's log line carrying a sparsefl error that ended the run.
+ERROR_MARK = "sparsefl-error "

@@ -1,6 +1,6 @@
 """The sparsefl ServerApp: our server round loop, with Flower nodes running the clients.
 
-``main`` reads the experiment from the run config (:mod:`sparsefl.engines.flower.options`),
+``main`` reads the experiment from the run config (:mod:`sparsefl.apps.flower.options`),
 waits for the expected SuperNodes, fixes the client -> node map, and calls
 :func:`sparsefl.experiment.runner.run_experiment` with a
 :class:`~sparsefl.engines.flower.engine.FlowerEngine`. The run folder (``sparsefl-out``) is
@@ -9,7 +9,7 @@ therefore written by the same code as for the embedded engine, so its metrics, s
 ``docs/flower.md``: per-client state lives on the nodes for one Flower run only).
 
 It does not use a Flower ``Strategy``: sampling, faults, decoding and aggregation are the
-server loop's (:class:`sparsefl.fl.server.Server`), so every engine gives the same result.
+server loop's (:class:`sparsefl.runtime.server.Server`), so every engine gives the same result.
 """
 
 from __future__ import annotations
@@ -22,14 +22,9 @@ from flwr.app import Context
 from flwr.common.logger import log
 from flwr.serverapp import Grid, ServerApp
 
+from sparsefl.apps.flower.options import ERROR_MARK, RESULT_MARK, AppOptions, experiment_sha
 from sparsefl.engines.flower.engine import FlowerEngine
-from sparsefl.engines.flower.options import AppOptions, experiment_sha
 from sparsefl.errors import SparseflError
-
-#: Marker of the log line carrying the run's summary (the launcher looks for it).
-RESULT_MARK = "sparsefl-result "
-#: Marker of the log line carrying a sparsefl error that ended the run (the launcher reports it).
-ERROR_MARK = "sparsefl-error "
 
 app = ServerApp()
 

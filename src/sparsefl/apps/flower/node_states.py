@@ -27,7 +27,7 @@ import hashlib
 import re
 from pathlib import Path
 
-from sparsefl.fl.messages import ClientState
+from sparsefl.protocol.messages import ClientState
 from sparsefl.state import read_state_file, write_state_file
 
 #: Rounds a node keeps each client's files for (see the module docstring).

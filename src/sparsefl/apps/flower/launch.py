@@ -51,15 +51,13 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
+from sparsefl.apps.flower.export import export_app
+from sparsefl.apps.flower.options import ERROR_MARK, RESULT_MARK, AppOptions, default_nodes
 from sparsefl.config import ExperimentConfig
-from sparsefl.engines.flower.export import export_app
-from sparsefl.engines.flower.options import AppOptions, default_nodes
 from sparsefl.errors import SparseflError
+from sparsefl.orphans import alive, proc_stat
 
 SESSION_ENV = "SPARSEFL_FLOWER_SESSION"
-# keep equal to server_app.RESULT_MARK / ERROR_MARK (that module imports Flower)
-RESULT_MARK = "sparsefl-result "
-ERROR_MARK = "sparsefl-error "
 
 
 class FlowerRunError(SparseflError):
@@ -67,18 +65,6 @@ class FlowerRunError(SparseflError):
 
 
 # -- /proc helpers (Linux) ---------------------------------------------------------------------------
-def _stat(pid: int) -> tuple[int, int] | None:
-    """(parent pid, start time in clock ticks) of a live, non-zombie process, else None."""
-    try:
-        raw = Path(f"/proc/{pid}/stat").read_text()
-    except OSError:
-        return None
-    rest = raw[raw.rfind(")") + 2 :].split()
-    if rest[0] in ("Z", "X"):
-        return None
-    return int(rest[1]), int(rest[19])
-
-
 def _has_tag(pid: int, tag: bytes) -> bool:
     try:
         return tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
@@ -90,17 +76,11 @@ def _all_pids() -> list[int]:
     return [int(p) for p in os.listdir("/proc") if p.isdigit()]
 
 
-def alive(pid: int, start: int | None = None) -> bool:
-    """Whether ``pid`` runs (and, with ``start``, is still the process that started then)."""
-    st = _stat(pid)
-    return st is not None and (start is None or st[1] == start)
-
-
 def descendants(pid: int) -> list[int]:
     """PIDs of the live descendants of ``pid``."""
     children: dict[int, list[int]] = {}
     for p in _all_pids():
-        st = _stat(p)
+        st = proc_stat(p)
         if st is not None:
             children.setdefault(st[0], []).append(p)
     out, todo = [], [pid]
@@ -203,7 +183,7 @@ class LocalFederation:
         children: dict[int, list[int]] = {}
         stats: dict[int, tuple[int, int]] = {}
         for p in _all_pids():
-            st = _stat(p)
+            st = proc_stat(p)
             if st is None:
                 continue
             stats[p] = st
@@ -235,7 +215,7 @@ class LocalFederation:
     def tagged_pids(self) -> list[int]:
         """Live processes carrying this federation's tag (for checks after :meth:`stop`)."""
         tag = f"{SESSION_ENV}={self.tag}".encode()
-        return [p for p in _all_pids() if p != os.getpid() and _stat(p) is not None and _has_tag(p, tag)]
+        return [p for p in _all_pids() if p != os.getpid() and proc_stat(p) is not None and _has_tag(p, tag)]
 
     # -- start / stop -------------------------------------------------------------------------------
     def _popen(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
@@ -251,7 +231,7 @@ class LocalFederation:
                 start_new_session=True,  # no terminal Ctrl-C: we stop them ourselves, in order
             )
         with self._lock:
-            self.seen[proc.pid] = (_stat(proc.pid) or (0, 0))[1]
+            self.seen[proc.pid] = (proc_stat(proc.pid) or (0, 0))[1]
         return proc
 
     def start(self, timeout: float = 60.0) -> None:
@@ -413,9 +393,9 @@ def run_on_flower(
     force, progress, log:
         As for ``run_experiment``; ``progress`` follows ``metrics.jsonl``.
     nodes:
-        SuperNodes (see :func:`~sparsefl.engines.flower.options.default_nodes`).
+        SuperNodes (see :func:`~sparsefl.apps.flower.options.default_nodes`).
     reply_timeout, reply_grace:
-        The ServerApp's wait for replies (see :mod:`~sparsefl.engines.flower.options`).
+        The ServerApp's wait for replies (see :mod:`~sparsefl.apps.flower.options`).
     trace:
         A JSONL file the ServerApp appends one line per message to (bytes Flower carried).
     timeout:
@@ -434,7 +414,7 @@ def run_on_flower(
         temporary folder (kept) with every log.
     """
     from sparsefl.experiment.runfolder import RunFolder
-    from sparsefl.fl.server import RoundRecord
+    from sparsefl.runtime.server import RoundRecord
 
     if cfg.engine not in ("flower-sim", "flower-local"):
         raise FlowerRunError(f"run_on_flower runs engine flower-sim or flower-local, not {cfg.engine!r}")
