@@ -5,10 +5,12 @@ import struct
 
 import numpy as np
 import pytest
+import torch
 
 from sparsefl.config import DataConfig
-from sparsefl.data import load_dataset, make_partition
-from sparsefl.errors import DataError
+from sparsefl.data import Dataset, load_dataset, make_partition
+from sparsefl.errors import ConfigError, DataError
+from sparsefl.registry import PARTITIONERS
 
 
 def test_digits_is_normalised_with_held_out_test_split():
@@ -200,7 +202,7 @@ def test_class_labels_equal_np_unique_without_importing_numpy_ma():
 
     import numpy as np
 
-    from sparsefl.data.partition import class_labels
+    from sparsefl.data.datasets import class_labels
 
     for a in (np.array([3, 1, 2, 3, 1]), np.array([], np.int64), np.array([5]), np.arange(-3, 9).repeat(3)[::-1]):
         assert np.array_equal(class_labels(a), np.unique(a))
@@ -211,3 +213,98 @@ def test_class_labels_equal_np_unique_without_importing_numpy_ma():
     )
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
     assert out.strip() == "False"
+
+
+def _npz(path, x_train, y_train, x_test=None, y_test=None, **extra):
+    x_test = x_train[:4] if x_test is None else x_test
+    y_test = y_train[:4] if y_test is None else y_test
+    np.savez(path, x_train=x_train, y_train=y_train, x_test=x_test, y_test=y_test, **extra)
+    return DataConfig(name="npz", dir=str(path))
+
+
+@pytest.mark.parametrize(
+    "y_train, y_test, num_classes, match",
+    [
+        ([0, 1, 2, 30_000_000], [0, 1], 0, "at most 100,000"),  # never allocates 30M classes
+        ([0, 1, 2, 3], [0, 4], 0, "y_test holds label 4, beyond the training labels 0..3"),
+        ([0, 1, 3, 3], [0, 1], 0, "no sample of class 2"),
+        ([0, 1, 2, 10], [0, 1], 10, r"labels must lie in 0..9 \(10 classes\); found 0..10"),
+        ([0, 1, 2, 1e300], [0, 1], 0, "at most 100,000"),
+        ([0, 1, 2, 0.5], [0, 1], 0, "y_train holds non-integer values"),
+    ],
+)
+def test_npz_labels_are_0_to_c_minus_1(tmp_path, y_train, y_test, num_classes, match):
+    cfg = _npz(tmp_path / "l.npz", np.zeros((4, 3)), np.array(y_train), np.zeros((2, 3)), np.array(y_test))
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(DataConfig(name="npz", dir=cfg.dir, num_classes=num_classes), 0)
+    assert str(tmp_path / "l.npz") in str(e.value) and "\n" not in str(e.value)
+
+
+def test_declared_num_classes(tmp_path):
+    cfg = _npz(tmp_path / "d.npz", np.zeros((4, 3)), np.array([0, 1, 1, 3]))
+    assert load_dataset(DataConfig(name="npz", dir=cfg.dir, num_classes=12), 0).num_classes == 12
+    with pytest.raises(ConfigError, match="0 .inferred. or 10 for digits"):
+        load_dataset(DataConfig(num_classes=5), 0)
+
+
+@pytest.mark.parametrize(
+    "x, options, match",
+    [
+        (np.zeros((4, 40, 40)), {"max_pixels": 1000}, "40 x 40 = 1,600 values; data.max_pixels allows 1,000"),
+        (np.full((4, 3), 1e300), {}, "x_train holds NaN, Inf or values beyond float32"),
+        (np.full((4, 3), 3e38), {}, "too large to normalise"),
+        (np.zeros((4, 3), dtype=np.complex128), {}, "x_train has dtype complex128; expected real numbers"),
+    ],
+)
+def test_npz_inputs_too_large_or_not_real(tmp_path, x, options, match):
+    cfg = _npz(tmp_path / "x.npz", x, np.array([0, 1, 0, 1]))
+    with pytest.raises(DataError, match=match) as e:
+        load_dataset(DataConfig(name="npz", dir=cfg.dir, **options), 0)
+    assert str(tmp_path / "x.npz") in str(e.value)
+
+
+def test_the_default_max_pixels_refuses_2000_by_2000_images(tmp_path):
+    cfg = _npz(tmp_path / "big.npz", np.zeros((2, 2000, 2000), dtype=np.uint8), np.array([0, 1]))
+    with pytest.raises(DataError, match="4,000,000 values; data.max_pixels allows 1,048,576"):
+        load_dataset(cfg, 0)
+
+
+@pytest.mark.parametrize("shape", [(30, 3, 4, 4), (30, 5, 5), (30, 7)])
+def test_the_recorded_normalisation_reproduces_the_inputs_bit_for_bit(tmp_path, shape):
+    rng = np.random.default_rng(0)
+    raw = rng.random(shape) * 255
+    cfg = _npz(tmp_path / "n.npz", raw, np.arange(30) % 3, raw[:6], np.arange(6) % 3)
+    d = load_dataset(cfg, 0)
+    assert d.mean.dtype == d.std.dtype == torch.float32
+    assert (
+        d.mean.shape == d.std.shape == ((shape[1], 1, 1) if len(shape) == 4 else (1, 1, 1) if len(shape) == 3 else (7,))
+    )
+    sample = torch.from_numpy(raw.astype(np.float32)).reshape(d.x_train.shape)
+    assert torch.equal((sample - d.mean) / d.std, d.x_train)
+    digits = load_dataset(DataConfig(), 0)
+    assert digits.mean.shape == (1, 1, 1) and float(digits.std) > 0
+    hand = Dataset("hand", d.x_train, d.y_train, d.x_test, d.y_test, 3)
+    assert hand.mean is None and hand.std is None and hand.client_train is None
+
+
+def test_a_partitioner_may_take_the_whole_dataset():
+    seen = {}
+
+    @PARTITIONERS.register("test_by_feature")
+    def by_feature(labels, num_clients, cfg, rng, *, dataset):
+        seen["dataset"] = dataset
+        order = np.argsort(dataset.x_train[:, 0, 0, 0].numpy(), kind="stable")
+        return np.array_split(order, num_clients)
+
+    try:
+        cfg = DataConfig(partition="test_by_feature")
+        data = load_dataset(cfg, 0)
+        split = make_partition(data, 4, cfg, 0)
+        assert seen["dataset"] is data and sum(split.sizes()) == len(data.y_train)
+        # given labels only, it is handed the dataset those labels came from
+        again = make_partition(data.y_train.numpy(), 4, cfg, 0)
+        assert seen["dataset"] is not data and all(np.array_equal(a, b) for a, b in zip(split.train, again.train))
+        with pytest.raises(DataError, match="pass the Dataset to make_partition"):
+            make_partition(np.zeros(len(data.y_train), dtype=int), 4, cfg, 0)
+    finally:
+        del PARTITIONERS._entries["test_by_feature"]

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -14,6 +15,7 @@ import pytest
 from sparsefl.comm import Update
 from sparsefl.config import load_config
 from sparsefl.experiment.runner import build, run_experiment
+from sparsefl.orphans import all_pids, proc_stat
 from sparsefl.protocol.faults import KINDS, draw_fault
 from sparsefl.protocol.messages import Received
 from sparsefl.runtime.server import RoundFailed, Server
@@ -211,3 +213,46 @@ def test_metrics_lacking_the_last_round_resume_from_the_previous_checkpoint(tmp_
     assert any("after round 2" in x for x in logs)
     assert resumed["model_sha256"] == whole["model_sha256"]
     assert _metrics(tmp_path / "cut") == _metrics(tmp_path / "whole")
+
+
+def _group(pgid: int) -> list[int]:
+    """Live (not zombie) processes of process group ``pgid``."""
+    out = []
+    for pid in all_pids():
+        with contextlib.suppress(OSError):
+            if os.getpgid(pid) == pgid and proc_stat(pid) is not None:
+                out.append(pid)
+    return out
+
+
+def test_ctrl_c_with_worker_processes_prints_one_line_and_leaves_no_process(tmp_path):
+    """Ctrl-C (SIGINT to the whole foreground process group, as a terminal sends it) after the
+    first round of ``sparsefl run --set jobs=2``, at a few moments, once with a client timeout
+    (its own workers): exit code 130, the CLI's one line and no traceback (the workers ignore
+    SIGINT; this process stops them), and no process of the run left."""
+    timeout = ["federation.client_timeout=60"]
+    for i, (delay, extra) in enumerate([(0.0, []), (0.1, []), (0.25, []), (0.1, timeout)]):
+        out = tmp_path / f"r{i}"
+        cmd = [sys.executable, "-m", "sparsefl.cli.main", "run", "--out", str(out)]
+        for o in ["jobs=2", "federation.rounds=50", *extra]:
+            cmd += ["--set", o]
+        p = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, start_new_session=True)
+        try:
+            metrics = out / "metrics.jsonl"
+            deadline = time.monotonic() + 120
+            while not (metrics.exists() and metrics.read_text()) and time.monotonic() < deadline:
+                time.sleep(0.02)
+            time.sleep(delay)
+            assert p.poll() is None, "the run ended before the interrupt"
+            os.killpg(p.pid, signal.SIGINT)
+            err = p.communicate(timeout=60)[1].decode()
+        finally:
+            p.kill()
+        assert p.returncode == 130, err
+        assert "Traceback" not in err and err.strip().splitlines() == [
+            "interrupted; the run folder holds the last complete round (rerun to resume)"
+        ], err
+        deadline = time.monotonic() + 10
+        while _group(p.pid) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert not _group(p.pid), "a worker process survived"

@@ -189,6 +189,19 @@ def test_default_experiment_reaches_093_in_fp32_and_bf16(tmp_path):
     assert b["model_sha256"] != s["model_sha256"]
 
 
+def test_a_folder_of_jobs_1_resumes_with_jobs_2_to_the_same_bits(tmp_path, interrupted_run):
+    """``jobs`` is not part of a run's identity: it changes where clients run, not the bits."""
+    cfg = load_config(overrides=[*TINY, "federation.rounds=4"])
+    whole = run_experiment(cfg, tmp_path / "whole")
+    interrupted_run(cfg, tmp_path / "cut", at=3)
+    logs: list[str] = []
+    resumed = run_experiment(
+        load_config(overrides=[*TINY, "federation.rounds=4", "jobs=2"]), tmp_path / "cut", log=logs.append
+    )
+    assert any("after round 2" in line for line in logs)
+    assert resumed["model_sha256"] == whole["model_sha256"]
+
+
 def test_worker_processes_give_the_same_bits(tmp_path):
     a = run_experiment(load_config(overrides=TINY), tmp_path / "j1")
     b = run_experiment(load_config(overrides=[*TINY, "jobs=2"]), tmp_path / "j2")

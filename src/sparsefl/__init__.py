@@ -14,6 +14,17 @@ from sparsefl.pruning import prune
 from sparsefl.state import state_sha256
 
 
+def load_run(path: str, *, model=None):  # type: ignore[no-untyped-def]
+    """The trained model of the finished run in ``path``, its mask and its input transform:
+    ``r.model(r.transform(x))`` gives the logits of raw inputs ``x`` (see ``docs/run-folder.md``).
+
+    For a run of a user module, pass a module of its class as ``model``.
+    """
+    from sparsefl.experiment.artifacts import load_run as load
+
+    return load(path, model=model)
+
+
 def run(cfg: ExperimentConfig, out: str, *, model=None, force: bool = False) -> dict:  # type: ignore[no-untyped-def]
     """Run an experiment into the folder ``out``; return its summary (see ``summary.json``).
 
@@ -37,6 +48,7 @@ __all__ = [
     "SparseflError",
     "default_scope",
     "load_config",
+    "load_run",
     "prune",
     "run",
     "state_sha256",

@@ -4,7 +4,8 @@ The configuration is a tree of frozen dataclasses. Each field's type is enforced
 or allowed names come from the field's metadata (``ge``, ``gt``, ``le``, ``lt``) or from a
 ``Literal`` type or a registry. The ``method`` section is polymorphic: ``method.name`` selects a
 registered method whose own config dataclass (a subclass of :class:`MethodConfig`) validates the
-rest of the section. Every problem raises :class:`~sparsefl.errors.ConfigError` naming the
+rest of the section; options of another method (left over from switching ``method.name``) are
+ignored with a warning. Every problem raises :class:`~sparsefl.errors.ConfigError` naming the
 dotted key, the value and what is allowed, before any work starts.
 """
 
@@ -13,8 +14,10 @@ from __future__ import annotations
 import dataclasses
 import hashlib
 import json
+import math
 import types
 import typing
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,8 +32,9 @@ from sparsefl.registry import CODECS, DATASETS, METHODS, MODELS, PARTITIONERS, R
 def opt(default: Any, help: str = "", **rules: Any) -> Any:
     """A dataclass field with a default, a help text and validation rules.
 
-    Rules: ``ge``, ``gt``, ``le``, ``lt`` (numeric bounds), ``registry`` (a Registry whose names
-    are the allowed values), ``each`` (bounds applied to every element of a tuple).
+    Rules: ``ge``, ``gt``, ``le``, ``lt`` (numeric bounds, applied to every element of a tuple),
+    ``registry`` (a Registry whose names are the allowed values), ``allow_inf`` (a float option
+    is finite unless this is true; NaN is never allowed).
     """
     if isinstance(default, (list, dict, set)):
         raise TypeError("mutable defaults are not allowed; use a tuple")
@@ -57,6 +61,10 @@ class DataConfig:
         0.2, "held-out test fraction for datasets without a test split (digits, synthetic)", gt=0, lt=1
     )
     partition_seed: int | None = opt(None, "seed of the partition (default: the run seed)")
+    num_classes: int = opt(
+        0, "classes of npz/leaf data (0 = inferred: training labels exactly 0..C-1, C <= 100,000)", ge=0
+    )
+    max_pixels: int = opt(1 << 20, "npz/leaf: the most values one input sample may hold (C x H x W or D)", ge=1)
 
 
 @dataclass(frozen=True)
@@ -77,7 +85,11 @@ class FederationConfig:
     eval_every: int = opt(1, "evaluate the global model every k rounds (and after the last)", ge=1)
     client_state: Literal["memory", "disk"] = opt("memory", "where per-client state lives between rounds")
     min_clients: int = opt(1, "a round needs at least this many successful clients", ge=1)
-    client_timeout: float = opt(0.0, "seconds a client may take (0 = no limit)", ge=0)
+    client_timeout: float = opt(
+        0.0,
+        "seconds a client may run before it is abandoned (0 = no limit; > 0: clients run in worker processes)",
+        ge=0,
+    )
     max_round_retries: int = opt(3, "re-samples of a round that had too few successful clients", ge=0)
     norm_reject_k: float = opt(
         0.0, "robust aggregation: drop updates whose norm exceeds k x the round's median (0 = off)", ge=0
@@ -131,6 +143,13 @@ class FaultsConfig:
 
 
 @dataclass(frozen=True)
+class LogConfig:
+    """Optional logs beside metrics.jsonl; they change nothing a run computes."""
+
+    tensorboard: bool = opt(False, "also write a TensorBoard log to <run folder>/tensorboard (the tensorboard extra)")
+
+
+@dataclass(frozen=True)
 class MethodConfig:
     """Options every method has. Methods subclass this with their own fields."""
 
@@ -152,6 +171,7 @@ class ExperimentConfig:
     method: MethodConfig = field(default_factory=MethodConfig)
     comm: CommConfig = field(default_factory=CommConfig)
     faults: FaultsConfig = field(default_factory=FaultsConfig)
+    log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
         f = self.federation
@@ -247,14 +267,16 @@ def _check_rules(key: str, value: Any, meta: Mapping[str, Any]) -> None:
     ):
         if op in meta:
             bounds.append((fn, meta[op], word))
+    limits = " and ".join(f"{w} {b}" for _, b, w in bounds)
+    finite = not meta.get("allow_inf", False)
     for v in values:
         if isinstance(v, (int, float)) and not isinstance(v, bool):
-            if v != v:  # NaN
-                raise ConfigError(key, value, "a finite number")
-            for fn, b, _word in bounds:
-                if not fn(v, b):
-                    words = " and ".join(f"{w} {bb}" for _, bb, w in bounds)
-                    raise ConfigError(key, value, f"a number {words}")
+            # inf would pass an upper-unbounded check and fail much later, blaming the clients
+            if v != v or (finite and not math.isfinite(v)):
+                kind = "a finite number" if finite else "a number other than NaN"
+                raise ConfigError(key, value, f"{kind} {limits}".rstrip())
+            if not all(fn(v, b) for fn, b, _ in bounds):
+                raise ConfigError(key, value, f"a number {limits}")
 
 
 def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
@@ -278,6 +300,7 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
             sub = data.get(name, {})
             if tp is MethodConfig or (isinstance(tp, type) and issubclass(tp, MethodConfig)):
                 tp = method_config_class(sub.get("name", MethodConfig.name) if isinstance(sub, Mapping) else None)
+                sub = _without_other_methods_options(sub, tp, key + ".")
             kwargs[name] = build(tp, sub, key + ".")
             continue
         if name not in data:
@@ -291,6 +314,30 @@ def build(cls: type, data: Mapping[str, Any], prefix: str = "") -> Any:
         raise
     except (TypeError, ValueError) as e:  # a section's own __post_init__ check
         raise ConfigError(prefix.rstrip(".") or "<root>", data, str(e)) from None
+
+
+def _without_other_methods_options(
+    section: Mapping[str, Any], cls: type[MethodConfig], prefix: str
+) -> Mapping[str, Any]:
+    """The method section less the options ``cls`` lacks but another registered method has.
+
+    They are left over from switching ``method.name`` (a TOML file written for one method, run
+    with ``--set method.name=...``), so they are ignored with a warning; a key that no method
+    has is kept, and refused as unknown.
+    """
+    own = {f.name for f in dataclasses.fields(cls)}
+    owners: dict[str, list[str]] = {}
+    for entry in METHODS:
+        for f in dataclasses.fields(entry.config_cls or MethodConfig):
+            owners.setdefault(f.name, []).append(entry.name)
+    other = [k for k in section if k not in own and k in owners]
+    if not other:
+        return section
+    keys = ", ".join(prefix + k for k in other)
+    methods = ", ".join(sorted({m for k in other for m in owners[k]}))
+    name = section.get("name", MethodConfig.name)
+    warnings.warn(f"ignoring {keys}: method {name!r} has no such option (methods that have: {methods})", stacklevel=2)
+    return {k: v for k, v in section.items() if k not in other}
 
 
 def method_config_class(name: Any) -> type[MethodConfig]:
@@ -341,7 +388,11 @@ def load_config(
         if not p.is_file():
             raise ConfigError("--config", str(p), "an existing TOML file")
         try:
-            file_tree = tomllib.loads(p.read_text())
+            file_tree = tomllib.loads(p.read_text(encoding="utf-8"))
+        except OSError as e:
+            raise ConfigError("--config", str(p), f"a readable TOML file ({e.strerror})") from None
+        except UnicodeDecodeError:
+            raise ConfigError("--config", str(p), "a TOML file in UTF-8 (TOML files are UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("--config", str(p), f"valid TOML ({e})") from None
         for k, v in _flatten(file_tree):
@@ -372,9 +423,16 @@ def from_dict(tree: Mapping[str, Any]) -> ExperimentConfig:
     return build(ExperimentConfig, tree)
 
 
+#: Keys that choose how a run executes, not what it computes (every value gives the same bits):
+#: left out of a run's identity, so a run started with one value resumes with another.
+EXECUTION_KEYS = ("jobs", "log")
+
+
 def config_hash(cfg: ExperimentConfig) -> str:
-    """SHA-256 of the canonical JSON of the resolved config (identifies a run)."""
-    return hashlib.sha256(json.dumps(to_dict(cfg), sort_keys=True).encode()).hexdigest()
+    """SHA-256 of the canonical JSON of the resolved config without :data:`EXECUTION_KEYS`:
+    the identity of a run."""
+    d = {k: v for k, v in to_dict(cfg).items() if k not in EXECUTION_KEYS}
+    return hashlib.sha256(json.dumps(d, sort_keys=True).encode()).hexdigest()
 
 
 def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, str, str]]:
@@ -388,3 +446,9 @@ def describe(cls: type = ExperimentConfig, prefix: str = "") -> list[tuple[str, 
         else:
             rows.append((prefix + f.name, repr(f.default), f.metadata.get("help", "")))
     return rows
+
+
+def describe_method(name: str) -> list[tuple[str, str, str]]:
+    """(key, default, help) for every option of method ``name`` (``method.<key>``, less ``name``),
+    found through :data:`~sparsefl.registry.METHODS`; used by ``sparsefl list keys``."""
+    return [row for row in describe(method_config_class(name), "method.") if row[0] != "method.name"]

@@ -44,12 +44,16 @@ def atomic_write_bytes(path: str | Path, data: bytes) -> None:
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    with open(tmp, "wb") as f:
-        _failpoint(path.name, f, data)
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            _failpoint(path.name, f, data)
+            f.write(data)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # a failed write (a full disk, an interrupt) leaves no temporary file
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
 
 

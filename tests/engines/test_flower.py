@@ -7,6 +7,7 @@ default run because they are the only proof that the adapter works.
 
 from __future__ import annotations
 
+import contextlib
 import json
 import os
 import signal
@@ -25,7 +26,6 @@ pytest.importorskip("flwr")
 import sparsefl  # noqa: E402
 from sparsefl.apps.flower import FlowerRunError, LocalFederation, run_on_flower  # noqa: E402
 from sparsefl.apps.flower.export import export_experiment, toml_value  # noqa: E402
-from sparsefl.apps.flower.launch import descendants  # noqa: E402
 from sparsefl.apps.flower.options import AppOptions, default_nodes  # noqa: E402
 from sparsefl.config import load_config, to_dict  # noqa: E402
 from sparsefl.engines.flower.engine import FlowerEngine, node_of_client, serialized_bytes  # noqa: E402
@@ -41,7 +41,7 @@ from sparsefl.engines.flower.records import (  # noqa: E402
 )
 from sparsefl.errors import ConfigError  # noqa: E402
 from sparsefl.experiment.runner import run_experiment  # noqa: E402
-from sparsefl.orphans import alive  # noqa: E402
+from sparsefl.orphans import alive, descendants, kill_tree, tree  # noqa: E402
 from sparsefl.protocol.messages import ClientResult, ClientTask  # noqa: E402
 from sparsefl.registry import METHODS  # noqa: E402
 
@@ -577,3 +577,76 @@ def test_config_shipped_to_flower_is_the_resolved_one():
     cfg = _cfg("flower-sim", "zerofl", "local.lr_end=0.01")
     assert AppOptions.for_experiment(cfg).experiment() == cfg
     assert json.loads(AppOptions.for_experiment(cfg).config_json) == to_dict(cfg)
+
+
+def _listening_ports(pids) -> set[int]:
+    """TCP ports in LISTEN state held by ``pids`` (all processes when None)."""
+    inodes = set()
+    for pid in pids or []:
+        with contextlib.suppress(OSError):
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                with contextlib.suppress(OSError):
+                    link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                    if link.startswith("socket:["):
+                        inodes.add(link[len("socket:[") : -1])
+    ports = set()
+    for table in ("/proc/net/tcp", "/proc/net/tcp6"):
+        for line in Path(table).read_text().splitlines()[1:]:
+            cols = line.split()
+            if cols[3] == "0A" and (pids is None or cols[9] in inodes):  # 0A: LISTEN
+                ports.add(int(cols[1].rsplit(":", 1)[1], 16))
+    return ports
+
+
+def test_a_sigkilled_parent_takes_its_federation_with_it(tmp_path):
+    """``kill -9`` of ``sparsefl run --set engine=flower-local`` while round 1 trains: within
+    seconds no process of the federation is left (SuperLink, SuperExecs, SuperNodes, ServerApp,
+    ClientApps, ``flwr run``, the watchdog), none of its ports is bound, its temporary folder is
+    gone, and nothing writes to the run folder any more."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "sparsefl.cli.main", "run", "--out", str(out)]
+    for o in [*TINY, "federation.rounds=20", "engine=flower-local"]:
+        cmd += ["--set", o]
+    parent = subprocess.Popen(cmd, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    try:
+        entry, watchdog = None, None
+        deadline = time.monotonic() + 120
+        while time.monotonic() < deadline and parent.poll() is None:
+            kids = descendants(parent.pid)
+            watchdog = next((p for p in kids if b"orphans.py" in _cmdline(p)), watchdog)
+            for p in kids:
+                with contextlib.suppress(OSError):
+                    env = Path(f"/proc/{p}/environ").read_bytes().split(b"\0")
+                    entry = next((e for e in env if e.startswith(b"SPARSEFL_FLOWER_SESSION=")), entry)
+            if entry is not None and any(b"flwr-clientapp" in _cmdline(p) for p in tree(entry)):
+                break
+            time.sleep(0.2)
+        assert entry is not None and watchdog is not None, "the federation did not start"
+        procs = tree(entry)
+        assert any(b"flwr-serverapp" in _cmdline(p) for p in procs), "round 1 is not running"
+        ports = _listening_ports(procs)
+        workdir = Path(_cmdline(watchdog).split(b"\0")[-2].decode())  # the folder it removes
+        assert len(ports) >= 3 and workdir.name.startswith("sparsefl-flower-") and workdir.exists()
+
+        parent.send_signal(signal.SIGKILL)
+        parent.wait()
+        t0 = time.monotonic()
+
+        def gone() -> bool:
+            return (
+                not tree(entry) and not alive(watchdog) and not ports & _listening_ports(None) and not workdir.exists()
+            )
+
+        while not gone() and time.monotonic() - t0 < 15:
+            time.sleep(0.1)
+        assert not tree(entry), "processes of the federation survived"
+        assert not alive(watchdog)
+        assert not ports & _listening_ports(None), "ports of the federation are still bound"
+        assert not workdir.exists()
+        files = {f: f.stat().st_size for f in out.rglob("*") if f.is_file()}
+        time.sleep(2)
+        assert files == {f: f.stat().st_size for f in out.rglob("*") if f.is_file()}, "the run folder is still written"
+    finally:
+        parent.kill()
+        if entry is not None:
+            kill_tree(entry)

@@ -188,6 +188,36 @@ def test_setup_sent_once_and_known_masks_shrink_both_links(tmp_path: Path) -> No
     assert res.flops < 0.2 * res.flops_dense
 
 
+def test_mask_file_replaces_the_criterion_and_is_checked(tmp_path: Path) -> None:
+    """``method.mask_file``: its mask, exactly (scope weights it leaves out stay dense); a file
+    that does not fit the model is refused naming the key; the server needs the file, a client
+    building the method without it does not."""
+    from safetensors.torch import save_file
+
+    conv = torch.rand(4, 1, 3, 3, generator=torch.Generator().manual_seed(0)) > 0.5
+    Mask({"conv.weight": conv}).save(tmp_path / "m.safetensors")
+    m = make_method(mask_file=str(tmp_path / "m.safetensors"), criterion="snip", score_source="client")
+    assert not m.client_scored and m.transport == "setup"  # the file, not a scoring round, gives the mask
+    params = {k: v.clone() for k, v in m.spec.build().state_dict().items()}
+    state = m.init_state(params, None)
+    assert state.mask == {"conv.weight": conv, "fc.weight": torch.ones(3, 64, dtype=torch.bool)}
+    assert bool((state.params["conv.weight"][~conv] == 0).all())
+
+    for content, match in (
+        ({"bn.weight": torch.ones(4, dtype=torch.bool)}, "prunable weights"),
+        ({"conv.weight": torch.ones(4, 1, 5, 5, dtype=torch.bool)}, "shaped"),
+        ({"conv.weight": torch.full((4, 1, 3, 3), 0.5)}, "0/1"),
+    ):
+        save_file(content, str(tmp_path / "bad.safetensors"))
+        with pytest.raises(ConfigError, match=f"method.mask_file.*{match}"):
+            make_method(mask_file=str(tmp_path / "bad.safetensors"))
+    missing = make_method(mask_file=str(tmp_path / "missing.safetensors"))  # a client elsewhere
+    with pytest.raises(ConfigError, match="method.mask_file.*an existing mask.safetensors"):
+        missing.init_state(params, None)  # the server
+    with pytest.raises(ConfigError, match="method.mask_file.*oneshot"):
+        make_method(mask_file=str(tmp_path / "m.safetensors"), schedule="gradual")
+
+
 def test_gradual_schedule_monotone_and_reaches_target_at_prune_until() -> None:
     m = make_method(rounds=8, schedule="gradual", sparsity=0.9, prune_every=2, prune_until=5)
     params = {k: v.clone() for k, v in m.spec.build().state_dict().items()}

@@ -22,12 +22,14 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
 
 
 def run(args: argparse.Namespace, console: Console) -> int:
+    from sparsefl.cli.main import check_output
     from sparsefl.errors import ConfigError
     from sparsefl.experiment.bench import load_suite, run_suite
     from sparsefl.experiment.report import summary_table
 
     if args.jobs < 1:
         raise ConfigError("--jobs", args.jobs, "an integer >= 1")
+    check_output(args.out, "--out")
     suite = load_suite(args.suite)
     total = len(suite.plan())
     console.print(f"suite [bold]{suite.name}[/]: {total} runs, {args.jobs} at a time -> {args.out}")

@@ -13,7 +13,7 @@ from pathlib import Path
 
 from rich.console import Console
 
-from sparsefl.cli.main import add_config_arguments
+from sparsefl.cli.main import add_config_arguments, check_output, output_error
 from sparsefl.config import load_config
 
 
@@ -66,15 +66,19 @@ def run(args: argparse.Namespace, console: Console) -> int:
     if args.reply_timeout < 0:
         raise ConfigError("--reply-timeout", args.reply_timeout, "a number >= 0")
     cfg = load_config(args.config, args.overrides)
-    root = export_experiment(
-        args.dir,
-        cfg,
-        out=str(args.out),
-        nodes=args.nodes,
-        reply_timeout=args.reply_timeout,
-        client_states=args.client_states,
-        name=args.name,
-    )
+    check_output(args.dir, "DIR")
+    try:
+        root = export_experiment(
+            args.dir,
+            cfg,
+            out=str(args.out),
+            nodes=args.nodes,
+            reply_timeout=args.reply_timeout,
+            client_states=args.client_states,
+            name=args.name,
+        )
+    except OSError as e:
+        raise output_error("DIR", args.dir, e) from None
     console.print(f"wrote the Flower app for {cfg.method.name} on {cfg.data.name} to {root}")
     console.print(f"run it with:  flwr run {root} <superlink-connection> --stream", highlight=False)
     return 0

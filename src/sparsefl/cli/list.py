@@ -22,6 +22,7 @@ KINDS = {
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("list", help="list datasets, models, partitioners, methods, criteria, codecs, keys")
     p.add_argument("what", nargs="?", choices=[*KINDS, "keys"], help="one kind only (default: all but keys)")
+    p.add_argument("--method", metavar="NAME", help="with 'keys': only the options of this method")
     p.set_defaults(func=run)
 
 
@@ -29,13 +30,20 @@ def run(args: argparse.Namespace, console: Console) -> int:
     import sparsefl  # noqa: F401  (fills every registry)
 
     if args.what == "keys":
-        from sparsefl.config import describe
+        from sparsefl.config import describe, describe_method
 
         t = Table(title="configuration keys (--set key=value)", header_style="bold")
         for col in ("key", "default", "meaning"):
             t.add_column(col)
-        for key, default, help_ in describe():
-            t.add_row(key, default, help_)
+        if args.method is None:
+            for key, default, help_ in describe():
+                t.add_row(key, default, help_)
+        for name in [args.method] if args.method else METHODS.names():
+            rows = describe_method(name)  # an unknown name: one line naming the valid ones
+            t.add_section()
+            t.add_row(f"method.name = {name!r}", "", METHODS.entry(name).summary)
+            for key, default, help_ in rows:
+                t.add_row(key, default, help_)
         console.print(t)
         return 0
     for kind in [args.what] if args.what else list(KINDS):

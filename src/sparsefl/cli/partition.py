@@ -8,7 +8,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
-from sparsefl.cli.main import add_config_arguments
+from sparsefl.cli.main import add_config_arguments, check_output, output_error
 from sparsefl.config import load_config
 
 
@@ -24,6 +24,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from sparsefl.experiment.plots import plot_partition
 
     cfg = load_config(args.config, args.overrides)
+    png = check_output(args.png, "--png", "file")
     data = load_dataset(cfg.data, cfg.seed)
     labels = data.y_train.numpy()
     split = make_partition(labels, cfg.federation.num_clients, cfg.data, cfg.seed)
@@ -42,7 +43,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     for k, row in enumerate(hist):
         t.add_row(str(k), *[str(int(v)) if v else "." for v in row], str(int(row.sum())), str(len(split.val[k])))
     console.print(t)
-    args.png.parent.mkdir(parents=True, exist_ok=True)
-    plot_partition(args.png, hist, title)
-    console.print(f"wrote {args.png}")
+    try:
+        png.parent.mkdir(parents=True, exist_ok=True)
+        plot_partition(png, hist, title)
+    except OSError as e:
+        raise output_error("--png", png, e) from None
+    console.print(f"wrote {png}")
     return 0

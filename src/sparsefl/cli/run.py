@@ -6,11 +6,12 @@ import argparse
 from pathlib import Path
 
 from rich.console import Console
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeElapsedColumn
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TaskID, TextColumn, TimeElapsedColumn
 from rich.table import Table
 
 from sparsefl.cli.main import add_config_arguments
 from sparsefl.config import load_config
+from sparsefl.errors import RunFolderError
 
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
@@ -52,13 +53,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
                 task, completed=record.round, info=f"acc {acc}  up {_mb(sent['up'])}  down {_mb(sent['down'])}{fails}"
             )
 
-        summary = run_experiment(
-            cfg, out, force=args.force, progress=progress, log=lambda msg: console.print(f"[yellow]{msg}[/]")
-        )
+        try:
+            summary = run_experiment(
+                cfg, out, force=args.force, progress=progress, log=lambda msg: console.print(f"[yellow]{msg}[/]")
+            )
+        except OSError as e:  # the file system refused a write (no space left, read-only, ...)
+            _hide_if_idle(bar, task)
+            raise RunFolderError(f"{e.filename or f'run folder {out}'}: {e.strerror or e}") from None
+        except BaseException:
+            _hide_if_idle(bar, task)  # an error before round 1 is the one line the user sees
+            raise
     if summary.get("status") == "finished":
         console.print(f"[yellow]{out} already holds this finished run (use --force to rerun)[/]")
     console.print(summary_table(summary, f"sparsefl run: {cfg.method.name} on {cfg.data.name} -> {out}"))
     return 0
+
+
+def _hide_if_idle(bar: Progress, task: TaskID) -> None:
+    """Hide the progress bar of a run that ended before its first round."""
+    if not bar.tasks[0].completed:
+        bar.update(task, visible=False)
+        bar.live.transient = True
 
 
 def summary_table(summary: dict, title: str) -> Table:

@@ -1,4 +1,4 @@
-"""``sparsefl show DIR``: the summary of a finished or running run."""
+"""``sparsefl show DIR [DIR ...]``: the summary of a finished or running run, or several side by side."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ from sparsefl.errors import RunFolderError
 
 def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     p = sub.add_parser("show", help="summarise a finished or running run folder")
-    p.add_argument("dir", type=Path, help="run folder")
+    p.add_argument("dirs", nargs="+", type=Path, metavar="DIR", help="run folder; two or more are shown side by side")
     p.add_argument("--rounds", type=int, default=10, help="how many of the latest rounds to list (default 10)")
     p.set_defaults(func=run)
 
@@ -22,17 +22,27 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from sparsefl.cli.run import summary_table
     from sparsefl.experiment.runfolder import RunFolder
 
-    folder = RunFolder(args.dir)
+    if len(args.dirs) > 1:
+        from sparsefl.experiment.report import compare_runs
+
+        console.print(compare_runs(args.dirs))
+        return 0
+    path = args.dirs[0]
+    folder = RunFolder(path)
     cfg = folder.read_config()
     if cfg is None:
-        raise RunFolderError(f"{args.dir} is not a run folder (no config.json)")
+        raise RunFolderError(f"{path} is not a run folder (no config.json)")
     records = folder.read_metrics()
     summary = folder.read_summary()
-    state = "finished" if summary else f"running or interrupted ({len(records)}/{cfg['federation']['rounds']} rounds)"
-    console.print(
-        f"[bold]{args.dir}[/]: {cfg['method']['name']} on {cfg['data']['name']} "
-        f"({cfg['model']['name']}, {cfg['federation']['num_clients']} clients, seed {cfg['seed']}) - {state}"
-    )
+    try:
+        rounds, clients, model = cfg["federation"]["rounds"], cfg["federation"]["num_clients"], cfg["model"]["name"]
+        if isinstance(cfg.get("_model"), dict):  # a user module
+            model = cfg["_model"].get("class")
+        what = f"{cfg['method']['name']} on {cfg['data']['name']} ({model}, {clients} clients, seed {cfg['seed']})"
+    except (KeyError, TypeError):
+        raise RunFolderError(f"{folder.path / 'config.json'} is not a run's configuration") from None
+    state = "finished" if summary else f"running or interrupted ({len(records)}/{rounds} rounds)"
+    console.print(f"[bold]{path}[/]: {what} - {state}")
     t = Table(header_style="bold")
     for col in ("round", "accuracy", "loss", "uplink MB", "downlink MB", "train GFLOP", "client s", "failures"):
         t.add_column(col, justify="right")

@@ -1,15 +1,21 @@
-"""Offline datasets: digits, Fashion-MNIST (IDX), CIFAR-10/100 (python pickles), user .npz, synthetic.
+"""Offline datasets: digits, Fashion-MNIST (IDX), CIFAR-10/100 (python pickles), user .npz, LEAF
+JSON folders, synthetic.
 
 Every loader returns a :class:`Dataset` of float32 inputs normalised with the training split's
-per-channel mean and standard deviation, and int64 labels in ``0..num_classes-1``. Nothing is
-downloaded: a missing or malformed dataset raises :class:`~sparsefl.errors.DataError` saying
-what was expected and where it looked.
+per-channel mean and standard deviation (recorded on it), and int64 labels in
+``0..num_classes-1``. The npz and LEAF loaders also give each training sample's client id, for
+the ``natural`` partition. Nothing is downloaded: a missing or malformed dataset raises
+:class:`~sparsefl.errors.DataError` naming the file and the array, and what was expected.
+
+The class count of user data is ``data.num_classes``, or inferred: the training labels must be
+exactly ``0..C-1``, every class present, with ``C <=`` :data:`MAX_INFERRED_CLASSES`.
 """
 
 from __future__ import annotations
 
 import gzip
 import importlib.util
+import json
 import pickle
 import struct
 from dataclasses import dataclass
@@ -19,17 +25,26 @@ import numpy as np
 import torch
 
 from sparsefl.config import DataConfig
-from sparsefl.data.partition import class_labels
-from sparsefl.errors import DataError
+from sparsefl.errors import ConfigError, DataError
 from sparsefl.registry import DATASETS
 from sparsefl.rng import np_rng
 
 FASHION_MNIST_DIRS = (Path("/usr/share/datasets/fashion-mnist"),)
 
+#: The most classes a class count inferred from the labels may have (``data.num_classes`` declares more).
+MAX_INFERRED_CLASSES = 100_000
+
 
 @dataclass(frozen=True)
 class Dataset:
-    """A train/test pair of tensors. Images are ``N x C x H x W``; flat features ``N x D``."""
+    """A train/test pair of tensors. Images are ``N x C x H x W``; flat features ``N x D``.
+
+    ``mean`` and ``std`` are the per-channel statistics the inputs were normalised with, shaped
+    to broadcast against one sample (``C x 1 x 1`` or ``D``): a sample is ``(raw - mean) / std``
+    in float32, ``raw`` being the loader's float32 values. ``None`` means the inputs are used as
+    given (a Dataset built by hand). ``client_train`` is each training sample's client id (the
+    ``natural`` partition), or ``None``.
+    """
 
     name: str
     x_train: torch.Tensor
@@ -37,6 +52,9 @@ class Dataset:
     x_test: torch.Tensor
     y_test: torch.Tensor
     num_classes: int
+    mean: torch.Tensor | None = None
+    std: torch.Tensor | None = None
+    client_train: torch.Tensor | None = None
 
     @property
     def input_shape(self) -> tuple[int, ...]:
@@ -47,10 +65,66 @@ class Dataset:
 def load_dataset(cfg: DataConfig, seed: int) -> Dataset:
     """Load the dataset ``cfg.name`` (see ``sparsefl list``)."""
     loader = DATASETS.get(cfg.name)
-    return loader(cfg, seed)
+    data = loader(cfg, seed)
+    if cfg.num_classes and data.num_classes != cfg.num_classes:
+        raise ConfigError("data.num_classes", cfg.num_classes, f"0 (inferred) or {data.num_classes} for {cfg.name}")
+    return data
 
 
 # -- helpers ----------------------------------------------------------------------------------------
+
+
+def class_labels(labels: np.ndarray) -> np.ndarray:
+    """The sorted distinct labels: ``np.unique(labels)``, which imports ``numpy.ma`` on its
+    first call (65 ms, 2% of a default run)."""
+    s = np.sort(labels)
+    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
+
+
+def _check_integers(source: str, key: str, a: np.ndarray) -> None:
+    """DataError unless ``a`` holds only integers (an integer dtype, or integer-valued floats)."""
+    if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
+        return
+    if not np.all(np.isfinite(a)) or not np.all(np.equal(np.mod(a, 1), 0)):
+        raise DataError(f"{source}: {key} holds non-integer values; expected integers")
+
+
+def _labels(
+    source: str, y_train: np.ndarray, y_test: np.ndarray, num_classes: int | None
+) -> tuple[np.ndarray, np.ndarray, int]:
+    """The labels as int64 and the class count: ``num_classes``, or inferred (module docstring).
+    Every range is checked before the cast, so a huge label is refused, never allocated for."""
+    for key, y in (("y_train", y_train), ("y_test", y_test)):
+        _check_integers(source, key, y)
+    lo, hi = min(y_train.min(), y_test.min()), max(y_train.max(), y_test.max())
+    if num_classes is not None:
+        if lo < 0 or hi >= num_classes:
+            raise DataError(
+                f"{source}: labels must lie in 0..{num_classes - 1} ({num_classes} classes); found {lo}..{hi}"
+            )
+        return y_train.astype(np.int64), y_test.astype(np.int64), num_classes
+    if lo < 0:
+        raise DataError(f"{source}: labels must lie in 0..C-1; found {lo}")
+    top = y_train.max()
+    if top >= MAX_INFERRED_CLASSES:
+        raise DataError(
+            f"{source}: y_train's largest label is {top}: an inferred class count is at most "
+            f"{MAX_INFERRED_CLASSES:,} (labels 0..C-1); set data.num_classes to declare more"
+        )
+    k = int(top) + 1
+    y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
+    absent = np.flatnonzero(np.bincount(y_train, minlength=k) == 0)
+    if absent.size:
+        raise DataError(
+            f"{source}: y_train has no sample of class {absent[0]} (labels run to {k - 1}): inferred classes "
+            "are 0..C-1, each in the training set; set data.num_classes if some need not be"
+        )
+    if y_test.max() >= k:
+        raise DataError(
+            f"{source}: y_test holds label {y_test.max()}, beyond the training labels 0..{k - 1}; "
+            "set data.num_classes if it is a class"
+        )
+    return y_train, y_test, k
 
 
 def _finish(
@@ -60,35 +134,62 @@ def _finish(
     x_test: np.ndarray,
     y_test: np.ndarray,
     num_classes: int | None = None,
+    *,
+    source: str | None = None,
+    max_pixels: int | None = None,
+    client_train: np.ndarray | None = None,
 ) -> Dataset:
-    """Validate shapes and labels, normalise per channel, convert to tensors."""
+    """Validate shapes, values and labels, normalise per channel, convert to tensors.
+
+    Parameters
+    ----------
+    num_classes:
+        The class count; ``None`` infers it (module docstring).
+    source:
+        What the messages name (the file); default ``name``.
+    max_pixels:
+        The most values one sample may hold (``data.max_pixels``); ``None``: no limit.
+    client_train:
+        Each training sample's client id (integers >= 0), or ``None``.
+    """
+    src = source or name
     for split, x, y in (("train", x_train, y_train), ("test", x_test, y_test)):
         if x.ndim not in (2, 3, 4):
-            raise DataError(f"{name}: x_{split} has shape {x.shape}; expected N x D, N x H x W or N x C x H x W")
+            raise DataError(f"{src}: x_{split} has shape {x.shape}; expected N x D, N x H x W or N x C x H x W")
         if y.ndim != 1 or len(y) != len(x):
-            raise DataError(f"{name}: y_{split} has shape {y.shape}; expected ({len(x)},)")
+            raise DataError(f"{src}: y_{split} has shape {y.shape}; expected ({len(x)},)")
         if len(x) == 0:
-            raise DataError(f"{name}: the {split} split is empty")
-        if not np.issubdtype(y.dtype, np.integer):
-            if not np.all(np.equal(np.mod(y, 1), 0)):
-                raise DataError(f"{name}: y_{split} holds non-integer labels")
-        if not np.all(np.isfinite(x)):
-            raise DataError(f"{name}: x_{split} contains NaN or Inf")
+            raise DataError(f"{src}: the {split} split is empty")
     if x_train.shape[1:] != x_test.shape[1:]:
-        raise DataError(f"{name}: train samples are {x_train.shape[1:]}, test samples {x_test.shape[1:]}")
-    y_train = y_train.astype(np.int64)
-    y_test = y_test.astype(np.int64)
-    lo = min(y_train.min(), y_test.min())
-    k = int(max(y_train.max(), y_test.max())) + 1 if num_classes is None else num_classes
-    if lo < 0 or max(y_train.max(), y_test.max()) >= k:
-        raise DataError(f"{name}: labels must lie in 0..{k - 1}; found {lo}..{max(y_train.max(), y_test.max())}")
+        raise DataError(f"{src}: train samples are {x_train.shape[1:]}, test samples {x_test.shape[1:]}")
+    size = int(np.prod(x_train.shape[1:]))
+    if max_pixels is not None and size > max_pixels:
+        raise DataError(
+            f"{src}: x_train's samples are {' x '.join(map(str, x_train.shape[1:]))} = {size:,} values; "
+            f"data.max_pixels allows {max_pixels:,} (raise it for larger samples)"
+        )
+    y_train, y_test, k = _labels(src, y_train, y_test, num_classes)
+    ids = None
+    if client_train is not None:
+        if client_train.shape != y_train.shape:
+            raise DataError(f"{src}: client_train has shape {client_train.shape}; expected ({len(y_train)},)")
+        _check_integers(src, "client_train", client_train)
+        if client_train.min() < 0:
+            raise DataError(f"{src}: client_train holds {client_train.min()}; client ids are 0..K-1")
+        ids = torch.from_numpy(client_train.astype(np.int64))
     if x_train.ndim == 3:  # N x H x W -> N x 1 x H x W
         x_train, x_test = x_train[:, None], x_test[:, None]
-    x_train = x_train.astype(np.float32)
-    x_test = x_test.astype(np.float32)
     axes = (0, 2, 3) if x_train.ndim == 4 else (0,)
-    mean = x_train.mean(axis=axes, keepdims=True)
-    std = x_train.std(axis=axes, keepdims=True)
+    with np.errstate(over="ignore"):  # an overflow is reported below, as one DataError
+        x_train = x_train.astype(np.float32)
+        x_test = x_test.astype(np.float32)
+        for split, x in (("train", x_train), ("test", x_test)):
+            if not np.all(np.isfinite(x)):  # after the cast: float64 values beyond float32 became inf
+                raise DataError(f"{src}: x_{split} holds NaN, Inf or values beyond float32's range (3.4e38)")
+        mean = x_train.mean(axis=axes, keepdims=True)
+        std = x_train.std(axis=axes, keepdims=True)
+    if not (np.all(np.isfinite(mean)) and np.all(np.isfinite(std))):
+        raise DataError(f"{src}: x_train's values are too large to normalise in float32 (the mean or std overflows)")
     std[std < 1e-8] = 1.0
     x_train = (x_train - mean) / std
     x_test = (x_test - mean) / std
@@ -99,6 +200,9 @@ def _finish(
         torch.from_numpy(np.ascontiguousarray(x_test)),
         torch.from_numpy(y_test),
         k,
+        mean=torch.from_numpy(mean[0].copy()),
+        std=torch.from_numpy(std[0].copy()),
+        client_train=ids,
     )
 
 
@@ -258,7 +362,8 @@ def load_cifar100(cfg: DataConfig, seed: int) -> Dataset:
 
 @DATASETS.register("npz")
 def load_npz(cfg: DataConfig, seed: int) -> Dataset:
-    """A user .npz (data.dir = the file) with x_train, y_train, x_test, y_test; images or flat features."""
+    """A user .npz (data.dir = the file) with x_train, y_train, x_test, y_test (and client_train for
+    the natural partition); images or flat features."""
     if not cfg.dir:
         raise DataError("npz: set data.dir to the .npz file holding x_train, y_train, x_test, y_test")
     path = Path(cfg.dir)
@@ -278,8 +383,89 @@ def load_npz(cfg: DataConfig, seed: int) -> Dataset:
     missing = [k for k in need if k not in arrays]
     if missing:
         raise DataError(f"npz: {path} lacks {', '.join(missing)} (has {', '.join(arrays) or 'nothing'})")
+    if "client_test" in arrays:
+        raise DataError(
+            f"npz: {path}: client_test is not supported (x_test, y_test is one test set shared by all "
+            "clients); remove it (client_train gives the natural split)"
+        )
+    for k in (*need, "client_train"):
+        if k in arrays and arrays[k].dtype.kind not in "biuf":  # complex would be cut to its real part
+            raise DataError(f"npz: {path}: {k} has dtype {arrays[k].dtype}; expected real numbers (bool, int, float)")
     x_train, y_train, x_test, y_test = (arrays[k] for k in need)
-    for k in need:
-        if not (np.issubdtype(arrays[k].dtype, np.number) or arrays[k].dtype == bool):
-            raise DataError(f"npz: {k} has dtype {arrays[k].dtype}; expected numbers")
-    return _finish("npz", x_train.astype(np.float64), y_train, x_test.astype(np.float64), y_test)
+    return _finish(
+        "npz",
+        x_train.astype(np.float64),
+        y_train,
+        x_test.astype(np.float64),
+        y_test,
+        cfg.num_classes or None,
+        source=f"npz {path}",
+        max_pixels=cfg.max_pixels,
+        client_train=arrays.get("client_train"),
+    )
+
+
+def _read_leaf(folder: Path) -> dict[str, tuple[list, list, Path]]:
+    """user -> (x, y, file) from every ``*.json`` in ``folder`` (LEAF: users, num_samples, user_data)."""
+    files = sorted(folder.glob("*.json"))
+    if not files:
+        raise DataError(f"leaf: no .json files in {folder}; data.dir must hold train/*.json and test/*.json")
+    out: dict[str, tuple[list, list, Path]] = {}
+    for f in files:
+        try:
+            d = json.loads(f.read_text(encoding="utf-8"))
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as e:
+            raise DataError(f"leaf: cannot read {f}: {e}") from None
+        if not isinstance(d, dict) or not all(k in d for k in ("users", "num_samples", "user_data")):
+            raise DataError(f"leaf: {f} lacks users, num_samples or user_data (the LEAF JSON format)")
+        users, counts, data = d["users"], d["num_samples"], d["user_data"]
+        if not (isinstance(users, list) and isinstance(counts, list) and isinstance(data, dict)):
+            raise DataError(f"leaf: {f}: users and num_samples must be lists and user_data a table")
+        if len(users) != len(counts):
+            raise DataError(f"leaf: {f}: {len(users)} users but {len(counts)} num_samples")
+        for u, n in zip(users, counts):
+            entry = data.get(u) if isinstance(u, str) else None
+            if not (isinstance(entry, dict) and isinstance(entry.get("x"), list) and isinstance(entry.get("y"), list)):
+                raise DataError(f"leaf: {f}: user_data has no x and y lists for user {u!r}")
+            if not len(entry["x"]) == len(entry["y"]) == n:
+                raise DataError(
+                    f"leaf: {f}: user {u!r} has {len(entry['x'])} x and {len(entry['y'])} y; num_samples says {n}"
+                )
+            if u in out:
+                raise DataError(f"leaf: user {u!r} is in both {out[u][2]} and {f}")
+            out[u] = (entry["x"], entry["y"], f)
+    return out
+
+
+def _leaf_arrays(folder: Path, users: dict[str, tuple[list, list, Path]]) -> tuple[np.ndarray, np.ndarray, list[int]]:
+    """The samples of every user in sorted order as arrays, and each user's count."""
+    names = sorted(users)
+    try:
+        x = np.asarray([s for u in names for s in users[u][0]], dtype=np.float64)
+    except (TypeError, ValueError) as e:
+        raise DataError(f"leaf: {folder}: x must hold numbers, one shape per sample ({e})") from None
+    y = np.asarray([s for u in names for s in users[u][1]])
+    if y.dtype.kind not in "biuf":
+        raise DataError(f"leaf: {folder}: y must hold integer labels (found {y.dtype})")
+    return x, y, [len(users[u][1]) for u in names]
+
+
+@DATASETS.register("leaf")
+def load_leaf(cfg: DataConfig, seed: int) -> Dataset:
+    """LEAF-format JSON (data.dir holds train/*.json, test/*.json); client i = the i-th user, sorted."""
+    if not cfg.dir:
+        raise DataError("leaf: set data.dir to the folder holding train/*.json and test/*.json")
+    root = Path(cfg.dir)
+    x_train, y_train, counts = _leaf_arrays(root / "train", _read_leaf(root / "train"))
+    x_test, y_test, _ = _leaf_arrays(root / "test", _read_leaf(root / "test"))
+    return _finish(
+        "leaf",
+        x_train,
+        y_train,
+        x_test,
+        y_test,
+        cfg.num_classes or None,
+        source=f"leaf {root}",
+        max_pixels=cfg.max_pixels,
+        client_train=np.repeat(np.arange(len(counts)), counts),
+    )

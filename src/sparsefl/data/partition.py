@@ -1,16 +1,20 @@
 """Partitioners: split the training set among clients, seeded and reproducible.
 
-Each partitioner maps ``(labels, num_clients, cfg, rng)`` to one index array per client. A
-per-client validation split (``data.val_fraction``) is then cut off each client's indices.
+Each partitioner maps ``(labels, num_clients, cfg, rng)`` to one index array per client; one
+that declares a ``dataset`` keyword parameter is also given the whole training set (the
+:class:`~sparsefl.data.datasets.Dataset`). A per-client validation split
+(``data.val_fraction``) is then cut off each client's indices.
 """
 
 from __future__ import annotations
 
+import inspect
 from dataclasses import dataclass
 
 import numpy as np
 
 from sparsefl.config import DataConfig
+from sparsefl.data.datasets import Dataset, class_labels, load_dataset
 from sparsefl.errors import DataError
 from sparsefl.registry import PARTITIONERS
 from sparsefl.rng import np_rng
@@ -32,16 +36,37 @@ class ClientSplit:
         return np.stack([np.bincount(labels[t], minlength=num_classes) for t in self.train])
 
 
-def make_partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: int) -> ClientSplit:
-    """Split ``labels``' indices among ``num_clients`` with ``cfg.partition``."""
-    labels = np.asarray(labels)
+def make_partition(data: Dataset | np.ndarray, num_clients: int, cfg: DataConfig, seed: int) -> ClientSplit:
+    """Split the training set among ``num_clients`` with ``cfg.partition``.
+
+    Parameters
+    ----------
+    data:
+        The :class:`Dataset`, or only its training labels. Given labels only, a partitioner that
+        takes the dataset gets it from ``load_dataset(cfg, seed)``, checked against the labels.
+    num_clients, cfg, seed:
+        ``federation.num_clients``, the ``data`` section and the run seed (``data.partition_seed``
+        overrides it).
+    """
+    dataset = data if isinstance(data, Dataset) else None
+    labels = dataset.y_train.numpy() if dataset is not None else np.asarray(data)
     if num_clients > len(labels):
         raise DataError(
             f"cannot give {num_clients} clients at least one sample each: the training set has {len(labels)}"
         )
+    partitioner = PARTITIONERS.get(cfg.partition)
+    extra = {}
+    if "dataset" in inspect.signature(partitioner).parameters:
+        if dataset is None:
+            dataset = load_dataset(cfg, seed)
+            if not np.array_equal(dataset.y_train.numpy(), labels):
+                raise DataError(
+                    f"data.partition={cfg.partition!r} needs the training set: pass the Dataset to make_partition"
+                )
+        extra["dataset"] = dataset
     pseed = seed if cfg.partition_seed is None else cfg.partition_seed
     rng = np_rng(pseed, "partition", cfg.partition)
-    parts = PARTITIONERS.get(cfg.partition)(labels, num_clients, cfg, rng)
+    parts = partitioner(labels, num_clients, cfg, rng, **extra)
     train, val = [], []
     vrng = np_rng(pseed, "val-split")
     for p in parts:
@@ -53,13 +78,6 @@ def make_partition(labels: np.ndarray, num_clients: int, cfg: DataConfig, seed: 
         val.append(np.sort(perm[:n_val]))
         train.append(np.sort(perm[n_val:]))
     return ClientSplit(tuple(train), tuple(val))
-
-
-def class_labels(labels: np.ndarray) -> np.ndarray:
-    """The sorted distinct labels: ``np.unique(labels)``, which imports ``numpy.ma`` on its
-    first call (65 ms, 2% of a default run)."""
-    s = np.sort(labels)
-    return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 
 
 @PARTITIONERS.register("iid")
@@ -114,3 +132,30 @@ def shards(labels: np.ndarray, num_clients: int, cfg: DataConfig, rng: np.random
         np.concatenate([pieces[s] for s in deal[k * cfg.shards_per_client : (k + 1) * cfg.shards_per_client]])
         for k in range(num_clients)
     ]
+
+
+@PARTITIONERS.register("natural")
+def natural(
+    labels: np.ndarray, num_clients: int, cfg: DataConfig, rng: np.random.Generator, *, dataset: Dataset
+) -> list[np.ndarray]:
+    """The dataset's own split: client k holds the samples whose client id is k (npz client_train, LEAF users)."""
+    if dataset.client_train is None:
+        raise DataError(
+            f"data.partition='natural' needs per-sample client ids, which {dataset.name} lacks: "
+            "use data.name='npz' with a client_train array, or data.name='leaf'"
+        )
+    ids = dataset.client_train.numpy()
+    found = int(ids.max()) + 1
+    if found != num_clients:
+        raise DataError(
+            f"data.partition='natural': {dataset.name} has client ids 0..{found - 1}, {found} clients; "
+            f"set federation.num_clients={found} (it is {num_clients})"
+        )
+    counts = np.bincount(ids, minlength=num_clients)
+    if (counts == 0).any():
+        raise DataError(
+            f"data.partition='natural': client {int(np.argmin(counts))} of {dataset.name} has no training "
+            "samples; client ids must be 0..K-1, each with samples"
+        )
+    order = np.argsort(ids, kind="stable")
+    return np.split(order, np.cumsum(counts)[:-1])

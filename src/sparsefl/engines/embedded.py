@@ -4,6 +4,13 @@ Per-client state lives between rounds in a :class:`~sparsefl.runtime.ClientState
 the sampled clients' models exist at any time. Results do not depend on ``jobs``: each
 client's randomness is derived from (seed, client, round), and aggregation happens in client-id
 order on the server.
+
+With ``federation.client_timeout`` set, clients run only in worker processes (``max(jobs, 1)``
+of them, :class:`DeadlineWorkers`), one task at a time each: a client still running at its
+deadline is abandoned (its worker killed and replaced) and recorded as a ``timeout`` failure.
+
+Workers ignore SIGINT: a Ctrl-C reaches the whole foreground process group, and this process
+alone handles it (it stops the workers), so a worker prints no traceback of its own.
 """
 
 from __future__ import annotations
@@ -15,12 +22,16 @@ import multiprocessing as mp
 import os
 import pickle
 import queue
+import signal
 import sys
 import threading
+import time
 import warnings
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from concurrent.futures import Future, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
+from dataclasses import dataclass
+from multiprocessing.connection import wait as wait_connections
 from typing import Any
 
 import torch
@@ -37,6 +48,25 @@ from sparsefl.runtime.store import ClientStateStore
 _W: dict[str, object] = {}
 
 
+@contextlib.contextmanager
+def _sigint_blocked() -> Iterator[None]:
+    """Block SIGINT in this thread while it starts worker processes (or the fork server, whose
+    children inherit its mask): a Ctrl-C before a worker's initializer ignores SIGINT stays
+    pending, and is then dropped. This process gets it once the block ends."""
+    old = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        yield
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, old)
+
+
+def _ignore_sigint() -> None:
+    """In a worker: leave Ctrl-C to the process that started it (a SIGINT pending since the
+    fork is dropped)."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.pthread_sigmask(signal.SIG_UNBLOCK, {signal.SIGINT})
+
+
 def _worker_init(
     method: Method,
     x: torch.Tensor,
@@ -46,6 +76,7 @@ def _worker_init(
     claims: Any,
     results: Any,
 ) -> None:
+    _ignore_sigint()
     exit_with_parent(owner)
     # clients run with local.threads; setting it once here spares every task a switch (and a
     # wake-up of idle OpenMP threads) in run_client
@@ -96,12 +127,18 @@ def start_fork_server(threads: int) -> None:
     """Start the worker fork server now (it imports torch and sparsefl in the background), so
     the first round's workers need not wait for it; a no-op when workers will be forked from
     this process (:func:`forks`) or when it already runs."""
-    if forks(threads):
-        return
-    _fork_server()
-    from multiprocessing import forkserver
+    if not forks(threads):
+        _ensure_fork_server()
 
-    forkserver.ensure_running()
+
+def _ensure_fork_server() -> None:
+    """Start the fork server if it is not running (it imports in the background)."""
+    _fork_server()
+    from multiprocessing import forkserver, resource_tracker
+
+    resource_tracker.ensure_running()  # first: starting it unblocks SIGINT in this thread
+    with _sigint_blocked():
+        forkserver.ensure_running()
 
 
 def _claim(claims: Any, key: int, n: int, timeout: float | None = None) -> int | None:
@@ -175,6 +212,185 @@ def share_tensors(obj: object) -> None:
     _Walk(io.BytesIO()).dump(obj)
 
 
+# -- clients that can be abandoned (federation.client_timeout) -----------------------------------------
+#: seconds a new worker may take to start (fork, unpickle the data) before the workers count as
+#: unable to start here
+START_WAIT = 120.0
+
+
+class WorkersUnavailable(RuntimeError):
+    """Worker processes cannot start here (e.g. a method that cannot be pickled)."""
+
+
+def _deadline_worker(
+    conn: Any, method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, owner: int
+) -> None:
+    """The loop of a :class:`DeadlineWorkers` process: say ``ready``, then run each
+    ``(position, task, state)`` it receives and send back ``(position, outcome)``, until it
+    receives None."""
+    _worker_init(method, x, y, split, owner, None, None)
+    conn.send("ready")
+    while (item := conn.recv()) is not None:
+        k, task, state = item
+        out = execute_task(_W["method"], _W["data"], task, state)  # type: ignore[arg-type]
+        try:
+            conn.send((k, out))
+        except Exception as e:  # noqa: BLE001 - pickling failed before anything was written
+            conn.send((k, ClientFailure(task.client_id, f"result could not be sent: {type(e).__name__}: {e}")))
+
+
+@dataclass
+class _Slot:
+    """A worker of :class:`DeadlineWorkers`: its process, this process's end of its pipe, when
+    it started, and the task it runs (position in the round's list) since when."""
+
+    proc: Any
+    conn: Any
+    born: float
+    ready: bool = False
+    task: int | None = None
+    since: float = 0.0
+
+
+class DeadlineWorkers:
+    """``count`` worker processes that run one client task each at a time, so that a client
+    past its deadline can be abandoned: its worker is killed (SIGKILL) and a new one started.
+
+    This process only hands out tasks and collects outcomes (a client running here could not be
+    abandoned). The first workers are forked from this process where :func:`forks` allows (the
+    first round: no other thread runs torch code yet); later ones come from the fork server.
+    A task goes to a worker only once the worker is ready, so a client's time never includes a
+    worker's start.
+    """
+
+    def __init__(self, method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, count: int) -> None:
+        self.method = method
+        self.args = (method, x, y, split, os.getpid())
+        self.count = count
+        self.slots: list[_Slot] = []
+        self.ran = 0  # tasks whose outcome a worker sent back
+        self._fork = forks(method.experiment.local.threads)  # until the first workers are made
+        self._shared = False
+
+    def _spawn(self) -> _Slot:
+        fork = self._fork
+        try:
+            if not fork and not self._shared:  # pickled for the fork server: tensors go by shared memory
+                share_tensors(self.args)
+                self._shared = True
+            ctx = mp.get_context("fork") if fork else _fork_server()
+            here, there = ctx.Pipe()
+            proc = ctx.Process(target=_deadline_worker, args=(there, *self.args), name="sparsefl-worker", daemon=True)
+            with _sigint_blocked(), warnings.catch_warnings():
+                warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
+                proc.start()
+        except Exception as e:  # noqa: BLE001 - reported by the engine, which runs clients here instead
+            raise WorkersUnavailable(f"{type(e).__name__}: {e}") from e
+        there.close()  # the worker's end: closed here, so its death reads as the end of the pipe
+        return _Slot(proc, here, time.monotonic())
+
+    @staticmethod
+    def _kill(slot: _Slot) -> None:
+        slot.proc.kill()
+        slot.proc.join(5)
+        slot.conn.close()
+
+    def run(
+        self,
+        tasks: Sequence[ClientTask],
+        states: Sequence[ClientState],
+        order: Sequence[int],
+        timeout: float,
+        outs: list[ClientResult | ClientFailure | None],
+        report: Callable[[int, ClientResult | ClientFailure], ClientResult | ClientFailure],
+    ) -> None:
+        """Run the tasks, starting them in ``order``; ``outs[k] = report(k, outcome)`` as each
+        ends. A task still running ``timeout`` seconds after it was handed out becomes a
+        ``timeout`` failure, and a task whose worker died a ``worker process died`` failure.
+        :class:`WorkersUnavailable` when a worker cannot start (``outs`` holds what ended)."""
+        if not self.slots:
+            for _ in range(self.count):
+                self.slots.append(self._spawn())
+            self._fork = False
+            # replacements come from the fork server: started now, it is ready (torch imported)
+            # long before a first deadline passes
+            try:
+                _ensure_fork_server()
+            except Exception as e:  # noqa: BLE001 - no fork server: no replacements
+                raise WorkersUnavailable(f"the fork server did not start: {type(e).__name__}: {e}") from e
+        todo = collections.deque(order)
+        late = f"timeout: still running after federation.client_timeout={timeout:g} s (abandoned)"
+        while todo or any(s.task is not None for s in self.slots):
+            now = time.monotonic()
+            for i, s in enumerate(self.slots):
+                if s.ready and s.task is None and todo:
+                    k = todo.popleft()
+                    try:
+                        s.conn.send((k, tasks[k], states[k]))
+                    except OSError:  # the worker has died: the task waits for the next one
+                        todo.appendleft(k)
+                        self._kill(s)
+                        self.slots[i] = self._spawn()
+                        continue
+                    s.task, s.since = k, now
+            waits = [s.since + timeout - now for s in self.slots if s.task is not None]
+            waits += [s.born + START_WAIT - now for s in self.slots if not s.ready]
+            ready = wait_connections([s.conn for s in self.slots], timeout=max(0.0, min(waits, default=0.0)))
+            for conn in ready:
+                i = next(j for j, s in enumerate(self.slots) if s.conn is conn)
+                s = self.slots[i]
+                try:
+                    msg = conn.recv()
+                except (EOFError, OSError):  # the worker died
+                    if not s.ready:
+                        raise WorkersUnavailable("a worker process exited while starting") from None
+                    self._kill(s)
+                    if s.task is not None:
+                        outs[s.task] = report(s.task, ClientFailure(tasks[s.task].client_id, "worker process died"))
+                    self.slots[i] = self._spawn()
+                    continue
+                except Exception as e:  # noqa: BLE001 - an outcome that does not unpickle
+                    k, s.task = s.task, None
+                    if k is not None:
+                        why = f"result could not be received: {type(e).__name__}: {e}"
+                        outs[k] = report(k, ClientFailure(tasks[k].client_id, why))
+                    continue
+                if msg == "ready":
+                    s.ready = True
+                elif msg[0] == s.task:
+                    k, s.task = s.task, None
+                    self.ran += 1
+                    outs[k] = report(k, msg[1])
+            now = time.monotonic()
+            for i, s in enumerate(self.slots):
+                if s.task is not None and now - s.since >= timeout:
+                    # recorded before the replacement starts: should it fail, the clients left
+                    # run in this process, and this one must not be among them
+                    self._kill(s)
+                    outs[s.task] = report(s.task, ClientFailure(tasks[s.task].client_id, late))
+                    self.slots[i] = self._spawn()
+                elif not s.ready and now - s.born >= START_WAIT:
+                    raise WorkersUnavailable(f"a worker process did not start within {START_WAIT:g} s")
+
+    def close(self) -> None:
+        """Stop the workers: idle ones exit, busy or starting ones are killed."""
+        for s in self.slots:
+            try:
+                if s.ready and s.task is None:
+                    s.conn.send(None)
+                else:
+                    s.proc.kill()
+            except OSError:  # it has exited (or was killed) already
+                pass
+        for s in self.slots:
+            s.proc.join(5)
+            if s.proc.is_alive():
+                s.proc.kill()
+                s.proc.join()
+            s.conn.close()
+        self.slots = []
+
+
 class EmbeddedEngine:
     """Runs client tasks in this process, helped by ``jobs - 1`` worker processes.
 
@@ -214,6 +430,10 @@ class EmbeddedEngine:
         self._sink: queue.SimpleQueue | None = None
         self._reader: threading.Thread | None = None
         self._round_key = 0
+        # federation.client_timeout: clients run in workers that can be abandoned
+        self.timeout = method.experiment.federation.client_timeout
+        self._deadline: DeadlineWorkers | None = None
+        self._deadline_failed = False
 
     def run(
         self, tasks: Sequence[ClientTask], on_result: ResultCallback | None = None
@@ -231,7 +451,9 @@ class EmbeddedEngine:
                     errors.append(e)
             return out
 
-        if self._ready_pool() is not None:
+        if self.timeout > 0 and not self._closed and not self._deadline_failed:
+            outs = self._run_with_deadline(tasks, states, report)
+        elif self._ready_pool() is not None:
             outs = self._run_shared(tasks, states, report)
         else:
             # reported once every client ran: there is no other process to wait for, and the
@@ -244,6 +466,38 @@ class EmbeddedEngine:
 
     def _run_here(self, task: ClientTask, state: ClientState) -> ClientResult | ClientFailure:
         return execute_task(self.method, self.data, task, state)
+
+    def _run_with_deadline(
+        self,
+        tasks: Sequence[ClientTask],
+        states: list[ClientState],
+        report: Callable[[int, ClientResult | ClientFailure], ClientResult | ClientFailure],
+    ) -> list[ClientResult | ClientFailure]:
+        """The tasks in :class:`DeadlineWorkers` (``max(jobs, 1)`` of them), largest first. If
+        workers cannot start here, a warning, and from then on clients run in this process
+        (their time is then checked only once they finish, by the server)."""
+        if self._deadline is None:
+            self._deadline = DeadlineWorkers(self.method, self.x, self.y, self.split, max(1, self.jobs))
+        outs: list[ClientResult | ClientFailure | None] = [None] * len(tasks)
+        ran = self._deadline.ran
+        try:
+            self._deadline.run(tasks, states, self._largest_first(tasks), self.timeout, outs, report)
+        except WorkersUnavailable as e:
+            msg = (
+                f"federation.client_timeout: worker processes could not start ({e}); clients run in this "
+                "process, and a client's time is checked only once it has finished"
+            )
+            warnings.warn(msg, RuntimeWarning, stacklevel=3)
+            self._deadline_failed = True
+        finally:
+            self.ran_in_workers += self._deadline.ran - ran
+        if self._deadline_failed:
+            self._deadline.close()
+            self._deadline = None
+            for i, out in enumerate(outs):
+                if out is None:
+                    outs[i] = report(i, self._run_here(tasks[i], states[i]))
+        return outs  # type: ignore[return-value]
 
     def _run_shared(
         self,
@@ -410,7 +664,7 @@ class EmbeddedEngine:
                 )
                 # one no-op per worker: they start (import, unpickle) while this process runs
                 # clients; forked workers are forked by the first submit, here
-                with warnings.catch_warnings() if fork else contextlib.nullcontext():
+                with _sigint_blocked(), warnings.catch_warnings() if fork else contextlib.nullcontext():
                     if fork:  # Python >= 3.12 warns on any fork with threads
                         warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
                     self._warmup = [pool.submit(_worker_ready) for _ in range(self.jobs - 1)]
@@ -485,3 +739,6 @@ class EmbeddedEngine:
         """Shut the workers down; later rounds (if any) run in this process."""
         self._closed = True
         self._stop_pool()
+        if self._deadline is not None:
+            self._deadline.close()
+            self._deadline = None

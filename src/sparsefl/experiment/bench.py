@@ -34,6 +34,7 @@ import tomllib
 from sparsefl.config import ExperimentConfig, config_hash, load_config
 from sparsefl.errors import ConfigError, SparseflError
 from sparsefl.orphans import exit_with_parent
+from sparsefl.state import atomic_write_text
 
 BUILTIN_SUITES = ("quick", "paper")
 
@@ -196,7 +197,7 @@ def run_suite(
     t_start = time.perf_counter()
     out = Path(out)
     (out / "runs").mkdir(parents=True, exist_ok=True)
-    (out / "suite.toml").write_text(suite.text)
+    atomic_write_text(out / "suite.toml", suite.text)
     planned = suite.plan()
     rows: dict[int, dict[str, Any]] = {}
     errors: list[str] = []
@@ -224,7 +225,7 @@ def run_suite(
                     collect(pending.pop(f), f.result())
     ordered = [rows[i] for i in sorted(rows)]
     write_results(out / "results.csv", ordered)
-    (out / "failed.txt").write_text("".join(e + "\n" for e in errors))
+    atomic_write_text(out / "failed.txt", "".join(e + "\n" for e in errors))
     from sparsefl.experiment.report import write_report
 
     write_report(out, suite, ordered, elapsed=time.perf_counter() - t_start, jobs=jobs)
@@ -234,8 +235,6 @@ def run_suite(
 def write_results(path: Path, rows: list[dict[str, Any]]) -> None:
     """``results.csv``: one row per run."""
     import io
-
-    from sparsefl.state import atomic_write_text
 
     buf = io.StringIO()
     w = csv.DictWriter(buf, fieldnames=list(RESULT_COLUMNS))

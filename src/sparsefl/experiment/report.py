@@ -15,19 +15,30 @@ expect = "higher"           # or "lower" (e.g. uplink_bytes)
 
 It is checked in every context (sparsity x partition x alpha) where both labels have results;
 the verdict says whether the means over seeds go the expected way, with the numbers.
+
+Also here, for single runs: ``metrics.csv`` (:func:`write_metrics_csv`) and the side-by-side
+table of ``sparsefl show A B ...`` (:func:`compare_runs`).
 """
 
 from __future__ import annotations
 
+import csv
 import html
+import io
 import json
 import math
 import statistics
 from collections import defaultdict
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
+from sparsefl.errors import RunFolderError
+from sparsefl.experiment.plots import log_ticks, tick_label
 from sparsefl.state import atomic_write_text
+
+if TYPE_CHECKING:
+    from rich.table import Table
 
 GroupKey = tuple[str, float, str, Any]
 
@@ -174,7 +185,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
             if len(panels) > 1:
                 ax.set_title(panel_title(ctx), fontsize=9)
             if xkey != "round":
-                ax.set_xscale("log")
+                log_axis(ax, [x for xs, _ in curves(xkey, ctx).values() for x in xs])
             ax.grid(alpha=0.3)
         axes[0][0].set_ylabel("test accuracy")
         axes[0][-1].legend(fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -209,7 +220,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     if front:
         ax.step([p[0] for p in front], [p[1] for p in front], where="post", color="k", lw=1, label="Pareto front")
         ax.legend(fontsize=7)
-    ax.set_xscale("log")
+    log_axis(ax, [p[0] for p in pts])
     ax.set_xlabel("total uplink (MB)")
     ax.set_ylabel("final accuracy")
     ax.grid(alpha=0.3)
@@ -217,6 +228,20 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     plt.close(fig)
     made.append(("pareto_uplink.png", "Accuracy against uplink bytes: the Pareto front"))
     return made
+
+
+def log_axis(ax: Any, values: list[float]) -> None:
+    """A log x axis with :func:`~sparsefl.experiment.plots.log_ticks` labels and unlabelled minor
+    ticks: matplotlib labels minor ticks on a range under a decade, and they overlap."""
+    from matplotlib.ticker import NullFormatter
+
+    ax.set_xscale("log")
+    positive = [v for v in values if v > 0]
+    if not positive:
+        return
+    ticks = log_ticks(min(positive), max(positive))
+    ax.set_xticks(ticks, [tick_label(t) for t in ticks])
+    ax.xaxis.set_minor_formatter(NullFormatter())
 
 
 def pareto_front(points: list[tuple[float, float]]) -> list[tuple[float, float]]:
@@ -316,3 +341,127 @@ def write_report(
         f"<h2>Suite</h2><pre>{html.escape(suite.text)}</pre>",
     ]
     atomic_write_text(out / "report.html", f"<!doctype html><meta charset=utf-8><style>{css}</style>" + "".join(body))
+
+
+def metrics_csv(records: list[dict[str, Any]]) -> str:
+    """``metrics.csv`` text: one row per round, a column per scalar field of the records in
+    their order; the per-client and failure lists become counts (``num_clients``,
+    ``num_failures``); an unset value (no evaluation that round) is an empty cell."""
+    columns: dict[str, None] = {}
+    rows = []
+    for r in records:
+        row: dict[str, Any] = {}
+        for k, v in r.items():
+            if isinstance(v, list):
+                k, v = f"num_{k}", len(v)
+            elif isinstance(v, dict):
+                continue
+            row[k] = "" if v is None else v
+            columns.setdefault(k)
+        rows.append(row)
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(columns), restval="", lineterminator="\n")
+    w.writeheader()
+    w.writerows(rows)
+    return buf.getvalue()
+
+
+def write_metrics_csv(path: str | Path, records: list[dict[str, Any]]) -> None:
+    """Write :func:`metrics_csv` of ``records`` atomically (a spreadsheet's view of metrics.jsonl)."""
+    atomic_write_text(path, metrics_csv(records))
+
+
+def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for k, v in tree.items():
+        if isinstance(v, dict):
+            out.update(_flat(v, f"{prefix}{k}."))
+        elif not k.startswith("_"):
+            out[prefix + k] = v
+    return out
+
+
+def _run_facts(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
+    """A run folder's flattened configuration and its results as table cells (from summary.json,
+    or from metrics.jsonl while it runs)."""
+    from sparsefl.experiment.runfolder import RunFolder
+
+    rf = RunFolder(folder)
+    cfg = rf.read_config()
+    if cfg is None:
+        raise RunFolderError(f"{folder} is not a run folder (no config.json)")
+    records = rf.read_metrics()
+    summary = rf.read_summary()
+    rounds = _flat(cfg).get("federation.rounds")
+    accs = [r["accuracy"] for r in records if r.get("accuracy") is not None]
+    s = summary or {
+        "final_accuracy": accs[-1] if accs else None,
+        "best_accuracy": max(accs) if accs else None,
+        "rounds": len(records),
+        **{f"{k}_total": sum(r.get(k) or 0 for r in records) for k in
+           ("uplink_bytes", "downlink_bytes", "train_flops", "train_flops_dense", "client_seconds")},
+        "failures_total": sum(len(r.get("failures", [])) for r in records),
+    }  # fmt: skip
+
+    def fmt(key: str, f: Any) -> str:
+        v = s.get(key)
+        return "-" if v is None else f(v)
+
+    flops, dense = s.get("train_flops_total"), s.get("train_flops_dense_total")
+    cells = {
+        "status": "finished" if summary else f"running or interrupted ({len(records)}/{rounds} rounds)",
+        "final accuracy": fmt("final_accuracy", lambda v: f"{v:.4f}"),
+        "best accuracy": fmt("best_accuracy", lambda v: f"{v:.4f}"),
+        "rounds": fmt("rounds", str),
+        "density": fmt("density", lambda v: f"{v:.4f}"),
+        "uplink MB": fmt("uplink_bytes_total", lambda v: f"{v / 1e6:.2f}"),
+        "downlink MB": fmt("downlink_bytes_total", lambda v: f"{v / 1e6:.2f}"),
+        "train GFLOP": fmt("train_flops_total", lambda v: f"{v / 1e9:.3f}"),
+        "vs dense FLOPs": f"{flops / dense:.3f}" if flops is not None and dense else "-",
+        "client s": fmt("client_seconds_total", lambda v: f"{v:.1f}"),
+        "wall s": fmt("wall_seconds", lambda v: f"{v:.1f}"),
+        "failures": fmt("failures_total", str),
+        "model_sha256": fmt("model_sha256", str),
+    }
+    flat = _flat(cfg)
+    if isinstance(cfg.get("_model"), dict):  # a user module: its class, not the default model name
+        flat["model.name"] = cfg["_model"].get("class", flat.get("model.name"))
+    return flat, cells
+
+
+#: Configuration keys every comparison shows; any other key is shown where the runs differ.
+COMPARED_KEYS = ("method.name", "data.name", "model.name", "federation.num_clients", "seed")
+
+
+def compare_rows(folders: Sequence[str | Path]) -> tuple[list[str], list[list[str]]]:
+    """Header (``""`` then each folder) and rows of :func:`compare_runs`: the main configuration
+    keys, every other key whose value differs between the runs (``-`` where a run's method has
+    no such option), then status and results."""
+    facts = [_run_facts(Path(f)) for f in folders]
+    keys = list(COMPARED_KEYS)
+    for cfg, _ in facts:
+        keys += [k for k in cfg if k not in keys]
+    rows = []
+    for k in keys:
+        values = [cfg.get(k, "-") for cfg, _ in facts]
+        if k in COMPARED_KEYS or any(v != values[0] for v in values):
+            rows.append([k, *(v if isinstance(v, str) else json.dumps(v) for v in values)])
+    for name in facts[0][1]:
+        rows.append([name, *(cells[name] for _, cells in facts)])
+    return ["", *(str(f) for f in folders)], rows
+
+
+def compare_runs(folders: Sequence[str | Path]) -> Table:
+    """Run folders side by side (``sparsefl show A B ...``): a column per run, a row per
+    configuration key that tells them apart and per result; a run still going shows its
+    rounds so far. A folder that is not a run folder: RunFolderError."""
+    from rich.table import Table
+
+    head, rows = compare_rows(folders)
+    t = Table(title=f"{len(folders)} runs side by side", header_style="bold")
+    t.add_column(head[0])
+    for h in head[1:]:
+        t.add_column(h, justify="right")
+    for r in rows:
+        t.add_row(*r)
+    return t

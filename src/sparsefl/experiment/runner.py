@@ -1,13 +1,16 @@
 """Build an experiment from its config and run it into a run folder.
 
-``build`` wires data -> partition -> model -> method -> engine; ``run_experiment`` drives the
-server loop, writing metrics and an atomic checkpoint after every round, and the summary,
-final model, mask and plots at the end. Re-running on an existing folder resumes from the last
-good checkpoint, or reports a finished run.
+``build`` wires data -> partition -> model -> method -> engine, and checks that the model takes
+the data; ``run_experiment`` holds the run folder's lock, validates everything it can before it
+writes the first file, then drives the server loop, writing metrics and an atomic checkpoint
+after every round, and the summary, final model, mask and plots at the end. Re-running on an
+existing folder resumes from the newest checkpoint of this run whose metrics lines are intact,
+or reports a finished run. A run that fails before its first checkpoint leaves nothing behind.
 """
 
 from __future__ import annotations
 
+import copy
 import os
 import time
 from collections.abc import Callable
@@ -25,7 +28,11 @@ from sparsefl.config import ExperimentConfig, config_hash
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import EmbeddedEngine, start_fork_server
 from sparsefl.errors import ConfigError
+from sparsefl.experiment.plots import plot_run
+from sparsefl.experiment.preprocess import InputTransform
+from sparsefl.experiment.report import write_metrics_csv
 from sparsefl.experiment.runfolder import RunFolder, checkpoint_bytes
+from sparsefl.experiment.tblog import TensorBoardLog, require_tensorboard
 from sparsefl.masks import Mask, default_scope
 from sparsefl.methods.base import Method
 from sparsefl.models import ModelSpec, build_model
@@ -46,19 +53,53 @@ class Built:
     split: ClientSplit
     spec: ModelSpec
     method: Method
+    transform: InputTransform  # raw inputs -> the model's
 
 
 def build(cfg: ExperimentConfig, model: nn.Module | None = None, data: Dataset | None = None) -> Built:
-    """Load data, partition it, build the model and the method (nothing runs yet)."""
+    """Load data, partition it, build the model and the method (nothing runs yet).
+
+    Raises
+    ------
+    ConfigError
+        The model does not take the data's inputs or does not give one logit per class.
+    """
     data = data if data is not None else load_dataset(cfg.data, cfg.seed)
-    split = make_partition(data.y_train.numpy(), cfg.federation.num_clients, cfg.data, cfg.seed)
+    transform = InputTransform.of_data(data)
+    split = make_partition(data, cfg.federation.num_clients, cfg.data, cfg.seed)
     if model is None:
         model = build_model(cfg.model, data.input_shape, data.num_classes, cfg.seed)
+        check_model(model, data.input_shape, data.num_classes, "model.name", cfg.model.name)
+    else:
+        check_model(model, data.input_shape, data.num_classes, "model", type(model).__qualname__)
     spec = ModelSpec(model, data.input_shape, data.num_classes)
-    profile = profile_model(spec.build(), data.input_shape)
+    return Built(cfg, data, split, spec, make_method(cfg, spec), transform)
+
+
+def make_method(cfg: ExperimentConfig, spec: ModelSpec) -> Method:
+    """The method ``cfg.method`` names, for the model ``spec``."""
+    profile = profile_model(spec.build(), spec.input_shape)
     method_cls = METHODS.get(cfg.method.name)
-    method = method_cls(cfg.method, cfg, spec, profile)
-    return Built(cfg, data, split, spec, method)
+    return method_cls(cfg.method, cfg, spec, profile)
+
+
+def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int, key: str, name: str) -> None:
+    """Fail now, in one line, if ``model`` cannot take a batch of ``input_shape`` samples or
+    does not return ``num_classes`` logits per sample (rather than in round 1, on the clients).
+    The model is left as it was (a copy runs, in eval mode; the global RNG is restored)."""
+    probe = copy.deepcopy(model).eval()
+    shape = ", ".join(str(d) for d in input_shape)
+    try:
+        with torch.no_grad(), torch.random.fork_rng(devices=[]):
+            out = probe(torch.zeros(2, *input_shape))
+    except Exception as e:  # noqa: BLE001 - whatever the forward raises, the model does not fit the data
+        why = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise ConfigError(
+            key, name, f"a model taking inputs of shape (N, {shape}) (its forward failed: {why})"
+        ) from None
+    got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
+    if got != (2, num_classes):
+        raise ConfigError(key, name, f"a model returning N x {num_classes} logits (it returned {got} for N = 2)")
 
 
 def _prunable_density(model: nn.Module, params: dict[str, torch.Tensor]) -> float:
@@ -76,6 +117,15 @@ def _usable_cpus() -> int:
 ProgressFn = Callable[[RoundRecord, dict[str, Any]], None]
 
 
+def model_identity(model: nn.Module | None) -> dict[str, str] | None:
+    """A user module's identity in its run folder: its class and the SHA-256 of its initial
+    parameters (None for the registered model the config names)."""
+    if model is None:
+        return None
+    cls = type(model)
+    return {"class": f"{cls.__module__}.{cls.__qualname__}", "init_sha256": state_sha256(model.state_dict())}
+
+
 def run_experiment(
     cfg: ExperimentConfig,
     out: str | Path,
@@ -88,8 +138,11 @@ def run_experiment(
 ) -> dict[str, Any]:
     """Run ``cfg`` into the folder ``out`` and return the summary.
 
-    An existing folder with the same config resumes from its last good checkpoint (or returns
-    the finished run's summary, unless ``force``); a different config there is refused.
+    An existing folder with the same config (and user module) resumes from its last good
+    checkpoint (or returns the finished run's summary, unless ``force``); a different config
+    there is refused, as is a folder another run holds. The data, the model and the method are
+    built before the folder is written to, and a run that fails before its first checkpoint
+    removes what it wrote, so a corrected command starts cleanly.
 
     Each round is evaluated and recorded (metrics line, checkpoint, then ``progress``) in a
     server thread while the next round trains, in round order; ``progress`` is called there.
@@ -97,19 +150,42 @@ def run_experiment(
     if cfg.engine != "embedded" and engine is None:
         raise ConfigError("engine", cfg.engine, "'embedded' here (Flower engines run through sparsefl.run or the CLI)")
     folder = RunFolder(out)
-    if force:
-        folder.reset()
-    status = folder.claim(cfg)
-    if status == "finished":
-        summary = folder.read_summary()
-        assert summary is not None
-        return {**summary, "status": "finished"}
+    model_id = model_identity(model)
+    with folder.lock():
+        if not force and folder.check(cfg, model_id) == "finished":
+            summary = folder.read_summary()
+            assert summary is not None
+            return {**summary, "status": "finished"}
+        t_start = time.perf_counter()
+        if engine is None and cfg.jobs > 1:
+            start_fork_server(cfg.local.threads)  # it imports torch while the data and the model are built
+        b = build(cfg, model)
+        if cfg.log.tensorboard:
+            require_tensorboard()
+        if force:
+            folder.reset()
+        status = folder.claim(cfg, model_id)
+        try:
+            return _run(b, folder, status, t_start, progress, log, engine)
+        except BaseException:
+            folder.drop_temporaries()
+            if status == "new" and not folder.has_checkpoint():
+                folder.reset()  # nothing of this run to resume: the folder is as unclaimed
+            raise
 
-    t_start = time.perf_counter()
-    if engine is None and cfg.jobs > 1:
-        start_fork_server(cfg.local.threads)  # it imports torch while the data and the model are built
-    b = build(cfg, model)
-    method = b.method
+
+def _run(
+    b: Built,
+    folder: RunFolder,
+    status: str,
+    t_start: float,
+    progress: ProgressFn | None,
+    log: Callable[[str], None] | None,
+    engine: Engine | None,
+) -> dict[str, Any]:
+    """:func:`run_experiment` once the folder is claimed: resume or start, run the rounds,
+    write the final files."""
+    cfg, method = b.cfg, b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
         engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.jobs, store)
@@ -121,6 +197,7 @@ def run_experiment(
         1, thread_name_prefix="sparsefl-server", initializer=torch.set_num_threads, initargs=(cfg.local.threads,)
     )
     overlap = 2 * cfg.local.threads <= _usable_cpus()
+    cfg_hash = config_hash(cfg)  # once, not per round
     try:  # the engine's worker processes are shut down whatever happens next
         server = Server(cfg, method, engine, b.data.x_test, b.data.y_test, store=store)
 
@@ -129,19 +206,19 @@ def run_experiment(
                 log(f"{folder.path / name} is damaged (hash mismatch or truncated); using the previous good checkpoint")
         ckpt: dict[str, Any] | None = None
         records: list[dict[str, Any]] = []
-        # the newest good checkpoint whose rounds metrics.jsonl holds (each line is fsync'ed
-        # before the checkpoint that counts it, so only a damaged file lacks them; the previous
-        # checkpoint may still be covered); checkpoints of earlier versions carry the records
-        for ck in folder.good_checkpoints() if status == "resume" else ():
-            try:
-                recs = list(ck["metrics"]) if "metrics" in ck else folder.read_metrics(ck["metrics_count"])
-            except ValueError:  # a damaged line (JSONDecodeError)
-                recs = []
-            if len(recs) == ck["server"]["round"]:
-                ckpt, records = ck, recs
-                break
+        # the newest good checkpoint of this run whose rounds metrics.jsonl holds, as they were
+        # when it was written (each line is fsync'ed before the checkpoint that counts it, so
+        # only a damaged or edited file lacks them; the previous checkpoint may still be covered)
+        for path, ck in folder.checkpoints() if status == "resume" else ():
+            if ck.get("config_hash") != cfg_hash:
+                problem = f"{path} belongs to another configuration's run; not resuming from it"
+            else:
+                recs, problem = folder.covered_records(ck)
+                if recs is not None:
+                    ckpt, records = ck, recs
+                    break
             if log is not None:
-                log(f"{folder.path / 'metrics.jsonl'} lacks rounds of the checkpoint of round {ck['server']['round']}")
+                log(problem)
         if status == "resume" and log is not None:
             if ckpt is not None:
                 log(f"resuming {folder.path} after round {ckpt['server']['round']}")
@@ -157,23 +234,27 @@ def run_experiment(
             records = []
             wall_before = 0.0
         folder.write_metrics(records)
+        tb = TensorBoardLog(folder.path, first_round=state.round + 1) if cfg.log.tensorboard else None
 
         def finish(record: RoundRecord, snapshot: dict[str, Any], keep: dict[int, int]) -> None:
             """The end of a round, in the server thread while the next round trains: evaluate
             (the checkpoint's copy of the state), then the metrics line, the checkpoint (durable
-            in that order), the client files no checkpoint needs any more, and progress. The
-            loop waits for each round end before queuing the next, so a failed one stops the
-            run and nothing after it is recorded."""
+            in that order, the checkpoint holding the digest of the lines it covers), the client
+            files no checkpoint needs any more, and progress. The loop waits for each round end
+            before queuing the next, so a failed one stops the run and nothing after it is
+            recorded."""
             server.evaluate_round(state_of(snapshot), record)
             records.append(record.to_json())
             folder.append_metrics(records[-1])
+            if tb is not None:
+                tb.log(records[-1])
+            snapshot["metrics_sha256"] = folder.metrics_sha256()
             folder.write_checkpoint(checkpoint_bytes(snapshot))
             store.commit(record.round, keep)
             if progress is not None:
                 progress(record, {"rounds": cfg.federation.rounds})
 
         pending: Future[None] | None = None
-        cfg_hash = config_hash(cfg)  # once, not per round
         # the client files of checkpoint.prev.pt (the fallback) stay until the next commit
         prev_versions = store.versions()
         try:
@@ -204,6 +285,8 @@ def run_experiment(
             raise
         finally:
             background.shutdown(wait=True)
+            if tb is not None:
+                tb.close()
     finally:
         engine.close()
 
@@ -212,7 +295,7 @@ def run_experiment(
     eff, dense = method.inference_flops_per_sample(final, b.data.x_test)
     summary["inference_flops_per_sample"] = eff
     summary["inference_flops_per_sample_dense"] = dense
-    _write_artifacts(folder, state, final, b.spec.build(), records)
+    _write_artifacts(folder, b, state, final, records)
     folder.write_summary(summary)
     return {**summary, "status": "completed"}
 
@@ -245,17 +328,22 @@ def summarise(
 
 
 def _write_artifacts(
-    folder: RunFolder,
-    state: ServerState,
-    final: dict[str, torch.Tensor],
-    model: nn.Module,
-    records: list[dict[str, Any]],
+    folder: RunFolder, b: Built, state: ServerState, final: dict[str, torch.Tensor], records: list[dict[str, Any]]
 ) -> None:
+    """The final model, what it takes and gives (``model.json``), its mask, and the plots."""
     from safetensors.torch import save
 
     atomic_write_bytes(folder.path / "model.safetensors", save({k: v.contiguous() for k, v in final.items()}))
+    transform = b.transform
+    folder.write_model_info(
+        {
+            "input_shape": list(b.spec.input_shape),
+            "num_classes": b.spec.num_classes,
+            "input_transform": transform.to_json(),
+        }
+    )
+    model = b.spec.build()
     mask = state.mask if state.mask is not None else Mask({n: final[n] != 0 for n in default_scope(model)})
     mask.save(folder.path / "mask.safetensors")
-    from sparsefl.experiment.plots import plot_run
-
-    plot_run(folder.path, records)
+    plot_run(folder.path, records, label=f"{b.cfg.method.name} on {b.cfg.data.name}")
+    write_metrics_csv(folder.path / "metrics.csv", records)

@@ -19,9 +19,11 @@ from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Literal
 
 import torch
+from safetensors import SafetensorError
 from torch import nn
 
 from sparsefl.accounting import LayerDensity, ModelProfile
@@ -90,8 +92,15 @@ class StaticMaskConfig(MethodConfig):
         "train the compacted smaller network of a channel-structured mask (criterion=skeletonization): "
         "removed channels are removed entirely, their bias and BatchNorm parameters zeroed",
     )
+    mask_file: str | None = opt(
+        None,
+        "start from this mask.safetensors (from sparsefl prune --out DIR, or a run folder) instead of the "
+        "criterion: it names prunable weights of the model with their shapes; weights it leaves out stay dense",
+    )
 
     def __post_init__(self) -> None:
+        if self.mask_file is not None and self.schedule != "oneshot":
+            raise ConfigError("method.mask_file", self.mask_file, "only with schedule=oneshot (gradual starts dense)")
         cls = CRITERIA.get(self.criterion)
         if self.compact and not cls.structured:
             structured = ", ".join(n for n in CRITERIA.names() if CRITERIA.get(n).structured)
@@ -230,8 +239,16 @@ class StaticMask(Method):
         )
         #: the scoring round happens on clients (a data-dependent criterion and a client source)
         self.client_scored: bool = (
-            cfg.schedule == "oneshot" and cfg.score_source != "server" and bool(self._crit_cls.needs_data)
+            cfg.schedule == "oneshot"
+            and cfg.mask_file is None
+            and cfg.score_source != "server"
+            and bool(self._crit_cls.needs_data)
         )
+        # method.mask_file is checked wherever the file exists; the server must have it (clients
+        # elsewhere need not: they get the mask in the setup payload)
+        self._file_mask: Mask | None = None
+        if cfg.mask_file is not None and Path(cfg.mask_file).exists():
+            self._file_mask = self._read_mask_file(cfg.mask_file)
         #: ``setup``: the mask is sent once and is then known; ``message``: it travels every time
         self.transport: Literal["setup", "message"] = (
             "setup" if cfg.schedule == "oneshot" and not self.client_scored else "message"
@@ -254,14 +271,40 @@ class StaticMask(Method):
             )
         return torch.zeros(1, *self.spec.input_shape), torch.zeros(1, dtype=torch.long)
 
+    def _read_mask_file(self, path: str) -> Mask:
+        """The mask of ``method.mask_file`` over the scope: each name it holds must be a prunable
+        weight of the model, with its shape; scope weights it does not name are kept whole (a
+        mask pruned with ``--keep-first`` or ``--keep-last``). Anything else: ConfigError."""
+        key = "method.mask_file"
+        try:
+            found = Mask.load(path)
+        except FileNotFoundError:
+            raise ConfigError(key, path, "an existing mask.safetensors (sparsefl prune --out DIR writes one)") from None
+        except (OSError, ValueError, TypeError, SafetensorError) as e:
+            raise ConfigError(key, path, f"a mask.safetensors of 0/1 tensors ({e})") from None
+        shapes = {n: tuple(t.shape) for n, t in self.spec.template.state_dict().items() if n in self.scope}
+        if not found:
+            raise ConfigError(key, path, "a mask naming at least one prunable weight (this file is empty)")
+        for n, m in found.items():
+            if n not in shapes:
+                some = ", ".join(list(shapes)[:3]) + (", ..." if len(shapes) > 3 else "")
+                raise ConfigError(key, path, f"a mask of this model's prunable weights ({some}); it names {n!r}")
+            if tuple(m.shape) != shapes[n]:
+                raise ConfigError(key, path, f"{n!r} shaped {shapes[n]} as in the model; the file has {tuple(m.shape)}")
+        return Mask({n: found[n] if n in found else torch.ones(shapes[n], dtype=torch.bool) for n in self.scope})
+
     def _gradual_target(self, rnd: int) -> float:
         return gradual_sparsity(rnd, self.config.prune_until, self.config.sparsity)
 
     # ---------------------------------------------------------------------------------- server
     def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
-        """Prune the initial model on the server (one-shot), start dense (gradual), or leave the
-        mask to round 1's clients (``client``/``federated`` with a data-dependent criterion)."""
+        """Prune the initial model on the server (one-shot), take ``mask_file``'s mask, start dense
+        (gradual), or leave the mask to round 1's clients (``client``/``federated`` with a
+        data-dependent criterion)."""
         cfg = self.config
+        if cfg.mask_file is not None:
+            mask = self._file_mask if self._file_mask is not None else self._read_mask_file(cfg.mask_file)
+            return ServerState(round=0, params=mask.applied(params), mask=mask)
         if cfg.schedule == "gradual":
             return ServerState(round=0, params=params, mask=Mask.ones(params, self.scope))
         if self.client_scored:

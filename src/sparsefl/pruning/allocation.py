@@ -401,8 +401,16 @@ def allocate(
         else:
             floors = mt_floors(sizes, min_keep, min_keep_fraction, budget=k)
             floors = {n: min(floors[n], eligible[n]) for n in names}
-            if sum(floors.values()) > k:
-                global_keep(prepared, k, floors)  # raises the explanatory error
+            need = sum(floors.values())
+            if need > k:  # the sparsity is what the user set, so the error names it, not min_keep
+                limit = math.floor((total - need) / total * 1e8) / 1e8
+                raise ConfigError(
+                    "sparsity",
+                    sparsity,
+                    f"at most {limit:.8g} here (method.sparsity in a run, --sparsity in sparsefl prune): "
+                    f"with min_keep={min_keep} the {len(names)} layers keep at least {need} of the {total} "
+                    "weights",
+                )
             keeps = _global_keep_flat(prepared, k, floors)
             return Mask({n: keeps[n].view(scores[n].shape) for n in names})
     if any(counts[n] > eligible[n] for n in names):

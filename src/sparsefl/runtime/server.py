@@ -159,6 +159,8 @@ class Server:
         """The decoded upload, or the reason the client is dropped this round."""
         if isinstance(out, ClientFailure):
             return out.reason
+        # engines abandon a client at its deadline (a "timeout" failure); a client that finished
+        # but reports more time (a simulated straggler, a Flower reply within the grace) is late too
         timeout = self.cfg.federation.client_timeout
         if timeout > 0 and out.seconds > timeout:
             return f"timeout: took {out.seconds:.1f} s > federation.client_timeout={timeout:g} s"

@@ -23,6 +23,7 @@ from typing import Any
 
 from sparsefl.apps.flower.options import AppOptions
 from sparsefl.config import ExperimentConfig
+from sparsefl.state import atomic_write_text
 
 APP_PACKAGE = "sparsefl_app"
 FLWR_REQUIREMENT = "flwr[simulation]==1.41.0"
@@ -122,11 +123,11 @@ def export_app(folder: str | Path, opts: AppOptions, *, name: str = "sparsefl-ap
     root = Path(folder)
     pkg = root / APP_PACKAGE
     pkg.mkdir(parents=True, exist_ok=True)
-    (root / "pyproject.toml").write_text(pyproject_text(opts, name))
-    (pkg / "__init__.py").write_text('"""A sparsefl experiment as a Flower app (sparsefl flower export)."""\n')
-    (pkg / "server_app.py").write_text(_SERVER)
-    (pkg / "client_app.py").write_text(_CLIENT)
-    (root / "README.md").write_text(_README)
+    atomic_write_text(root / "pyproject.toml", pyproject_text(opts, name))
+    atomic_write_text(pkg / "__init__.py", '"""A sparsefl experiment as a Flower app (sparsefl flower export)."""\n')
+    atomic_write_text(pkg / "server_app.py", _SERVER)
+    atomic_write_text(pkg / "client_app.py", _CLIENT)
+    atomic_write_text(root / "README.md", _README)
     return root
 
 

@@ -9,7 +9,8 @@ Both engines take the same path, the one a user takes on real devices:
    runtime simulates the N SuperNodes;
 3. ``flwr run APP sparsefl --stream`` against it; the ServerApp (sparsefl's server loop) writes
    the run folder, and this process follows ``metrics.jsonl`` for progress;
-4. stop every process it started, by PID, also on error, Ctrl-C or SIGTERM.
+4. stop every process it started, by PID, also on error, Ctrl-C or SIGTERM; if this process
+   dies without stopping them (SIGKILL), a watchdog process does (below).
 
 Why ``flwr run`` with our own SuperLink for the simulation, rather than
 ``flwr.simulation.run_simulation``: ``run_simulation`` is deprecated in flwr 1.41, ignores the
@@ -20,14 +21,12 @@ in child processes we can stop, and costs ~5 s more startup than ``run_simulatio
 use Flower's managed local SuperLink (``address = ":local:"``): it listens on a fixed port
 (39091) and outlives the command; ours gets a free port and dies with the run.
 
-Process hygiene: Flower detaches some children (``flower-superexec`` starts in a new session)
-and Ray starts many, so process groups do not cover them. Every child gets the environment
-variable ``SPARSEFL_FLOWER_SESSION=<random tag>``, which their descendants inherit; a watcher
-records every process that carries the tag or descends from one we started (PID and start
-time). :meth:`LocalFederation.stop` sends SIGTERM to ``flwr run``, the SuperNodes and the SuperLink, then
-SIGTERM and, after a grace period, SIGKILL to every recorded process still alive with the same
-start time. Nothing outside 127.0.0.1 is contacted: Flower telemetry and update checks, Ray
-usage stats and runtime dependency installation are off, and Ray binds to the loopback address.
+Process hygiene (docs/flower.md, section 5): our children share one process group, led by a
+:class:`~sparsefl.orphans.Watchdog`, and carry ``SPARSEFL_FLOWER_SESSION=<random tag>``, which
+the processes Flower and Ray detach from the group inherit. :meth:`LocalFederation.stop` stops
+every process recorded with the tag, by PID; should this process die first, the watchdog kills
+the group and every tagged process and removes the temporary folder. Nothing outside 127.0.0.1
+is contacted (telemetry, update checks, Ray usage stats and dependency installation are off).
 """
 
 from __future__ import annotations
@@ -55,7 +54,7 @@ from sparsefl.apps.flower.export import export_app
 from sparsefl.apps.flower.options import ERROR_MARK, RESULT_MARK, AppOptions, default_nodes
 from sparsefl.config import ExperimentConfig
 from sparsefl.errors import SparseflError
-from sparsefl.orphans import alive, proc_stat
+from sparsefl.orphans import Watchdog, alive, all_pids, has_env, in_group, proc_stat, with_descendants
 
 SESSION_ENV = "SPARSEFL_FLOWER_SESSION"
 
@@ -64,33 +63,7 @@ class FlowerRunError(SparseflError):
     """The Flower federation could not be started, or the run did not finish."""
 
 
-# -- /proc helpers (Linux) ---------------------------------------------------------------------------
-def _has_tag(pid: int, tag: bytes) -> bool:
-    try:
-        return tag in Path(f"/proc/{pid}/environ").read_bytes().split(b"\0")
-    except OSError:
-        return False
-
-
-def _all_pids() -> list[int]:
-    return [int(p) for p in os.listdir("/proc") if p.isdigit()]
-
-
-def descendants(pid: int) -> list[int]:
-    """PIDs of the live descendants of ``pid``."""
-    children: dict[int, list[int]] = {}
-    for p in _all_pids():
-        st = proc_stat(p)
-        if st is not None:
-            children.setdefault(st[0], []).append(p)
-    out, todo = [], [pid]
-    while todo:
-        for c in children.get(todo.pop(), []):
-            out.append(c)
-            todo.append(c)
-    return out
-
-
+# -- helpers -----------------------------------------------------------------------------------------
 def free_port() -> int:
     """A TCP port free on 127.0.0.1 right now."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
@@ -139,6 +112,7 @@ class LocalFederation:
         self.nodes = nodes
         self.tag = secrets.token_hex(8)
         self.port = 0
+        self.watchdog: Watchdog | None = None
         self.superlink: subprocess.Popen[bytes] | None = None
         self.supernodes: list[subprocess.Popen[bytes]] = []
         self.others: list[subprocess.Popen[bytes]] = []
@@ -182,7 +156,7 @@ class LocalFederation:
         tag = f"{SESSION_ENV}={self.tag}".encode()
         children: dict[int, list[int]] = {}
         stats: dict[int, tuple[int, int]] = {}
-        for p in _all_pids():
+        for p in all_pids():
             st = proc_stat(p)
             if st is None:
                 continue
@@ -191,14 +165,9 @@ class LocalFederation:
         with self._lock:
             roots = [p.pid for p in self._leaders()] + list(self.seen)
             # a recorded PID counts only while it is the same process (PIDs get reused)
-            found = {p for p in roots if p in stats and stats[p][1] == self.seen.get(p, stats[p][1])}
-            todo = list(found)
-            while todo:
-                for c in children.get(todo.pop(), []):
-                    if c not in found:
-                        found.add(c)
-                        todo.append(c)
-            found.update(p for p in stats if p not in found and _has_tag(p, tag))
+            live = [p for p in roots if p in stats and stats[p][1] == self.seen.get(p, stats[p][1])]
+            found = with_descendants(live, children)
+            found.update(p for p in stats if p not in found and has_env(p, tag))
             for p in found:
                 self.seen[p] = stats[p][1]
 
@@ -215,10 +184,19 @@ class LocalFederation:
     def tagged_pids(self) -> list[int]:
         """Live processes carrying this federation's tag (for checks after :meth:`stop`)."""
         tag = f"{SESSION_ENV}={self.tag}".encode()
-        return [p for p in _all_pids() if p != os.getpid() and proc_stat(p) is not None and _has_tag(p, tag)]
+        return [p for p in all_pids() if p != os.getpid() and proc_stat(p) is not None and has_env(p, tag)]
 
     # -- start / stop -------------------------------------------------------------------------------
+    def guard(self) -> None:
+        """Start the watchdog (idempotent; :meth:`start` calls it): from now on, if this
+        process dies before :meth:`stop`, every process of the federation is killed and the
+        work folder removed."""
+        if self.watchdog is None:
+            self.watchdog = Watchdog(f"{SESSION_ENV}={self.tag}", remove=[self.workdir])
+
     def _popen(self, name: str, cmd: list[str]) -> subprocess.Popen[bytes]:
+        self.guard()
+        assert self.watchdog is not None
         self.logs.mkdir(parents=True, exist_ok=True)
         with open(self.logs / f"{name}.log", "ab") as log:
             proc = subprocess.Popen(
@@ -228,14 +206,17 @@ class LocalFederation:
                 stdin=subprocess.DEVNULL,
                 stdout=log,
                 stderr=subprocess.STDOUT,
-                start_new_session=True,  # no terminal Ctrl-C: we stop them ourselves, in order
+                # the watchdog's group, not the terminal's: no Ctrl-C (we stop them ourselves,
+                # in order), and one group to kill should this process die
+                **in_group(self.watchdog.pid),
             )
         with self._lock:
             self.seen[proc.pid] = (proc_stat(proc.pid) or (0, 0))[1]
         return proc
 
     def start(self, timeout: float = 60.0) -> None:
-        """Start the SuperLink (wait for its health check) and the SuperNodes."""
+        """Start the watchdog, the SuperLink (wait for its health check) and the SuperNodes."""
+        self.guard()
         self.flwr_home.mkdir(parents=True, exist_ok=True)
         self.port = free_port()
         (self.flwr_home / "config.toml").write_text(
@@ -300,11 +281,13 @@ class LocalFederation:
         self.others.append(proc)
         return proc
 
-    def stop(self, grace: float = 5.0) -> None:
+    def stop(self, grace: float = 5.0, release: bool = True) -> None:
         """Stop every process this federation started or spawned, by PID; idempotent.
 
         SIGTERM to the ``flwr`` CLI, the SuperNodes, then the SuperLink (waiting up to ``grace``
-        seconds for each group), then SIGTERM and SIGKILL to every recorded process left.
+        seconds for each group), then SIGTERM and SIGKILL to every recorded process left; then,
+        with ``release``, the watchdog is released (the work folder stays: the caller decides;
+        without ``release``, call :meth:`release` once it is dealt with).
         """
         self.scan()
         for group in (self.others, self.supernodes, [self.superlink] if self.superlink else []):
@@ -333,6 +316,13 @@ class LocalFederation:
         for p in self._leaders():
             with contextlib.suppress(subprocess.TimeoutExpired):
                 p.wait(timeout=1)
+        if release:
+            self.release()
+
+    def release(self) -> None:
+        """End the watchdog, leaving the work folder alone (after :meth:`stop`)."""
+        if self.watchdog is not None:
+            self.watchdog.release()
 
     def __enter__(self) -> LocalFederation:
         return self
@@ -428,7 +418,7 @@ def run_on_flower(
     folder = RunFolder(out)
     if force:
         folder.reset()
-    if folder.claim(cfg) == "finished":
+    if folder.check(cfg) == "finished":  # the ServerApp claims it, under the folder lock
         summary = folder.read_summary()
         assert summary is not None
         return {**summary, "status": "finished"}
@@ -457,6 +447,7 @@ def run_on_flower(
     flwr_log = fed.logs / "flwr-run.log"
     try:
         with _terminate_as_interrupt():
+            fed.guard()  # from here on the folder goes, however this process ends
             app_dir = export_app(workdir / "app", opts)
             tidy = False
             fed.start()
@@ -498,9 +489,10 @@ def run_on_flower(
         tidy = True
         raise
     finally:
-        fed.stop()
+        fed.stop(release=False)
         if tidy and not keep:
             shutil.rmtree(workdir, ignore_errors=True)
+        fed.release()
 
 
 def _follow(folder: Any, seen: int, progress: Any, cfg: ExperimentConfig, record_cls: Any) -> int:
