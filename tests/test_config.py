@@ -157,3 +157,21 @@ def test_too_high_a_sparsity_names_the_sparsity_not_min_keep():
     assert e.value.key == "sparsity" and "method.sparsity" in str(e.value) and "--sparsity" in str(e.value)
     assert "at most 0.96428571" in str(e.value)  # 54 of the 56 weights
     assert sparsefl.prune(model, "global_magnitude", 0.96428571).density() == pytest.approx(2 / 56)
+
+
+@pytest.mark.parametrize(
+    "override",
+    [
+        "model.width=1e300",
+        "local.threads=100000",
+        "federation.client_timeout=1e300",
+        "local.lr=1e300",
+        "local.weight_decay=1e300",
+        "data.num_classes=1000000000000",
+    ],
+)
+def test_finite_but_absurd_values_are_refused_with_their_key(override: str) -> None:
+    """Values that would overflow a kernel, a clock or an allocation later name their key now."""
+    key = override.split("=")[0]
+    with pytest.raises(ConfigError, match=f"config key '{key}'"):
+        load_config(overrides=[override])

@@ -227,6 +227,7 @@ def _npz(path, x_train, y_train, x_test=None, y_test=None, **extra):
     [
         ([0, 1, 2, 30_000_000], [0, 1], 0, "at most 100,000"),  # never allocates 30M classes
         ([0, 1, 2, 3], [0, 4], 0, "y_test holds label 4, beyond the training labels 0..3"),
+        ([0.0, 1.0, 2.0, 3.0], [0.0, 1e30], 0, "y_test holds label 1e\\+30"),  # checked before a wrapping cast
         ([0, 1, 3, 3], [0, 1], 0, "no sample of class 2"),
         ([0, 1, 2, 10], [0, 1], 10, r"labels must lie in 0..9 \(10 classes\); found 0..10"),
         ([0, 1, 2, 1e300], [0, 1], 0, "at most 100,000"),
@@ -308,3 +309,11 @@ def test_a_partitioner_may_take_the_whole_dataset():
             make_partition(np.zeros(len(data.y_train), dtype=int), 4, cfg, 0)
     finally:
         del PARTITIONERS._entries["test_by_feature"]
+
+
+def test_client_ids_beyond_int64_are_refused_not_wrapped(tmp_path):
+    ids = (np.arange(60) % 4).astype(np.float64)
+    ids[7] = 1e19  # would wrap to a negative int64
+    cfg = _npz(tmp_path / "ids.npz", np.zeros((60, 5), np.float32), np.arange(60) % 3, client_train=ids)
+    with pytest.raises(DataError, match="client_train holds 0.0..1e\\+19; client ids are 0..K-1"):
+        load_dataset(cfg, 0)

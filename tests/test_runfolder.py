@@ -20,7 +20,7 @@ from sparsefl.cli.main import main
 from sparsefl.config import load_config
 from sparsefl.errors import ConfigError, DataError, RunFolderError
 from sparsefl.experiment.artifacts import export_onnx, export_safetensors, read_sparse_safetensors
-from sparsefl.experiment.runfolder import LOCK
+from sparsefl.experiment.runfolder import LOCK, RunFolder
 from sparsefl.experiment.runner import build, run_experiment
 from sparsefl.masks import Mask
 from sparsefl.runtime.server import Server
@@ -194,6 +194,31 @@ def test_damaged_summary_and_metrics_are_one_line(tmp_path, capsys, finished):
     m.write_text(m.read_text().splitlines(keepends=True)[0] + "[1,2,3]\n")
     code, err = _cli(capsys, "show", out)
     assert code == 2 and len(err) == 1 and f"{m} line 2 is not a round record" in err[0]
+
+
+@pytest.mark.parametrize("info", ["{}", '{"input_shape": "abc", "num_classes": 10, "input_transform": null}'])
+def test_exporting_a_run_with_a_damaged_model_json_is_one_line(tmp_path, capsys, finished, info):
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    (out / "model.json").write_text(info)
+    code, err = _cli(capsys, "export", out, "--format", "safetensors", "--out", tmp_path / "m.safetensors")
+    assert code == 2 and len(err) == 1 and "model.json is damaged" in err[0]
+    assert not (tmp_path / "m.safetensors").exists()
+
+
+def test_a_flower_run_into_a_busy_folder_is_refused_before_anything_starts(tmp_path, finished):
+    """``--force`` on Flower resets the folder only under its lock: a folder another run holds
+    keeps every file."""
+    pytest.importorskip("flwr")
+    from sparsefl.apps.flower import run_on_flower
+
+    out = tmp_path / "run"
+    shutil.copytree(finished, out)
+    before = sorted(p.name for p in out.iterdir())
+    with RunFolder(out).lock():
+        with pytest.raises(RunFolderError, match="in use by another sparsefl run"):
+            run_on_flower(load_config(overrides=[*TINY, "engine=flower-local"]), out, force=True)
+    assert sorted(p.name for p in out.iterdir() if p.name != ".lock") == [n for n in before if n != ".lock"]
 
 
 def test_out_on_a_file_or_under_one_is_one_line(tmp_path, capsys):

@@ -62,7 +62,7 @@ class DataConfig:
     )
     partition_seed: int | None = opt(None, "seed of the partition (default: the run seed)")
     num_classes: int = opt(
-        0, "classes of npz/leaf data (0 = inferred: training labels exactly 0..C-1, C <= 100,000)", ge=0
+        0, "classes of npz/leaf data (0 = inferred: training labels exactly 0..C-1, C <= 100,000)", ge=0, le=10**7
     )
     max_pixels: int = opt(1 << 20, "npz/leaf: the most values one input sample may hold (C x H x W or D)", ge=1)
 
@@ -72,7 +72,7 @@ class ModelConfig:
     """Which network; input shape and class count come from the data."""
 
     name: str = opt("cnn", "model architecture", registry=MODELS)
-    width: float = opt(1.0, "channel-width multiplier", gt=0)
+    width: float = opt(1.0, "channel-width multiplier", gt=0, le=16)
 
 
 @dataclass(frozen=True)
@@ -89,6 +89,7 @@ class FederationConfig:
         0.0,
         "seconds a client may run before it is abandoned (0 = no limit; > 0: clients run in worker processes)",
         ge=0,
+        le=86400 * 365,
     )
     max_round_retries: int = opt(3, "re-samples of a round that had too few successful clients", ge=0)
     norm_reject_k: float = opt(
@@ -103,16 +104,19 @@ class LocalConfig:
     epochs: int = opt(1, "local epochs per round (ignored when steps > 0)", ge=1)
     steps: int = opt(0, "local SGD steps per round (0 = use epochs)", ge=0)
     batch_size: int = opt(32, "local mini-batch size", ge=1)
-    lr: float = opt(0.05, "local learning rate (at round 1)", gt=0)
-    lr_end: float | None = opt(None, "learning rate at the last round; exponential decay (None = constant)", gt=0)
+    lr: float = opt(0.05, "local learning rate (at round 1)", gt=0, le=1e6)
+    lr_end: float | None = opt(
+        None, "learning rate at the last round; exponential decay (None = constant)", gt=0, le=1e6
+    )
     momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
-    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0)
+    weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, le=1e6)
     precision: Literal["fp32", "bf16"] = opt("fp32", "local training precision (bf16 = autocast)")
     threads: int = opt(
         1,
         "intra-op CPU threads per client's training; floating-point results depend on it, so it is "
         "part of the experiment (the same value gives the same bits with any federation engine or jobs)",
         ge=1,
+        le=4096,
     )
 
 

@@ -30,7 +30,7 @@ from sparsefl import __version__
 from sparsefl.errors import ConfigError, SparseflError
 
 #: Console width off a terminal: wide enough that no table is squeezed, so lines are never cut.
-PLAIN_WIDTH = 1000
+PLAIN_WIDTH = 100_000
 
 
 def add_config_arguments(p: argparse.ArgumentParser, config_help: str = "experiment TOML file") -> None:
@@ -154,9 +154,8 @@ def main(argv: list[str] | None = None) -> int:
     warnings.formatwarning = _one_line
     console = make_console()
     err = Console(stderr=True)
-    parser = make_parser()
-    args = parser.parse_args(argv)
     try:
+        args = make_parser().parse_args(argv)
         return int(args.func(args, console) or 0)
     except SparseflError as e:
         err.print(f"[bold red]error:[/] {escape(str(e))}", highlight=False, markup=True, soft_wrap=True)

@@ -27,7 +27,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
     png = check_output(args.png, "--png", "file")
     data = load_dataset(cfg.data, cfg.seed)
     labels = data.y_train.numpy()
-    split = make_partition(labels, cfg.federation.num_clients, cfg.data, cfg.seed)
+    split = make_partition(data, cfg.federation.num_clients, cfg.data, cfg.seed)
     hist = split.label_histogram(labels, data.num_classes)
     title = f"{cfg.data.name}, {cfg.data.partition}"
     if cfg.data.partition == "dirichlet":

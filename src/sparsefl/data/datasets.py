@@ -81,6 +81,16 @@ def class_labels(labels: np.ndarray) -> np.ndarray:
     return s[np.concatenate(([True], s[1:] != s[:-1]))] if s.size else s
 
 
+def _check_sample_size(source: str, shape: tuple[int, ...], max_pixels: int | None) -> None:
+    """DataError when one training sample of ``shape`` (``N x ...``) holds more than ``max_pixels`` values."""
+    size = int(np.prod(shape[1:]))
+    if max_pixels is not None and size > max_pixels:
+        raise DataError(
+            f"{source}: x_train's samples are {' x '.join(map(str, shape[1:]))} = {size:,} values; "
+            f"data.max_pixels allows {max_pixels:,} (raise it for larger samples)"
+        )
+
+
 def _check_integers(source: str, key: str, a: np.ndarray) -> None:
     """DataError unless ``a`` holds only integers (an integer dtype, or integer-valued floats)."""
     if np.issubdtype(a.dtype, np.integer) or a.dtype == bool:
@@ -112,17 +122,17 @@ def _labels(
             f"{MAX_INFERRED_CLASSES:,} (labels 0..C-1); set data.num_classes to declare more"
         )
     k = int(top) + 1
+    if y_test.max() >= k:  # before the cast: a huge float label would wrap
+        raise DataError(
+            f"{source}: y_test holds label {y_test.max()}, beyond the training labels 0..{k - 1}; "
+            "set data.num_classes if it is a class"
+        )
     y_train, y_test = y_train.astype(np.int64), y_test.astype(np.int64)
     absent = np.flatnonzero(np.bincount(y_train, minlength=k) == 0)
     if absent.size:
         raise DataError(
             f"{source}: y_train has no sample of class {absent[0]} (labels run to {k - 1}): inferred classes "
             "are 0..C-1, each in the training set; set data.num_classes if some need not be"
-        )
-    if y_test.max() >= k:
-        raise DataError(
-            f"{source}: y_test holds label {y_test.max()}, beyond the training labels 0..{k - 1}; "
-            "set data.num_classes if it is a class"
         )
     return y_train, y_test, k
 
@@ -162,20 +172,18 @@ def _finish(
             raise DataError(f"{src}: the {split} split is empty")
     if x_train.shape[1:] != x_test.shape[1:]:
         raise DataError(f"{src}: train samples are {x_train.shape[1:]}, test samples {x_test.shape[1:]}")
-    size = int(np.prod(x_train.shape[1:]))
-    if max_pixels is not None and size > max_pixels:
-        raise DataError(
-            f"{src}: x_train's samples are {' x '.join(map(str, x_train.shape[1:]))} = {size:,} values; "
-            f"data.max_pixels allows {max_pixels:,} (raise it for larger samples)"
-        )
+    _check_sample_size(src, x_train.shape, max_pixels)
     y_train, y_test, k = _labels(src, y_train, y_test, num_classes)
     ids = None
     if client_train is not None:
         if client_train.shape != y_train.shape:
             raise DataError(f"{src}: client_train has shape {client_train.shape}; expected ({len(y_train)},)")
         _check_integers(src, "client_train", client_train)
-        if client_train.min() < 0:
-            raise DataError(f"{src}: client_train holds {client_train.min()}; client ids are 0..K-1")
+        if client_train.min() < 0 or client_train.max() >= len(y_train):
+            raise DataError(
+                f"{src}: client_train holds {client_train.min()}..{client_train.max()}; client ids are 0..K-1 "
+                f"with K at most the {len(y_train)} training samples"
+            )
         ids = torch.from_numpy(client_train.astype(np.int64))
     if x_train.ndim == 3:  # N x H x W -> N x 1 x H x W
         x_train, x_test = x_train[:, None], x_test[:, None]
@@ -392,6 +400,7 @@ def load_npz(cfg: DataConfig, seed: int) -> Dataset:
         if k in arrays and arrays[k].dtype.kind not in "biuf":  # complex would be cut to its real part
             raise DataError(f"npz: {path}: {k} has dtype {arrays[k].dtype}; expected real numbers (bool, int, float)")
     x_train, y_train, x_test, y_test = (arrays[k] for k in need)
+    _check_sample_size(f"npz {path}", x_train.shape, cfg.max_pixels)  # before any copy of a huge array
     return _finish(
         "npz",
         x_train.astype(np.float64),
@@ -442,9 +451,12 @@ def _leaf_arrays(folder: Path, users: dict[str, tuple[list, list, Path]]) -> tup
     names = sorted(users)
     try:
         x = np.asarray([s for u in names for s in users[u][0]], dtype=np.float64)
-    except (TypeError, ValueError) as e:
+    except (TypeError, ValueError, OverflowError) as e:
         raise DataError(f"leaf: {folder}: x must hold numbers, one shape per sample ({e})") from None
-    y = np.asarray([s for u in names for s in users[u][1]])
+    try:
+        y = np.asarray([s for u in names for s in users[u][1]])
+    except (TypeError, ValueError, OverflowError) as e:
+        raise DataError(f"leaf: {folder}: y must hold one integer label per sample ({e})") from None
     if y.dtype.kind not in "biuf":
         raise DataError(f"leaf: {folder}: y must hold integer labels (found {y.dtype})")
     return x, y, [len(users[u][1]) for u in names]

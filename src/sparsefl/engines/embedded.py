@@ -229,6 +229,7 @@ def _deadline_worker(
     ``(position, task, state)`` it receives and send back ``(position, outcome)``, until it
     receives None."""
     _worker_init(method, x, y, split, owner, None, None)
+    _warm_up(method)
     conn.send("ready")
     while (item := conn.recv()) is not None:
         k, task, state = item
@@ -237,6 +238,17 @@ def _deadline_worker(
             conn.send((k, out))
         except Exception as e:  # noqa: BLE001 - pickling failed before anything was written
             conn.send((k, ClientFailure(task.client_id, f"result could not be sent: {type(e).__name__}: {e}")))
+
+
+def _warm_up(method: Method) -> None:
+    """One forward and backward pass of a throwaway model on zeros: a new process's first
+    pass (kernel setup, allocations) must not count against its first client's deadline."""
+    try:
+        with torch.random.fork_rng(devices=[]):  # the process's random state stays as it was
+            model = method.new_model()
+            model(torch.zeros(2, *method.spec.input_shape)).sum().backward()
+    except Exception:  # noqa: BLE001 - best effort: a method whose model needs more just starts cold
+        pass
 
 
 @dataclass

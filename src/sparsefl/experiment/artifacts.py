@@ -78,15 +78,8 @@ def load_run(path: str | Path, model: nn.Module | None = None) -> LoadedRun:
     summary = folder.read_summary()
     if summary is None:
         raise RunFolderError(f"{folder.path} holds no finished run (no summary.json); rerun it to finish it")
-    info = folder.read_model_info()
-    if info is None:
-        raise RunFolderError(f"{folder.path} has no model.json (an older run); rerun it with --force to write one")
+    shape, classes, transform = _model_info(folder)
     cfg = from_dict({k: v for k, v in conf.items() if not k.startswith("_")})
-    try:
-        shape, classes = tuple(int(d) for d in info["input_shape"]), int(info["num_classes"])
-        transform = InputTransform.from_json(shape, info["input_transform"])
-    except (KeyError, TypeError, ValueError, RuntimeError):
-        raise RunFolderError(f"{folder.path / 'model.json'} is damaged; rerun with --force to write it again") from None
     template = _template(folder, conf, cfg, model, shape, classes)
     net = make_method(cfg, ModelSpec(template, shape, classes)).new_model()
     state = _read_tensors(folder.path / "model.safetensors")
@@ -157,9 +150,7 @@ def export_safetensors(path: str | Path, out: str | Path) -> None:
     folder = RunFolder(path)
     if folder.read_summary() is None:
         raise RunFolderError(f"{folder.path} holds no finished run (no summary.json); rerun it to finish it")
-    info = folder.read_model_info()
-    if info is None:
-        raise RunFolderError(f"{folder.path} has no model.json (an older run); rerun it with --force to write one")
+    shape, _, transform = _model_info(folder)
     weights = _read_tensors(folder.path / "model.safetensors")
     mask = _read_tensors(folder.path / "mask.safetensors")
     tensors: dict[str, torch.Tensor] = {}
@@ -174,11 +165,24 @@ def export_safetensors(path: str | Path, out: str | Path) -> None:
         tensors[f"{name}:indices"] = kept.to(index_type)
         tensors[f"{name}:values"] = t.reshape(-1)[kept].contiguous()
         shapes[name] = list(t.shape)
-    transform = InputTransform.from_json(tuple(info["input_shape"]), info["input_transform"])
     if transform.mean is not None and transform.std is not None:
         tensors["input:mean"], tensors["input:std"] = transform.mean, transform.std
-    meta = {"format": SPARSE_FORMAT, "input_shape": json.dumps(info["input_shape"]), "shapes": json.dumps(shapes)}
+    meta = {"format": SPARSE_FORMAT, "input_shape": json.dumps(list(shape)), "shapes": json.dumps(shapes)}
     _write(out, save(tensors, metadata=meta))
+
+
+def _model_info(folder: RunFolder) -> tuple[tuple[int, ...], int, InputTransform]:
+    """``model.json``'s input shape, class count and input transform, checked."""
+    info = folder.read_model_info()
+    if info is None:
+        raise RunFolderError(f"{folder.path} has no model.json (an older run); rerun it with --force to write one")
+    try:
+        shape, classes = tuple(int(d) for d in info["input_shape"]), int(info["num_classes"])
+        if not shape or min(shape) < 1 or classes < 1:
+            raise ValueError
+        return shape, classes, InputTransform.from_json(shape, info["input_transform"])
+    except (KeyError, TypeError, ValueError, RuntimeError):
+        raise RunFolderError(f"{folder.path / 'model.json'} is damaged; rerun with --force to write it again") from None
 
 
 def read_sparse_safetensors(path: str | Path) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

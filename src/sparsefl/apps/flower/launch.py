@@ -416,9 +416,11 @@ def run_on_flower(
     flower_bin("flower-superlink")  # a clear error now if the sparsefl[flower] extra is missing
     out = Path(out).resolve()
     folder = RunFolder(out)
-    if force:
-        folder.reset()
-    if folder.check(cfg) == "finished":  # the ServerApp claims it, under the folder lock
+    with folder.lock():  # a busy folder is refused before anything starts; the ServerApp claims it
+        if force:
+            folder.reset()
+        status = folder.check(cfg)
+    if status == "finished":
         summary = folder.read_summary()
         assert summary is not None
         return {**summary, "status": "finished"}
