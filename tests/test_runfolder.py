@@ -333,3 +333,23 @@ def test_exports_reload_to_the_final_weights(tmp_path, capsys):
         assert np.allclose(got, run.model(run.transform(x)).numpy(), atol=1e-5)
     with pytest.raises(RunFolderError, match="is a folder"):
         export_safetensors(out, tmp_path)
+
+
+def test_a_changed_input_file_is_never_resumed_or_reported(tmp_path):
+    """The contents of the files a config names (here a mask) are part of the run: replacing
+    the file between two runs into one folder is refused, not answered with the old run."""
+    masks = {}
+    for sparsity in (0.9, 0.5):
+        cfg = load_config(overrides=[*TINY, "method.name=static_mask", f"method.sparsity={sparsity}"])
+        run_experiment(cfg, tmp_path / f"src{sparsity}")
+        masks[sparsity] = (tmp_path / f"src{sparsity}" / "mask.safetensors").read_bytes()
+    mask_file = tmp_path / "mask.safetensors"
+    mask_file.write_bytes(masks[0.9])
+    cfg = load_config(overrides=[*TINY, "method.name=static_mask", f"method.mask_file={mask_file}"])
+    first = run_experiment(cfg, tmp_path / "run")
+    assert run_experiment(cfg, tmp_path / "run")["status"] == "finished"
+    mask_file.write_bytes(masks[0.5])
+    with pytest.raises(RunFolderError, match="input file method.mask_file has changed"):
+        run_experiment(cfg, tmp_path / "run")
+    again = run_experiment(cfg, tmp_path / "run", force=True)
+    assert again["density"] > first["density"]

@@ -148,10 +148,13 @@ class RunFolder:
         raise RunFolderError(f"run folder {self.path}: could not lock {lock}; try again")
 
     # -- config ownership -------------------------------------------------------------------------
-    def check(self, cfg: ExperimentConfig, model_id: dict[str, str] | None = None) -> str:
-        """What the folder holds for ``cfg`` (and the user module ``model_id``, see
-        :meth:`claim`), without writing anything: ``"new"``, ``"resume"`` (a checkpoint exists)
-        or ``"finished"``. A folder of another configuration or module is refused."""
+    def check(
+        self, cfg: ExperimentConfig, model_id: dict[str, str] | None = None, inputs: dict[str, str] | None = None
+    ) -> str:
+        """What the folder holds for ``cfg`` (and the user module ``model_id`` and the input
+        files ``inputs``, see :meth:`claim`), without writing anything: ``"new"``, ``"resume"``
+        (a checkpoint exists) or ``"finished"``. A folder of another configuration or module, or
+        whose input files have changed, is refused; ``inputs=None`` skips the file check."""
         self._creatable()
         old = self.read_config()
         if old is None:
@@ -167,25 +170,38 @@ class RunFolder:
                 f"{self.path} holds a run of {_describe(ran, old)}, not of {_describe(model_id, old)}; "
                 "choose another --out, or pass --force to overwrite it"
             )
+        ran_with = old.get("_inputs") if isinstance(old.get("_inputs"), dict) else {}
+        changed = sorted(k for k in {*ran_with, *(inputs or {})} if ran_with.get(k) != (inputs or {}).get(k))
+        if inputs is not None and changed:
+            raise RunFolderError(
+                f"{self.path} holds a run whose input file {changed[0]} has changed since it started; "
+                "restore the file, choose another --out, or pass --force to rerun with it"
+            )
         if self.read_summary() is not None:
             return "finished"
         return "resume" if self.has_checkpoint() else "new"
 
-    def claim(self, cfg: ExperimentConfig, model_id: dict[str, str] | None = None) -> str:
+    def claim(
+        self, cfg: ExperimentConfig, model_id: dict[str, str] | None = None, inputs: dict[str, str] | None = None
+    ) -> str:
         """Create the folder for ``cfg`` or check that it already belongs to ``cfg``.
 
         Returns :meth:`check`'s status; a new folder gets its ``config.json``. ``model_id``
         names a user module (``class`` and ``init_sha256``, its initial parameters): it is
         recorded as ``_model``, and a folder of another module (or of a registered model) is
-        refused, as is a different configuration.
+        refused, as is a different configuration. ``inputs`` maps the config keys that name
+        input files (a mask, a teacher, an npz) to their contents' SHA-256: recorded as
+        ``_inputs``, so a run is never resumed or reported against a file that has changed.
         """
         self._mkdir()
         self.drop_temporaries()  # left by writes that were killed midway
-        status = self.check(cfg, model_id)
+        status = self.check(cfg, model_id, inputs)
         if not (self.path / "config.json").exists():
             record = {**to_dict(cfg), "_config_hash": config_hash(cfg)}
             if model_id is not None:
                 record["_model"] = model_id
+            if inputs:
+                record["_inputs"] = inputs
             atomic_write_text(self.path / "config.json", json.dumps(record, indent=2))
         return status
 

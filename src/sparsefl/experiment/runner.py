@@ -11,6 +11,7 @@ or reports a finished run. A run that fails before its first checkpoint leaves n
 from __future__ import annotations
 
 import copy
+import hashlib
 import os
 import time
 from collections.abc import Callable
@@ -24,7 +25,7 @@ from torch import nn
 
 import sparsefl.methods  # noqa: F401  (fills the method registry)
 from sparsefl.accounting import profile_model
-from sparsefl.config import ExperimentConfig, config_hash
+from sparsefl.config import ExperimentConfig, config_hash, to_dict
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import EmbeddedEngine, start_fork_server
 from sparsefl.errors import ConfigError
@@ -117,6 +118,35 @@ def _usable_cpus() -> int:
 ProgressFn = Callable[[RoundRecord, dict[str, Any]], None]
 
 
+#: Config keys that may name an input file whose contents a run depends on.
+INPUT_FILE_KEYS = ("data.dir", "method.mask_file", "method.kd_teacher", "method.student.mask_file")
+
+
+def input_files(cfg: ExperimentConfig) -> dict[str, str]:
+    """The SHA-256 of each input file the config names (a folder of files, such as CIFAR's
+    batches or a LEAF folder, is not hashed), by config key."""
+    flat: dict[str, Any] = {}
+
+    def walk(d: dict[str, Any], prefix: str) -> None:
+        for k, v in d.items():
+            if isinstance(v, dict):
+                walk(v, f"{prefix}{k}.")
+            else:
+                flat[f"{prefix}{k}"] = v
+
+    walk(to_dict(cfg), "")
+    out = {}
+    for key in INPUT_FILE_KEYS:
+        path = flat.get(key)
+        if isinstance(path, str) and path and Path(path).is_file():
+            digest = hashlib.sha256()
+            with open(path, "rb") as f:
+                for block in iter(lambda: f.read(1 << 20), b""):
+                    digest.update(block)
+            out[key] = digest.hexdigest()
+    return out
+
+
 def model_identity(model: nn.Module | None) -> dict[str, str] | None:
     """A user module's identity in its run folder: its class and the SHA-256 of its initial
     parameters (None for the registered model the config names)."""
@@ -150,9 +180,9 @@ def run_experiment(
     if cfg.engine != "embedded" and engine is None:
         raise ConfigError("engine", cfg.engine, "'embedded' here (Flower engines run through sparsefl.run or the CLI)")
     folder = RunFolder(out)
-    model_id = model_identity(model)
+    model_id, inputs = model_identity(model), input_files(cfg)
     with folder.lock():
-        if not force and folder.check(cfg, model_id) == "finished":
+        if not force and folder.check(cfg, model_id, inputs) == "finished":
             summary = folder.read_summary()
             assert summary is not None
             return {**summary, "status": "finished"}
@@ -164,7 +194,7 @@ def run_experiment(
             require_tensorboard()
         if force:
             folder.reset()
-        status = folder.claim(cfg, model_id)
+        status = folder.claim(cfg, model_id, inputs)
         try:
             return _run(b, folder, status, t_start, progress, log, engine)
         except BaseException:
