@@ -399,7 +399,7 @@ def load_config(
             raise ConfigError("--config", str(p), "a TOML file in UTF-8 (TOML files are UTF-8 text)") from None
         except tomllib.TOMLDecodeError as e:
             raise ConfigError("--config", str(p), f"valid TOML ({e})") from None
-        for k, v in _flatten(file_tree):
+        for k, v in flatten(file_tree).items():
             merge_override(tree, k, v)
     for item in overrides:
         k, v = parse_override(item)
@@ -407,13 +407,14 @@ def load_config(
     return build(ExperimentConfig, tree)
 
 
-def _flatten(tree: Mapping[str, Any], prefix: str = "") -> list[tuple[str, Any]]:
-    out: list[tuple[str, Any]] = []
+def flatten(tree: Mapping[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A nested config tree as dotted keys (``{"data": {"dir": ...}}`` -> ``{"data.dir": ...}``)."""
+    out: dict[str, Any] = {}
     for k, v in tree.items():
         if isinstance(v, Mapping):
-            out.extend(_flatten(v, f"{prefix}{k}."))
+            out.update(flatten(v, f"{prefix}{k}."))
         else:
-            out.append((f"{prefix}{k}", v))
+            out[f"{prefix}{k}"] = v
     return out
 
 

@@ -29,9 +29,7 @@ def run(args: argparse.Namespace, console: Console) -> int:
         return 0
     path = args.dirs[0]
     folder = RunFolder(path)
-    cfg = folder.read_config()
-    if cfg is None:
-        raise RunFolderError(f"{path} is not a run folder (no config.json)")
+    cfg = folder.run_config()
     records = folder.read_metrics()
     summary = folder.read_summary()
     try:

@@ -72,9 +72,7 @@ def load_run(path: str | Path, model: nn.Module | None = None) -> LoadedRun:
         the run trained.
     """
     folder = RunFolder(path)
-    conf = folder.read_config()
-    if conf is None:
-        raise RunFolderError(f"{folder.path} is not a run folder (no config.json)")
+    conf = folder.run_config()
     summary = folder.read_summary()
     if summary is None:
         raise RunFolderError(f"{folder.path} holds no finished run (no summary.json); rerun it to finish it")

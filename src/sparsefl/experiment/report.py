@@ -33,7 +33,7 @@ from collections.abc import Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
-from sparsefl.errors import RunFolderError
+from sparsefl.config import flatten
 from sparsefl.experiment.plots import log_ticks, tick_label
 from sparsefl.state import atomic_write_text
 
@@ -371,14 +371,9 @@ def write_metrics_csv(path: str | Path, records: list[dict[str, Any]]) -> None:
     atomic_write_text(path, metrics_csv(records))
 
 
-def _flat(tree: dict[str, Any], prefix: str = "") -> dict[str, Any]:
-    out: dict[str, Any] = {}
-    for k, v in tree.items():
-        if isinstance(v, dict):
-            out.update(_flat(v, f"{prefix}{k}."))
-        elif not k.startswith("_"):
-            out[prefix + k] = v
-    return out
+def _flat(tree: dict[str, Any]) -> dict[str, Any]:
+    """A run's configuration as dotted keys, without the run folder's own ``_`` fields."""
+    return {k: v for k, v in flatten(tree).items() if not k.rsplit(".", 1)[-1].startswith("_")}
 
 
 def _run_facts(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
@@ -387,9 +382,7 @@ def _run_facts(folder: Path) -> tuple[dict[str, Any], dict[str, str]]:
     from sparsefl.experiment.runfolder import RunFolder
 
     rf = RunFolder(folder)
-    cfg = rf.read_config()
-    if cfg is None:
-        raise RunFolderError(f"{folder} is not a run folder (no config.json)")
+    cfg = rf.run_config()
     records = rf.read_metrics()
     summary = rf.read_summary()
     rounds = _flat(cfg).get("federation.rounds")

@@ -170,13 +170,14 @@ class RunFolder:
                 f"{self.path} holds a run of {_describe(ran, old)}, not of {_describe(model_id, old)}; "
                 "choose another --out, or pass --force to overwrite it"
             )
-        ran_with = old.get("_inputs") if isinstance(old.get("_inputs"), dict) else {}
-        changed = sorted(k for k in {*ran_with, *(inputs or {})} if ran_with.get(k) != (inputs or {}).get(k))
-        if inputs is not None and changed:
-            raise RunFolderError(
-                f"{self.path} holds a run whose input file {changed[0]} has changed since it started; "
-                "restore the file, choose another --out, or pass --force to rerun with it"
-            )
+        if inputs is not None:
+            ran_with = old.get("_inputs") if isinstance(old.get("_inputs"), dict) else {}
+            changed = sorted(k for k in {*ran_with, *inputs} if ran_with.get(k) != inputs.get(k))
+            if changed:
+                raise RunFolderError(
+                    f"{self.path} holds a run whose input file {changed[0]} has changed since it started; "
+                    "restore the file, choose another --out, or pass --force to rerun with it"
+                )
         if self.read_summary() is not None:
             return "finished"
         return "resume" if self.has_checkpoint() else "new"
@@ -321,6 +322,13 @@ class RunFolder:
         """``config.json``, or None where there is none."""
         return self._read_json("config.json", "remove the folder or choose another --out")
 
+    def run_config(self) -> dict[str, Any]:
+        """``config.json`` of the run this folder holds (RunFolderError when it holds none)."""
+        conf = self.read_config()
+        if conf is None:
+            raise RunFolderError(f"{self.path} is not a run folder (no config.json)")
+        return conf
+
     def write_model_info(self, info: dict[str, Any]) -> None:
         atomic_write_text(self.path / "model.json", json.dumps(info, indent=2))
 
@@ -353,13 +361,18 @@ class RunFolder:
             cur.replace(self.path / PREV_CHECKPOINT)
         atomic_write_bytes(cur, data)
 
-    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+    def _verified_body(self, path: Path) -> bytes | None:
+        """The body of the checkpoint file at ``path`` if its magic and hash verify, else None."""
         if not path.exists():
             return None
         raw = path.read_bytes()
         if len(raw) < 40 or raw[:8] != _MAGIC or hashlib.sha256(raw[40:]).digest() != raw[8:40]:
             return None
-        return torch.load(io.BytesIO(raw[40:]), weights_only=True)
+        return raw[40:]
+
+    def _read_checkpoint(self, path: Path) -> dict[str, Any] | None:
+        body = self._verified_body(path)
+        return None if body is None else torch.load(io.BytesIO(body), weights_only=True)
 
     def checkpoints(self) -> Iterator[tuple[Path, dict[str, Any]]]:
         """``(file, checkpoint)`` for each checkpoint whose hash verifies, newest first (each
@@ -369,13 +382,9 @@ class RunFolder:
             if ck is not None:
                 yield self.path / name, ck
 
-    def good_checkpoints(self) -> Iterator[dict[str, Any]]:
-        """The checkpoints whose hash verifies, newest first (each read when reached)."""
-        return (ck for _, ck in self.checkpoints())
-
     def latest_checkpoint(self) -> dict[str, Any] | None:
         """The newest checkpoint whose hash verifies (the previous one if the newest is damaged)."""
-        return next(self.good_checkpoints(), None)
+        return next((ck for _, ck in self.checkpoints()), None)
 
     def has_checkpoint(self) -> bool:
         """Whether a checkpoint file is present (damaged or not)."""
@@ -386,7 +395,7 @@ class RunFolder:
         return [
             n
             for n in (CHECKPOINT, PREV_CHECKPOINT)
-            if (self.path / n).exists() and self._read_checkpoint(self.path / n) is None
+            if (self.path / n).exists() and self._verified_body(self.path / n) is None
         ]
 
 

@@ -25,7 +25,7 @@ from torch import nn
 
 import sparsefl.methods  # noqa: F401  (fills the method registry)
 from sparsefl.accounting import profile_model
-from sparsefl.config import ExperimentConfig, config_hash, to_dict
+from sparsefl.config import ExperimentConfig, config_hash, flatten, to_dict
 from sparsefl.data import ClientSplit, Dataset, load_dataset, make_partition
 from sparsefl.engines.embedded import EmbeddedEngine, start_fork_server
 from sparsefl.errors import ConfigError
@@ -125,16 +125,7 @@ INPUT_FILE_KEYS = ("data.dir", "method.mask_file", "method.kd_teacher", "method.
 def input_files(cfg: ExperimentConfig) -> dict[str, str]:
     """The SHA-256 of each input file the config names (a folder of files, such as CIFAR's
     batches or a LEAF folder, is not hashed), by config key."""
-    flat: dict[str, Any] = {}
-
-    def walk(d: dict[str, Any], prefix: str) -> None:
-        for k, v in d.items():
-            if isinstance(v, dict):
-                walk(v, f"{prefix}{k}.")
-            else:
-                flat[f"{prefix}{k}"] = v
-
-    walk(to_dict(cfg), "")
+    flat = flatten(to_dict(cfg))
     out = {}
     for key in INPUT_FILE_KEYS:
         path = flat.get(key)

@@ -123,8 +123,10 @@ class Server:
         the method's settings for its task and draw its injected fault, if any."""
         cfg = self.cfg
         lr = round_lr(cfg.local.lr, cfg.local.lr_end, rnd, cfg.federation.rounds)
-        setup_update = self.method.setup_payload(state)
-        setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
+        setup = None
+        if any(c not in self.initialised for c in clients):  # encoded only for a first participation
+            setup_update = self.method.setup_payload(state)
+            setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
         known = self.known_masks(state)
         configs = self.method.task_config(state, clients)
         shared: bytes | None = None
