@@ -15,6 +15,7 @@ import dataclasses
 import hashlib
 import json
 import math
+import re
 import types
 import typing
 import warnings
@@ -95,6 +96,11 @@ class FederationConfig:
     norm_reject_k: float = opt(
         0.0, "robust aggregation: drop updates whose norm exceeds k x the round's median (0 = off)", ge=0
     )
+    executor: Literal["auto", "sequential", "batched"] = opt(
+        "auto",
+        "how a process trains its clients: one after another (sequential), all of a round at once "
+        "(batched; numerics differ slightly), or auto (batched on a GPU where the method can, else sequential)",
+    )
 
 
 @dataclass(frozen=True)
@@ -110,6 +116,13 @@ class LocalConfig:
     )
     momentum: float = opt(0.9, "SGD momentum", ge=0, lt=1)
     weight_decay: float = opt(5e-4, "SGD weight decay", ge=0, le=1e6)
+    clip_norm: float = opt(
+        0.0,
+        "max-norm gradient clipping over every parameter the step optimises, after the method's "
+        "gradient hooks (0 = off)",
+        ge=0,
+        le=1e6,
+    )
     precision: Literal["fp32", "bf16"] = opt("fp32", "local training precision (bf16 = autocast)")
     threads: int = opt(
         1,
@@ -161,6 +174,10 @@ class MethodConfig:
     sparsity: float = opt(0.0, "fraction of prunable weights removed", ge=0, lt=1)
 
 
+#: The values ``device`` accepts (whether the machine has that device is checked when a run starts).
+DEVICE_PATTERN = re.compile(r"auto|cpu|cuda(:[0-9]+)?")
+
+
 @dataclass(frozen=True)
 class ExperimentConfig:
     """One experiment, fully resolved."""
@@ -168,6 +185,11 @@ class ExperimentConfig:
     seed: int = opt(0, "master seed; every random draw derives from it")
     engine: Literal["embedded", "flower-sim", "flower-local"] = opt("embedded", "where clients run")
     jobs: int = opt(1, "processes training clients (embedded engine): this one plus jobs - 1 workers", ge=1)
+    device: str = opt(
+        "auto",
+        "where clients train and the model is evaluated: auto (the first CUDA device if torch sees one, "
+        "else the CPU), cpu, cuda or cuda:N",
+    )
     data: DataConfig = field(default_factory=DataConfig)
     model: ModelConfig = field(default_factory=ModelConfig)
     federation: FederationConfig = field(default_factory=FederationConfig)
@@ -178,6 +200,8 @@ class ExperimentConfig:
     log: LogConfig = field(default_factory=LogConfig)
 
     def __post_init__(self) -> None:
+        if not DEVICE_PATTERN.fullmatch(self.device):
+            raise ConfigError("device", self.device, "auto, cpu, cuda or cuda:N (N = a CUDA device index)")
         f = self.federation
         if f.clients_per_round > f.num_clients:
             raise ConfigError(
@@ -428,9 +452,12 @@ def from_dict(tree: Mapping[str, Any]) -> ExperimentConfig:
     return build(ExperimentConfig, tree)
 
 
-#: Keys that choose how a run executes, not what it computes (every value gives the same bits):
-#: left out of a run's identity, so a run started with one value resumes with another.
-EXECUTION_KEYS = ("jobs", "log")
+#: Keys that choose how a run executes, not what it computes: left out of a run's identity, so a
+#: run started with one value resumes with another. ``jobs`` and ``log`` give the same bits with
+#: every value; ``device`` gives the same bits on the same kind of device (the summary records it).
+#: ``federation.executor`` stays in the identity, but ``auto`` resolves by device: a run resumed on
+#: another kind of device may continue with the other executor (the summary records which ran).
+EXECUTION_KEYS = ("jobs", "log", "device")
 
 
 def config_hash(cfg: ExperimentConfig) -> str:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import json
 from pathlib import Path
 
 from rich.console import Console
@@ -19,6 +20,12 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
     add_config_arguments(p, "TOML file (sections: data, model, federation, local, method, comm)")
     p.add_argument("--out", type=Path, help="run folder (default: runs/<method>-<config hash>)")
     p.add_argument("--force", action="store_true", help="rerun even if the folder holds a finished run")
+    p.add_argument(
+        "--device",
+        metavar="DEVICE",
+        help="auto (default: the first CUDA device if torch sees one, else the CPU), cpu, cuda or cuda:N "
+        "(the same as --set device=DEVICE)",
+    )
     p.set_defaults(func=run)
 
 
@@ -30,7 +37,10 @@ def run(args: argparse.Namespace, console: Console) -> int:
     from sparsefl.apps import run as run_experiment
     from sparsefl.config import config_hash
 
-    cfg = load_config(args.config, args.overrides)
+    overrides = list(args.overrides)
+    if args.device is not None:  # a TOML string, so that any text reaches the config's check
+        overrides.append(f"device={json.dumps(args.device)}")
+    cfg = load_config(args.config, overrides)
     out = args.out or Path("runs") / f"{cfg.method.name}-{config_hash(cfg)[:10]}"
     sent = {"up": 0, "down": 0}
     with Progress(

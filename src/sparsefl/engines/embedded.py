@@ -40,7 +40,9 @@ from sparsefl.data import ClientSplit
 from sparsefl.methods.base import Method
 from sparsefl.orphans import exit_with_parent
 from sparsefl.protocol.messages import ClientFailure, ClientResult, ClientState, ClientTask
+from sparsefl.runtime.batched import run_batched
 from sparsefl.runtime.client import ClientDataSource, execute_task
+from sparsefl.runtime.device import prepare_device, resolve_device
 from sparsefl.runtime.server import ResultCallback
 from sparsefl.runtime.store import ClientStateStore
 
@@ -75,18 +77,33 @@ def _worker_init(
     owner: int,
     claims: Any,
     results: Any,
+    device: str = "cpu",
+    ordinal: Any = 1,
 ) -> None:
     _ignore_sigint()
     exit_with_parent(owner)
     # clients run with local.threads; setting it once here spares every task a switch (and a
     # wake-up of idle OpenMP threads) in run_client
     torch.set_num_threads(method.experiment.local.threads)
+    here = resolve_device(device, _ordinal(ordinal))
+    prepare_device(here)
     _W.update(
         method=method,
-        data=ClientDataSource(x, y, split),
+        data=ClientDataSource(x, y, split, here),
         claims=claims,
         results=results,
     )
+
+
+def _ordinal(ordinal: Any) -> int:
+    """This worker's number (the process that started the run is 0): given, or the next value
+    of a counter the pool's workers share (:func:`sparsefl.runtime.device.assign_device` spreads
+    the workers over the GPUs by it)."""
+    if isinstance(ordinal, int):
+        return ordinal
+    with ordinal.get_lock():
+        ordinal.value += 1
+        return int(ordinal.value)
 
 
 #: seconds this process waits for the task counter's lock before it checks that the workers
@@ -105,7 +122,8 @@ def _worker_ready() -> None:
 
 def forks(threads: int) -> bool:
     """Whether the first workers are forked from this process: on Linux, when clients run on
-    one intra-op thread.
+    one intra-op thread (and not on a CUDA device, which the callers check: a forked child
+    cannot use CUDA once its parent has).
 
     A forked worker is ready in milliseconds, with the method and data as they are. GNU OpenMP
     cannot run a parallel region in a child forked after the parent used its thread pool (the
@@ -123,11 +141,11 @@ def _fork_server() -> mp.context.BaseContext:
     return ctx
 
 
-def start_fork_server(threads: int) -> None:
+def start_fork_server(threads: int, cuda: bool = False) -> None:
     """Start the worker fork server now (it imports torch and sparsefl in the background), so
     the first round's workers need not wait for it; a no-op when workers will be forked from
     this process (:func:`forks`) or when it already runs."""
-    if not forks(threads):
+    if cuda or not forks(threads):
         _ensure_fork_server()
 
 
@@ -223,13 +241,20 @@ class WorkersUnavailable(RuntimeError):
 
 
 def _deadline_worker(
-    conn: Any, method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, owner: int
+    conn: Any,
+    method: Method,
+    x: torch.Tensor,
+    y: torch.Tensor,
+    split: ClientSplit,
+    owner: int,
+    device: str = "cpu",
+    ordinal: int = 0,
 ) -> None:
     """The loop of a :class:`DeadlineWorkers` process: say ``ready``, then run each
     ``(position, task, state)`` it receives and send back ``(position, outcome)``, until it
     receives None."""
-    _worker_init(method, x, y, split, owner, None, None)
-    _warm_up(method)
+    _worker_init(method, x, y, split, owner, None, None, device, ordinal)
+    _warm_up(method, _W["data"].x.device)  # type: ignore[attr-defined]
     conn.send("ready")
     while (item := conn.recv()) is not None:
         k, task, state = item
@@ -240,13 +265,14 @@ def _deadline_worker(
             conn.send((k, ClientFailure(task.client_id, f"result could not be sent: {type(e).__name__}: {e}")))
 
 
-def _warm_up(method: Method) -> None:
+def _warm_up(method: Method, device: torch.device | None = None) -> None:
     """One forward and backward pass of a throwaway model on zeros: a new process's first
     pass (kernel setup, allocations) must not count against its first client's deadline."""
+    device = device or torch.device("cpu")
     try:
         with torch.random.fork_rng(devices=[]):  # the process's random state stays as it was
-            model = method.new_model()
-            model(torch.zeros(2, *method.spec.input_shape)).sum().backward()
+            model = method.new_model().to(device)
+            model(torch.zeros(2, *method.spec.input_shape, device=device)).sum().backward()
     except Exception:  # noqa: BLE001 - best effort: a method whose model needs more just starts cold
         pass
 
@@ -275,16 +301,26 @@ class DeadlineWorkers:
     worker's start.
     """
 
-    def __init__(self, method: Method, x: torch.Tensor, y: torch.Tensor, split: ClientSplit, count: int) -> None:
+    def __init__(
+        self,
+        method: Method,
+        x: torch.Tensor,
+        y: torch.Tensor,
+        split: ClientSplit,
+        count: int,
+        device: str = "cpu",
+        cuda: bool = False,
+    ) -> None:
         self.method = method
-        self.args = (method, x, y, split, os.getpid())
+        self.args = (method, x, y, split, os.getpid(), device)
         self.count = count
         self.slots: list[_Slot] = []
         self.ran = 0  # tasks whose outcome a worker sent back
-        self._fork = forks(method.experiment.local.threads)  # until the first workers are made
+        self._fork = not cuda and forks(method.experiment.local.threads)  # until the first workers are made
         self._shared = False
 
-    def _spawn(self) -> _Slot:
+    def _spawn(self, ordinal: int) -> _Slot:
+        """A new worker for slot ``ordinal`` (which sets its device)."""
         fork = self._fork
         try:
             if not fork and not self._shared:  # pickled for the fork server: tensors go by shared memory
@@ -292,7 +328,9 @@ class DeadlineWorkers:
                 self._shared = True
             ctx = mp.get_context("fork") if fork else _fork_server()
             here, there = ctx.Pipe()
-            proc = ctx.Process(target=_deadline_worker, args=(there, *self.args), name="sparsefl-worker", daemon=True)
+            proc = ctx.Process(
+                target=_deadline_worker, args=(there, *self.args, ordinal), name="sparsefl-worker", daemon=True
+            )
             with _sigint_blocked(), warnings.catch_warnings():
                 warnings.filterwarnings("ignore", "This process .* is multi-threaded", DeprecationWarning)
                 proc.start()
@@ -321,8 +359,8 @@ class DeadlineWorkers:
         ``timeout`` failure, and a task whose worker died a ``worker process died`` failure.
         :class:`WorkersUnavailable` when a worker cannot start (``outs`` holds what ended)."""
         if not self.slots:
-            for _ in range(self.count):
-                self.slots.append(self._spawn())
+            for i in range(self.count):
+                self.slots.append(self._spawn(i))
             self._fork = False
             # replacements come from the fork server: started now, it is ready (torch imported)
             # long before a first deadline passes
@@ -342,7 +380,7 @@ class DeadlineWorkers:
                     except OSError:  # the worker has died: the task waits for the next one
                         todo.appendleft(k)
                         self._kill(s)
-                        self.slots[i] = self._spawn()
+                        self.slots[i] = self._spawn(i)
                         continue
                     s.task, s.since = k, now
             waits = [s.since + timeout - now for s in self.slots if s.task is not None]
@@ -359,7 +397,7 @@ class DeadlineWorkers:
                     self._kill(s)
                     if s.task is not None:
                         outs[s.task] = report(s.task, ClientFailure(tasks[s.task].client_id, "worker process died"))
-                    self.slots[i] = self._spawn()
+                    self.slots[i] = self._spawn(i)
                     continue
                 except Exception as e:  # noqa: BLE001 - an outcome that does not unpickle
                     k, s.task = s.task, None
@@ -380,7 +418,7 @@ class DeadlineWorkers:
                     # run in this process, and this one must not be among them
                     self._kill(s)
                     outs[s.task] = report(s.task, ClientFailure(tasks[s.task].client_id, late))
-                    self.slots[i] = self._spawn()
+                    self.slots[i] = self._spawn(i)
                 elif not s.ready and now - s.born >= START_WAIT:
                     raise WorkersUnavailable(f"a worker process did not start within {START_WAIT:g} s")
 
@@ -413,6 +451,11 @@ class EmbeddedEngine:
     :func:`forks` allows (milliseconds), else from the fork server in the background (a fresh
     process needs 1-2 s to import torch; until they are up, every task runs here). Where a
     client runs never changes its result.
+
+    ``device`` is the ``device`` option: each process resolves it for itself
+    (:func:`~sparsefl.runtime.device.resolve_device`, this process as worker 0) and moves its
+    copy of the training set there once. With ``executor="batched"`` this process trains each
+    round's clients together (:mod:`sparsefl.runtime.batched`), and no worker process starts.
     """
 
     def __init__(
@@ -423,10 +466,17 @@ class EmbeddedEngine:
         split: ClientSplit,
         jobs: int = 1,
         store: ClientStateStore | None = None,
+        device: str = "cpu",
+        executor: str = "sequential",
     ) -> None:
         self.method = method
         self.x, self.y, self.split = x_train, y_train, split
-        self.data = ClientDataSource(x_train, y_train, split)
+        self.device_option = device
+        self.device = resolve_device(device)
+        prepare_device(self.device)
+        self.cuda = self.device.type == "cuda"  # workers then come from the fork server, never a fork
+        self.data = ClientDataSource(x_train, y_train, split, self.device)
+        self.executor = executor
         self.jobs = jobs
         self.store = store or ClientStateStore()
         self.ran_in_workers = 0  # tasks the worker processes ran (for tests and benchmarks)
@@ -463,7 +513,10 @@ class EmbeddedEngine:
                     errors.append(e)
             return out
 
-        if self.timeout > 0 and not self._closed and not self._deadline_failed:
+        if self.executor == "batched":
+            outs = run_batched(self.method, self.data, list(tasks), states)
+            outs = [report(i, out) for i, out in enumerate(outs)]
+        elif self.timeout > 0 and not self._closed and not self._deadline_failed:
             outs = self._run_with_deadline(tasks, states, report)
         elif self._ready_pool() is not None:
             outs = self._run_shared(tasks, states, report)
@@ -489,7 +542,9 @@ class EmbeddedEngine:
         workers cannot start here, a warning, and from then on clients run in this process
         (their time is then checked only once they finish, by the server)."""
         if self._deadline is None:
-            self._deadline = DeadlineWorkers(self.method, self.x, self.y, self.split, max(1, self.jobs))
+            self._deadline = DeadlineWorkers(
+                self.method, self.x, self.y, self.split, max(1, self.jobs), self.device_option, self.cuda
+            )
         outs: list[ClientResult | ClientFailure | None] = [None] * len(tasks)
         ran = self._deadline.ran
         try:
@@ -640,7 +695,7 @@ class EmbeddedEngine:
         one blocks until the server has imported torch, and this process has clients to run
         meanwhile.
         """
-        fork = forks(self.method.experiment.local.threads) and self._starts == 0
+        fork = not self.cuda and forks(self.method.experiment.local.threads) and self._starts == 0
         self._starts += 1
         initargs: tuple | None = (self.method, self.x, self.y, self.split, os.getpid())
         if not fork:  # a forked worker shares this memory as it is; others get pickled tensors
@@ -653,6 +708,7 @@ class EmbeddedEngine:
         if initargs is not None:
             try:  # shared with the workers when they are made (initargs), never pickled otherwise
                 self._claims, self._results = ctx.Array("i", 2), ctx.SimpleQueue()  # (round key, next)
+                ordinals = ctx.Value("i", 0)  # the workers number themselves 1, 2, ... (this process is 0)
             except Exception as e:  # noqa: BLE001 - e.g. no POSIX semaphores here: no workers
                 self._start_error = f"{type(e).__name__}: {e}"
                 initargs = None
@@ -662,7 +718,7 @@ class EmbeddedEngine:
                     target=_forward_results, args=(self._results, self._sink), name="sparsefl-results", daemon=True
                 )
                 self._reader.start()
-                initargs = (*initargs, self._claims, self._results)
+                initargs = (*initargs, self._claims, self._results, self.device_option, ordinals)
         starting: Future[None] = Future()
         self._starting = starting
 

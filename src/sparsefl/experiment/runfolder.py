@@ -95,9 +95,9 @@ class RunFolder:
         is a file, or lies under one, is refused."""
         missing: list[Path] = []
         for p in (self.path, *self.path.parents):
-            if p.is_dir():
-                return missing
             if p.exists():
+                if p.is_dir():  # (asked after exists: a folder another run creates meanwhile is one)
+                    return missing
                 what = "a file" if p == self.path else f"under the file {p}"
                 raise RunFolderError(f"run folder {self.path}: the path is {what}; choose another --out")
             missing.append(p)

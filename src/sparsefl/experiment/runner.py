@@ -20,6 +20,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import numpy as np
 import torch
 from torch import nn
 
@@ -40,6 +41,8 @@ from sparsefl.models import ModelSpec, build_model
 from sparsefl.protocol.messages import ServerState
 from sparsefl.registry import METHODS
 from sparsefl.runtime.client import torch_threads
+from sparsefl.runtime.device import choose_executor, device_name, prepare_device, resolve_device
+from sparsefl.runtime.divergence import divergence_warning, round_train_loss
 from sparsefl.runtime.server import Engine, RoundRecord, Server, state_of
 from sparsefl.runtime.store import ClientStateStore
 from sparsefl.state import atomic_write_bytes, clone_state, state_sha256
@@ -101,6 +104,15 @@ def check_model(model: nn.Module, input_shape: tuple[int, ...], num_classes: int
     got = tuple(out.shape) if isinstance(out, torch.Tensor) else type(out).__name__
     if got != (2, num_classes):
         raise ConfigError(key, name, f"a model returning N x {num_classes} logits (it returned {got} for N = 2)")
+
+
+def pooled_validation(b: Built) -> tuple[torch.Tensor | None, torch.Tensor | None]:
+    """Every client's validation split (``data.val_fraction``) in one set, for the global
+    model's ``val_accuracy``; (None, None) without one."""
+    if not any(len(v) for v in b.split.val):
+        return None, None
+    idx = torch.from_numpy(np.concatenate(b.split.val))
+    return b.data.x_train[idx], b.data.y_train[idx]
 
 
 def _prunable_density(model: nn.Module, params: dict[str, torch.Tensor]) -> float:
@@ -178,16 +190,21 @@ def run_experiment(
             assert summary is not None
             return {**summary, "status": "finished"}
         t_start = time.perf_counter()
+        device = resolve_device(cfg.device)  # a device this machine lacks: refused before any work
+        prepare_device(device)  # before any CUDA work here, and before the fork server starts
         if engine is None and cfg.jobs > 1:
-            start_fork_server(cfg.local.threads)  # it imports torch while the data and the model are built
+            # it imports torch while the data and the model are built
+            start_fork_server(cfg.local.threads, device.type == "cuda")
         b = build(cfg, model)
+        # an engine given by the caller (Flower) runs each client with execute_task, where it runs
+        executor = choose_executor(cfg, device, b.method, flower=engine is not None)
         if cfg.log.tensorboard:
             require_tensorboard()
         if force:
             folder.reset()
         status = folder.claim(cfg, model_id, inputs)
         try:
-            return _run(b, folder, status, t_start, progress, log, engine)
+            return _run(b, folder, status, t_start, progress, log, engine, device, executor)
         except BaseException:
             folder.drop_temporaries()
             if status == "new" and not folder.has_checkpoint():
@@ -203,13 +220,18 @@ def _run(
     progress: ProgressFn | None,
     log: Callable[[str], None] | None,
     engine: Engine | None,
+    device: torch.device,
+    executor: str,
 ) -> dict[str, Any]:
     """:func:`run_experiment` once the folder is claimed: resume or start, run the rounds,
-    write the final files."""
+    write the final files. Clients train and the global model is evaluated on ``device``;
+    ``executor`` is how this process trains its clients (both are recorded in the summary)."""
     cfg, method = b.cfg, b.method
     store = ClientStateStore(folder.path / "clients" if cfg.federation.client_state == "disk" else None)
     if engine is None:
-        engine = EmbeddedEngine(method, b.data.x_train, b.data.y_train, b.split, cfg.jobs, store)
+        engine = EmbeddedEngine(
+            method, b.data.x_train, b.data.y_train, b.split, cfg.jobs, store, device=cfg.device, executor=executor
+        )
     # one server thread: it evaluates and records each round while the next one trains. The
     # evaluation is mostly long kernels, which release the GIL, so it takes a free core (when
     # there is one: its intra-op threads come on top of the training's). Uploads are decoded in
@@ -220,7 +242,10 @@ def _run(
     overlap = 2 * cfg.local.threads <= _usable_cpus()
     cfg_hash = config_hash(cfg)  # once, not per round
     try:  # the engine's worker processes are shut down whatever happens next
-        server = Server(cfg, method, engine, b.data.x_test, b.data.y_test, store=store)
+        x_val, y_val = pooled_validation(b)
+        server = Server(
+            cfg, method, engine, b.data.x_test, b.data.y_test, store=store, device=device, x_val=x_val, y_val=y_val
+        )
 
         if status == "resume" and log is not None:
             for name in folder.damaged_checkpoints():
@@ -265,6 +290,10 @@ def _run(
             before queuing the next, so a failed one stops the run and nothing after it is
             recorded."""
             server.evaluate_round(state_of(snapshot), record)
+            losses = [round_train_loss(r["clients"]) for r in records] + [round_train_loss(record.clients)]
+            record.warning = divergence_warning(losses, b.spec.num_classes, cfg.local.lr)
+            if record.warning is not None and log is not None:
+                log(f"{folder.path}: round {record.round}: {record.warning}")
             records.append(record.to_json())
             folder.append_metrics(records[-1])
             if tb is not None:
@@ -316,6 +345,9 @@ def _run(
     eff, dense = method.inference_flops_per_sample(final, b.data.x_test)
     summary["inference_flops_per_sample"] = eff
     summary["inference_flops_per_sample_dense"] = dense
+    summary["device"] = str(device)
+    summary["device_name"] = device_name(device)
+    summary["executor"] = executor
     _write_artifacts(folder, b, state, final, records)
     folder.write_summary(summary)
     return {**summary, "status": "completed"}
@@ -345,6 +377,7 @@ def summarise(
         "wall_seconds": wall,
         "model_sha256": state_sha256(final),
         "failures_total": sum(len(r["failures"]) for r in records),
+        "warnings": [f"round {r['round']}: {r['warning']}" for r in records if r.get("warning")],
     }
 
 

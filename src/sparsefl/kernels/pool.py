@@ -45,6 +45,8 @@ class MaxPool2d(nn.MaxPool2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.return_indices or x.dim() != 4 or not x.is_contiguous() or not x.is_floating_point():
             return super().forward(x)  # channels_last input (bf16 training) is already fast
+        if x.device.type != "cpu" or torch._C._are_functorch_transforms_active():
+            return super().forward(x)  # a CPU kernel choice; torch.func (the batched executor) needs the plain op
         k, s, p, d = (nn.modules.utils._pair(v) for v in (self.kernel_size, self.stride, self.padding, self.dilation))
         conf = (k, s, p, d, self.ceil_mode)
         if torch.is_grad_enabled() and x.requires_grad:

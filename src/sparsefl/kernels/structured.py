@@ -164,7 +164,8 @@ def compact(
     gm = fx.GraphModule(root, _Tracer().trace(root))
     was_training = gm.training
     gm.eval()
-    ShapeProp(gm).propagate(torch.zeros(2, *input_shape))
+    device = next(iter([*root.parameters(), *root.buffers()]), torch.zeros(0)).device
+    ShapeProp(gm).propagate(torch.zeros(2, *input_shape, device=device))  # where the model is
     gm.train(was_training)
     mods = dict(gm.named_modules())
     live: dict[fx.Node, Tensor | None] = {}

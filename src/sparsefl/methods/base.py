@@ -17,11 +17,14 @@ the client's own data -> ``hooks`` around the training loop -> ``upload`` what t
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Hashable, Mapping, Sequence
+from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from sparsefl.accounting import LayerDensity, ModelProfile, inference_flops
 from sparsefl.comm import Update
@@ -39,6 +42,86 @@ from sparsefl.protocol.messages import (
 )
 
 Spec = dict[str, tuple[tuple[int, ...], torch.dtype]]
+
+
+Tensors = Mapping[str, torch.Tensor]
+
+
+@dataclass(frozen=True)
+class Functional:
+    """One client's local step as a pure function of tensors, for the batched executor
+    (:mod:`sparsefl.runtime.batched`), which stacks every client's tensors along a leading client
+    dimension and runs the step of all clients as one vectorised computation (``torch.func``).
+
+    Attributes
+    ----------
+    params:
+        Name -> the live tensor the optimiser updates: exactly :meth:`LocalHooks.parameters`, in
+        that order. The executor writes the trained values back into them before ``close``.
+    buffers:
+        Name -> a tensor the forward reads but does not train (frozen weights, masks, BatchNorm
+        statistics, which the forward updates in place); written back like ``params``.
+    forward:
+        ``(params, buffers, x) -> logits``, pure. The executor runs one client's function for
+        every client with the same :attr:`key`, so everything per client travels in ``params``
+        and ``buffers``; the function may close over the method's settings and over the model's
+        structure only (:func:`torch.func.functional_call` replaces every tensor it names).
+    grad_scale:
+        Name -> a factor (a tensor of the parameter's shape, e.g. a 0/1 mask, or a float)
+        multiplied into that parameter's gradient before the optimiser step, as
+        :meth:`LocalHooks.after_backward` does in the sequential loop.
+    densities:
+        :meth:`LocalHooks.densities` of every step (constant through the round), for the FLOPs.
+    loss:
+        ``(logits, y, x) -> loss`` (default: cross-entropy).
+    key:
+        Clients run together only when their keys (and tensor names, shapes and dtypes) are
+        equal: whatever ``forward`` closes over that could differ between clients.
+    state:
+        Per-client tensors a step carries to the next (e.g. cached thresholds). With any, the
+        forward is ``(params, buffers, x, state, step) -> (logits, new_state, stats)``: ``step``
+        the local step (an int), ``stats`` name -> integer 0-d tensors (e.g. kept counts) from
+        which :attr:`step_densities` gives that step's densities (instead of :attr:`densities`).
+    step_densities:
+        ``stats -> densities`` of one step (the stats as Python ints), with :attr:`state`.
+    """
+
+    params: Tensors
+    buffers: Tensors
+    forward: Callable[..., Any]  # (params, buffers, x) -> logits; see ``state`` for the other form
+    grad_scale: Mapping[str, torch.Tensor | float] = field(default_factory=dict)
+    densities: Mapping[str, LayerDensity] = field(default_factory=dict)
+    loss: Callable[[torch.Tensor, torch.Tensor, torch.Tensor], torch.Tensor] = lambda logits, y, x: F.cross_entropy(
+        logits, y
+    )
+    key: Hashable = ()
+    state: Tensors = field(default_factory=dict)
+    step_densities: Callable[[Mapping[str, int]], Mapping[str, LayerDensity]] | None = None
+
+    @staticmethod
+    def of_model(
+        model: nn.Module, trained: Sequence[torch.Tensor], densities: Mapping[str, LayerDensity] | None = None
+    ) -> Functional:
+        """The plain step of ``model``: ``trained`` (some of its parameters) by state_dict name,
+        every other parameter and buffer as buffers, forward = the model's own."""
+        ids = {id(t) for t in trained}
+        named = dict(model.named_parameters())
+        by_id = {id(t): n for n, t in named.items()}
+        if any(i not in by_id for i in ids):
+            raise ValueError("Functional.of_model: a trained tensor is not a parameter of the model")
+        params = {by_id[id(t)]: t for t in trained}
+        buffers = {n: t for n, t in named.items() if n not in params}
+        buffers.update({n: b for n, b in model.named_buffers() if b is not None})
+
+        def forward(p: Tensors, b: Tensors, x: torch.Tensor) -> torch.Tensor:
+            return functional_call(model, {**p, **b}, (x,))
+
+        return Functional(params=params, buffers=buffers, forward=forward, densities=dict(densities or {}))
+
+
+#: LocalHooks methods whose override changes the step, so :meth:`LocalHooks.functional`'s
+#: default (the plain step) no longer describes it.
+_STEP_HOOKS = ("parameters", "forward", "loss", "after_backward", "after_step", "update_rows", "row_grads")
 
 
 class LocalHooks:
@@ -88,6 +171,15 @@ class LocalHooks:
 
     def close(self) -> None:
         """Remove whatever the hooks installed."""
+
+    def functional(self) -> Functional | None:
+        """This step as a :class:`Functional`, for the batched executor, or None when it cannot
+        be described so. Default: the plain step (:meth:`Functional.of_model` with
+        :meth:`parameters` and :meth:`densities`) when a subclass overrides none of the step's
+        hooks, else None; a subclass that changes the step overrides this to opt in."""
+        if any(getattr(type(self), n) is not getattr(LocalHooks, n) for n in _STEP_HOOKS):
+            return None
+        return Functional.of_model(self.model, self.parameters(), self.densities())
 
 
 class Method:
@@ -218,6 +310,35 @@ class Method:
     ) -> tuple[Update, ClientState]:
         """What the client sends, and its state for next time."""
         return Update(values={k: v.detach().clone() for k, v in model.state_dict().items()}), client_state
+
+    @property
+    def why_not_batched(self) -> str | None:
+        """Why this method's clients cannot train in the batched executor, or None when they can
+        (their :meth:`LocalHooks.functional` describes the step). Default: None for the plain
+        :meth:`hooks` (a :class:`Wrapper` that keeps its inner method's hooks: the inner's
+        answer); a method with its own hooks overrides this property to opt in."""
+        hooks = type(self).hooks
+        if hooks is Method.hooks:
+            return None
+        if isinstance(self, Wrapper) and hooks is Wrapper.hooks:
+            return self.inner.why_not_batched
+        return f"{self.config.name}: its local hooks do not describe their step functionally (LocalHooks.functional)"
+
+
+def mask_setup(state: ServerState) -> Update | None:
+    """The global mask as a setup payload (values 1.0 on the kept set, the kept set as
+    ``sent``), or None before one exists. With :func:`setup_masks` as :meth:`Method.known_masks`
+    both sides know the mask afterwards; the server sends the setup again to a client whose copy
+    is older, so a mask that changes costs its encoding once per client that receives it."""
+    if state.mask is None:
+        return None
+    mask = dict(state.mask.items())
+    return Update(values={n: m.to(state.params[n].dtype) for n, m in mask.items()}, sent=mask)
+
+
+def setup_masks(setup: Update) -> dict[str, torch.Tensor]:
+    """The masks of a :func:`mask_setup` payload (a :meth:`Method.known_masks`)."""
+    return dict(setup.sent)
 
 
 #: Every hook a method may override (what :class:`Wrapper` forwards).

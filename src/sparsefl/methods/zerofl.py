@@ -19,12 +19,13 @@ from __future__ import annotations
 
 import types
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Literal
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.func import functional_call
 
 from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update
@@ -33,7 +34,7 @@ from sparsefl.errors import ConfigError
 from sparsefl.kernels.skeleton import compute_dtype
 from sparsefl.kernels.topk import count_at_least, kth_largest, nonzero_fraction, shrink, topk_flat
 from sparsefl.masks import default_scope
-from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.methods.base import Functional, LocalHooks, Method
 from sparsefl.models import ModelSpec
 from sparsefl.patching import ForwardPatches
 from sparsefl.protocol import aggregate as agg
@@ -374,6 +375,85 @@ class ZeroFLHooks(LocalHooks):
         """Per sparsified layer, the weight and activation densities of the last step's masks."""
         return dict(self._density)
 
+    def functional(self) -> Functional | None:
+        """SWAT as a stateful :class:`Functional`: per client, the cached weight and input
+        thresholds are its step state and the kept counts its stats, so every step's densities
+        (and FLOPs) are the sequential ones. The same numbers as :meth:`_swat_forward`, written
+        with plain operations: the exact top-k by ``torch.kthvalue``, ties at the threshold
+        dropped from the highest flat index; the layer's output ``y(x, W_s)`` plus
+        ``z - z.detach()`` (exactly 0) for ``z = y(x_s, W)``, whose weight gradient is SWAT's
+        ``dL/dW = weight_grad(x_s, dL/dy)``."""
+        cfg, model = self.cfg, self.model
+        mods = {n: _module_of(model, n) for n in self.scope}
+        dens_w, dens_x = cfg.weight_density, cfg.act_density
+        period, warmup = cfg.topk_period, cfg.warmup_steps
+        sample = 8192  # nonzero_fraction's exact limit and sample size
+
+        def topk(v: Tensor, tau: Tensor, density: float, refresh: bool) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+            """CachedTopK.sparsify of one client's ``v``: (sparse v, threshold, kept, of)."""
+            n = v.numel()
+            full = torch.tensor(n, device=v.device)
+            if density >= 1.0 or n == 0:
+                return v, tau, full, full
+            a = v.abs().reshape(-1)
+            if refresh:
+                k = keep_count(n, density)
+                tau = torch.kthvalue(a, n - k + 1).values
+                keep = a >= tau
+                ties = a == tau
+                from_end = ties.flip(0).cumsum(0).flip(0)
+                drop = ties & (from_end <= keep.sum() - k) & (tau > 0)
+                return v * (keep & ~drop).view(v.shape), tau, torch.tensor(k, device=v.device), full
+            out = v * (a >= tau).view(v.shape)
+            nz = (a >= tau) & (a != 0)
+            if n > sample:  # nonzero_fraction's evenly spaced runs of 64 entries
+                runs = max(1, sample // 64)
+                idx = (torch.arange(runs, device=v.device)[:, None] * (n // runs)) + torch.arange(64, device=v.device)
+                nz = nz.index_select(0, idx.reshape(-1))
+            return out, tau, nz.sum(), torch.tensor(nz.numel(), device=v.device)
+
+        def forward(
+            p: Mapping[str, Tensor], b: Mapping[str, Tensor], x: Tensor, s: Mapping[str, Tensor], step: int
+        ) -> tuple[Tensor, dict[str, Tensor], dict[str, Tensor]]:
+            refresh = step == 0 or step < warmup or step % period == 0
+            new, stats = dict(s), {}
+            patches = ForwardPatches()
+
+            def swat_forward(name: str, mod: nn.Module, xin: Tensor) -> Tensor:
+                w = mod.weight
+                ws, new[f"tau_w/{name}"], stats[f"w/{name}"], stats[f"wn/{name}"] = topk(
+                    w.detach(), s[f"tau_w/{name}"], dens_w, refresh
+                )
+                xs, new[f"tau_x/{name}"], stats[f"x/{name}"], stats[f"xn/{name}"] = topk(
+                    xin.detach(), s[f"tau_x/{name}"], dens_x, refresh
+                )
+                if isinstance(mod, nn.Linear):
+                    y, z = F.linear(xin, ws, mod.bias), F.linear(xs, w)
+                else:
+                    y, z = mod._conv_forward(xin, ws, mod.bias), mod._conv_forward(xs, w, None)  # type: ignore[operator]
+                return y + (z - z.detach())
+
+            for name, mod in mods.items():
+                patches.replace(mod, types.MethodType(lambda this, xin, name=name: swat_forward(name, this, xin), mod))
+            try:
+                logits = functional_call(model, {**b, **p}, (x,))
+            finally:
+                patches.restore()
+            return logits, new, stats
+
+        def densities(stats: Mapping[str, int]) -> dict[str, LayerDensity]:
+            out = {}
+            for n in self.scope:
+                wd = stats[f"w/{n}"] / stats[f"wn/{n}"]
+                out[n] = LayerDensity(forward=wd, grad_input=wd, grad_weight=stats[f"x/{n}"] / stats[f"xn/{n}"])
+            return out
+
+        base = Functional.of_model(model, self.parameters())
+        zero = torch.zeros((), dtype=torch.float32)
+        state = {f"tau_{t}/{n}": zero.clone() for n in self.scope for t in ("w", "x")}
+        key = ("zerofl", tuple(self.scope), dens_w, dens_x, period, warmup)
+        return replace(base, forward=forward, state=state, step_densities=densities, key=key)
+
     def close(self) -> None:
         """Restore every replaced ``forward`` (instance attribute removed or put back)."""
         self._patches.restore()
@@ -429,6 +509,11 @@ class ZeroFL(Method):
         return topk_params(state.params, self.scope, self.config.weight_density)
 
     # ---------------------------------------------------------------------------------- client
+    @property
+    def why_not_batched(self) -> str | None:
+        """Batched: :meth:`ZeroFLHooks.functional` describes SWAT's step."""
+        return None
+
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> ZeroFLHooks:
         """SWAT on the sparsified layers for this local training."""
         return ZeroFLHooks(model, self.profile, self.scope, self.config)

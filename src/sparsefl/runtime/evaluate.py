@@ -13,7 +13,10 @@ from torch import nn
 def evaluate(
     model: nn.Module, params: Mapping[str, torch.Tensor], x: torch.Tensor, y: torch.Tensor, batch_size: int = 512
 ) -> tuple[float, float]:
-    """(accuracy, mean cross-entropy) of ``model`` loaded with ``params`` on ``(x, y)``, in eval mode."""
+    """(accuracy, mean cross-entropy) of ``model`` loaded with ``params`` on ``(x, y)``, in eval mode.
+
+    It computes where ``model`` and ``x`` are (on one device); ``params`` may be anywhere (they
+    are copied into the model)."""
     model.load_state_dict(params, strict=True)
     model.eval()
     correct, loss = 0, 0.0

@@ -35,6 +35,7 @@ from sparsefl.engines.flower.records import (
 from sparsefl.experiment.runner import Built, build
 from sparsefl.protocol.messages import ClientFailure
 from sparsefl.runtime.client import ClientDataSource, execute_task
+from sparsefl.runtime.device import prepare_device, resolve_device
 
 app = ClientApp()
 
@@ -50,7 +51,10 @@ class _Experiment:
 def _experiment(config_json: str, overrides: str) -> _Experiment:
     cfg = AppOptions(config_json=config_json, overrides=overrides).experiment()
     b = build(cfg)
-    return _Experiment(experiment_sha(cfg), b, ClientDataSource(b.data.x_train, b.data.y_train, b.split))
+    device = resolve_device(cfg.device)  # this node's own GPU, where it has one (device=auto)
+    prepare_device(device)
+    data = ClientDataSource(b.data.x_train, b.data.y_train, b.split, device)
+    return _Experiment(experiment_sha(cfg), b, data)
 
 
 def _error(msg: Message, reason: str) -> Message:
