@@ -166,7 +166,7 @@ def test_setup_sent_once_and_known_masks_shrink_both_links(tmp_path: Path) -> No
     server = Server(cfg, m, engine=None, x_test=b.data.x_test, y_test=b.data.y_test)  # type: ignore[arg-type]
     tasks = server.make_tasks(state, 1, [0, 1])
     assert all(t.setup is not None for t in tasks)
-    server.initialised.update({0, 1})
+    server.setup_of.update(dict.fromkeys((0, 1), server.setup_version(state)))
     again = server.make_tasks(state, 2, [0, 1, 2])
     assert again[0].setup is None and again[1].setup is None and again[2].setup is not None
     # the client trains, keeps removed weights at 0 and uploads only the kept values
@@ -223,7 +223,7 @@ def test_gradual_schedule_monotone_and_reaches_target_at_prune_until() -> None:
     params = {k: v.clone() for k, v in m.spec.build().state_dict().items()}
     state = m.init_state(params)
     assert state.mask is not None and state.mask.num_kept() == state.mask.numel()
-    assert m.transport == "message" and m.setup_payload(state) is None
+    assert m.transport == "setup" and m.setup_payload(state) is not None
     g = torch.Generator().manual_seed(0)
     kept = []
     for _ in range(8):
@@ -315,3 +315,18 @@ def test_98_percent_criteria_beat_random(tmp_path: Path) -> None:
     means = bench.mean_final(rows)
     for crit in ("synflow", "prospr", "global_magnitude"):
         assert means[crit] > means["random"], bench.table(rows)
+
+
+def test_min_keep_fraction_keeps_every_layer_alive_at_the_same_total() -> None:
+    # the per-layer floor (Gupta et al.'s MT rule) at the same global total
+    masks = []
+    for extra in ({}, {"min_keep_fraction": 0.025}):
+        m = make_method(sparsity=0.95, **extra)
+        masks.append(m.init_state({k: v.clone() for k, v in m.spec.build().state_dict().items()}).mask)
+    plain, floored = masks
+    assert plain is not None and floored is not None
+    assert floored.num_kept() == plain.num_kept()
+    floor = int(0.025 * floored.numel())
+    assert min(int(v.sum()) for v in floored.values()) >= floor > min(int(v.sum()) for v in plain.values())
+    with pytest.raises(ConfigError, match="method.min_keep_fraction"):
+        make_method(criterion="skeletonization", min_keep_fraction=0.01)

@@ -9,16 +9,19 @@ model step by step (gradual Global MP on Zhu & Gupta's cubic schedule).
 Where a data-dependent criterion gets its data (``score_source``): the server's proxy batch;
 or a scoring round 1, in which the server's task settings name the scoring clients (the first
 sampled one with ``client``, every one with ``federated``) and each computes the mask or scores
-on its own data in :meth:`StaticMask.prepare` and trains nothing. The mask travels once in the
-setup payload and is known on both sides afterwards, or with every message when it changes.
+on its own data in :meth:`StaticMask.prepare` and trains nothing. The mask travels in the setup
+payload (again to a client whose copy is older, when it changes) and is known on both sides
+afterwards; a mask computed by clients travels with every message.
 Kept values only on both links; removed weights get zero gradients and stay exactly 0.
+``dst=rigl|set`` makes the mask dynamic at a fixed size: clients drop and regrow after local
+training and the server keeps FedDST's magnitude consensus (``docs/methods/feddst.md``).
 Options and every choice: ``docs/methods/static_mask.md``.
 """
 
 from __future__ import annotations
 
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Literal
 
@@ -33,7 +36,7 @@ from sparsefl.errors import ConfigError
 from sparsefl.kernels.masked import CsrLinears, KernelMode
 from sparsefl.kernels.structured import CompactTraining
 from sparsefl.masks import Mask
-from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.methods.base import Functional, LocalHooks, Method, mask_setup
 from sparsefl.models import ModelSpec
 from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import (
@@ -45,15 +48,17 @@ from sparsefl.protocol.messages import (
     StateDict,
     TaskConfig,
 )
-from sparsefl.pruning import allocate, gradual_sparsity, prune, score
+from sparsefl.pruning import allocate, cosine_fraction, gradual_sparsity, prune, rigl_step, score, set_step
 from sparsefl.pruning.allocation import num_kept
 from sparsefl.pruning.base import allocation_kwargs, parse_options, resolve_scope
+from sparsefl.pruning.dst import consensus_mask, dense_grads, vote_shares
 from sparsefl.registry import CRITERIA, METHODS
 from sparsefl.rng import derive_seed, torch_gen
 
 Tensor = torch.Tensor
 ScoreSource = Literal["server", "client", "federated"]
 Schedule = Literal["oneshot", "gradual"]
+DstMode = Literal["none", "rigl", "set"]
 
 #: Criteria the gradual schedule may use: they re-score the *trained* aggregate by magnitude.
 GRADUAL_CRITERIA: tuple[str, ...] = ("global_magnitude", "magnitude", "lamp")
@@ -61,6 +66,7 @@ GRADUAL_CRITERIA: tuple[str, ...] = ("global_magnitude", "magnitude", "lamp")
 # Client-state keys (ClientState is a flat dict of tensors).
 _ROUND = "static_mask.round."  # + weight name: this round's mask, dropped by upload
 _SCORE = "static_mask.score."  # + weight name: the scoring round's upload, dropped by upload
+_DST = "static_mask.dst."  # + x / y: the batch of a RigL step's gradient, dropped by upload
 
 
 # --------------------------------------------------------------------------------------------------
@@ -97,8 +103,25 @@ class StaticMaskConfig(MethodConfig):
         "start from this mask.safetensors (from sparsefl prune --out DIR, or a run folder) instead of the "
         "criterion: it names prunable weights of the model with their shapes; weights it leaves out stay dense",
     )
+    min_keep_fraction: float | None = opt(
+        None,
+        "MT rule: every layer keeps at least this fraction of all scope weights, so no layer is cut off "
+        "(global and lamp allocations; default: the criterion's own, 0.05% for global_magnitude)",
+        ge=0,
+        lt=1,
+    )
+    dst: DstMode = opt(
+        "none",
+        "local dynamic sparse training: after local training clients drop their smallest kept weights and regrow "
+        "as many by gradient (rigl) or at random (set); the server keeps FedDST's magnitude consensus",
+    )
+    dst_fraction: float = opt(0.1, "dst: initial share of each layer's kept weights replaced (decays)", ge=0, le=1)
+    dst_every: int = opt(5, "dst: drop and regrow every this many rounds", ge=1)
+    dst_until: float = opt(0.75, "dst: fraction of the rounds after which the mask stays", gt=0, le=1)
 
     def __post_init__(self) -> None:
+        if self.dst != "none" and (self.schedule != "oneshot" or self.compact):
+            raise ConfigError("method.dst", self.dst, "none unless schedule=oneshot and compact=false")
         if self.mask_file is not None and self.schedule != "oneshot":
             raise ConfigError("method.mask_file", self.mask_file, "only with schedule=oneshot (gradual starts dense)")
         cls = CRITERIA.get(self.criterion)
@@ -173,6 +196,13 @@ class StaticMaskHooks(LocalHooks):
         for n, p in self._params.items():
             p.mul_(self._fmask[n])
 
+    def count_dense_grads(self, names: Sequence[str]) -> None:
+        """Count the weight gradient of layers ``names`` dense: a subclass reads it whole (e.g.
+        to choose regrown weights), so it is computed whole."""
+        for n in names:
+            d = self._density[n]
+            self._density[n] = LayerDensity(forward=d.forward, grad_input=d.grad_input, grad_weight=1.0)
+
     def parameters(self) -> list[nn.Parameter]:
         """The model's trainable parameters, with CSR layers' kept values in place of their weights
         (the compact network's parameters with ``compact``)."""
@@ -198,6 +228,14 @@ class StaticMaskHooks(LocalHooks):
     def densities(self) -> Mapping[str, LayerDensity]:
         """Per masked layer, its mask density for all three products (theoretical, see module)."""
         return self._density
+
+    def functional(self) -> Functional | None:
+        """Masked SGD as a :class:`Functional` (the mask is the masked weights' gradient factor);
+        None where CSR layers or the compact network train instead."""
+        if self._compact is not None or self._csr.layers:
+            return None
+        f = Functional.of_model(self.model, self.parameters(), self._density)
+        return replace(f, grad_scale={n: self._fmask[n] for n in self._params})
 
     def close(self) -> None:
         """Write CSR-trained values (or the compact network) back into the dense weights and
@@ -232,7 +270,9 @@ class StaticMask(Method):
                 f"at most federation.rounds ({experiment.federation.rounds}) so the target is reached",
             )
         self._crit_cls = CRITERIA.get(cfg.criterion)
-        self._crit_opts = parse_options(self._crit_cls.Options, {}, cfg.criterion)
+        #: criterion options the method sets (the MT floor), passed to every pruning call
+        self._floor = {} if cfg.min_keep_fraction is None else {"min_keep_fraction": cfg.min_keep_fraction}
+        self._crit_opts = parse_options(self._crit_cls.Options, self._floor, "method")
         #: state_dict names the mask covers (the criterion's default scope)
         self.scope: list[str] = resolve_scope(
             spec.template, None, self._crit_opts.keep_first, self._crit_opts.keep_last
@@ -249,10 +289,9 @@ class StaticMask(Method):
         self._file_mask: Mask | None = None
         if cfg.mask_file is not None and Path(cfg.mask_file).exists():
             self._file_mask = self._read_mask_file(cfg.mask_file)
-        #: ``setup``: the mask is sent once and is then known; ``message``: it travels every time
-        self.transport: Literal["setup", "message"] = (
-            "setup" if cfg.schedule == "oneshot" and not self.client_scored else "message"
-        )
+        #: ``setup``: the mask is sent in the setup payload (again to a client whose copy is older
+        #: when it changes: gradual or dst) and is then known; ``message``: it travels every time
+        self.transport: Literal["setup", "message"] = "message" if self.client_scored else "setup"
 
     # ------------------------------------------------------------------------------------ helpers
     def _model_with(self, params: Mapping[str, Tensor]) -> nn.Module:
@@ -296,6 +335,12 @@ class StaticMask(Method):
     def _gradual_target(self, rnd: int) -> float:
         return gradual_sparsity(rnd, self.config.prune_until, self.config.sparsity)
 
+    def _dst_fraction(self, rnd: int) -> float:
+        """``method.dst``: RigL's cosine-decayed share at drop-and-regrow rounds, else 0."""
+        cfg = self.config
+        until = int(cfg.dst_until * self.experiment.federation.rounds + 1e-9)
+        return cosine_fraction(rnd, until, cfg.dst_fraction) if rnd % cfg.dst_every == 0 else 0.0
+
     # ---------------------------------------------------------------------------------- server
     def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
         """Prune the initial model on the server (one-shot), take ``mask_file``'s mask, start dense
@@ -315,16 +360,13 @@ class StaticMask(Method):
             cfg.sparsity,
             data=self._data_for(proxy),
             seed=derive_seed(self.experiment.seed, "static_mask", "prune"),
+            **self._floor,
         )
         return ServerState(round=0, params=mask.applied(params), mask=mask)
 
     def setup_payload(self, state: ServerState) -> Update | None:
         """``setup`` transport: the mask (values 1.0 on the kept set, the kept set as ``sent``)."""
-        if self.transport != "setup" or state.mask is None:
-            return None
-        return Update(
-            values={n: m.to(state.params[n].dtype) for n, m in state.mask.items()}, sent=dict(state.mask.items())
-        )
+        return mask_setup(state) if self.transport == "setup" else None
 
     def known_masks(self, setup: Update) -> dict[str, Tensor]:
         """``setup`` transport: the mask of the setup payload, shared from then on."""
@@ -334,7 +376,11 @@ class StaticMask(Method):
 
     def task_config(self, state: ServerState, clients: Sequence[int]) -> dict[int, TaskConfig]:
         """A scoring round (no mask yet, scored by clients): ``role=score`` for the clients that
-        score (the first sampled one, or all with ``federated``), ``role=idle`` for the rest."""
+        score (the first sampled one, or all with ``federated``), ``role=idle`` for the rest. With
+        ``method.dst``, the drop-and-regrow share of the round as ``dst`` (on its rounds only)."""
+        if state.mask is not None and self.config.dst != "none":
+            f = self._dst_fraction(state.round + 1)
+            return {c: {"dst": f} for c in clients} if f > 0 else {}
         if state.mask is not None or not self.client_scored:
             return {}
         one = self.config.score_source == "client"
@@ -351,6 +397,14 @@ class StaticMask(Method):
         if state.mask is None:
             return self._aggregate_scores(state, received)
         names = list(state.params)
+        if self.config.dst != "none" and received:
+            # each weight averaged over its keepers; the mask is their magnitude consensus (FedDST)
+            updates, sizes = [r.update for r in received], [r.num_examples for r in received]
+            new = agg.per_coordinate(updates, sizes, state.params, names)
+            votes = vote_shares([u.sent for u in updates], sizes, state.mask)
+            counts = {n: int(m.sum()) for n, m in state.mask.items()}
+            mask = consensus_mask(new, votes, counts, state.mask.applied(state.params))
+            return ServerState(round=state.round + 1, params=mask.applied(new), mask=mask, extra=state.extra)
         new = agg.weighted_mean([r.update for r in received], [r.num_examples for r in received], names)
         mask = state.mask
         rnd = state.round + 1
@@ -369,6 +423,7 @@ class StaticMask(Method):
                     seed=derive_seed(self.experiment.seed, "static_mask", "gradual", rnd),
                     data=self._data_for(None),
                     prev_mask=mask,
+                    **self._floor,
                 )
         return ServerState(round=rnd, params=mask.applied(new), mask=mask, extra=state.extra)
 
@@ -411,7 +466,7 @@ class StaticMask(Method):
         """Load the (masked) parameters; the round's mask is the downlink's ``sent`` masks (a
         scoring round's downlink has none)."""
         model.load_state_dict(down.values, strict=True)
-        out = {k: v for k, v in client_state.items() if not k.startswith((_ROUND, _SCORE))}
+        out = {k: v for k, v in client_state.items() if not k.startswith((_ROUND, _SCORE, _DST))}
         if all(n in down.sent for n in self.scope):
             for n in self.scope:
                 out[_ROUND + n] = down.sent[n]
@@ -421,7 +476,12 @@ class StaticMask(Method):
 
     def prepare(self, model: nn.Module, data: ClientData, client_state: ClientState, ctx: LocalContext) -> ClientState:
         """A scoring client's mask (``client``) or scores (``federated``), computed at the received
-        weights on up to ``score_samples`` of its samples, in its local loop's shuffled order."""
+        weights on up to ``score_samples`` of its samples, in its local loop's shuffled order.
+        A ``dst=rigl`` round sets aside one batch for the gradient that chooses the regrown weights."""
+        if float(ctx.config.get("dst", 0.0)) > 0 and self.config.dst == "rigl":
+            gen = torch_gen(ctx.seed, "static_mask", "dst", ctx.client_id, ctx.round)
+            take = torch.randperm(len(data.x), generator=gen)[: max(1, ctx.local.batch_size)]
+            return {**client_state, _DST + "x": data.x[take], _DST + "y": data.y[take]}
         if ctx.config.get("role") != "score":
             return client_state
         cfg = self.config
@@ -430,10 +490,21 @@ class StaticMask(Method):
         sample = (data.x[take], data.y[take])
         seed = derive_seed(ctx.seed, "static_mask", "score", ctx.client_id, ctx.round)
         if cfg.score_source == "client":
-            found = dict(prune(model, cfg.criterion, cfg.sparsity, data=sample, seed=seed).items())
+            found = dict(prune(model, cfg.criterion, cfg.sparsity, data=sample, seed=seed, **self._floor).items())
         else:
             found = score(model, cfg.criterion, data=sample, seed=seed)
         return {**client_state, **{_SCORE + n: found[n] for n in self.scope}}
+
+    @property
+    def why_not_batched(self) -> str | None:
+        """Batched with the dense masked kernel only."""
+        cfg = self.config
+        if cfg.kernel != "dense" or cfg.compact:
+            return (
+                f"static_mask: method.kernel={cfg.kernel}, method.compact={str(cfg.compact).lower()}; the batched "
+                "executor runs the dense masked kernel only (kernel=dense, compact=false)"
+            )
+        return None
 
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks | None:
         """Masked SGD; a scoring round trains nothing."""
@@ -453,7 +524,7 @@ class StaticMask(Method):
     ) -> tuple[Update, ClientState]:
         """Kept values of the masked tensors (dense small tensors), or the scoring round's mask
         (values 1.0 on the kept set, the kept set as ``sent``) or scores."""
-        state = {k: v for k, v in client_state.items() if not k.startswith((_ROUND, _SCORE))}
+        state = {k: v for k, v in client_state.items() if not k.startswith((_ROUND, _SCORE, _DST))}
         role = ctx.config.get("role")
         if role is not None:
             found = {n: client_state[_SCORE + n] for n in self.scope if _SCORE + n in client_state}
@@ -464,6 +535,21 @@ class StaticMask(Method):
             return Update(values=values, sent=sent), state
         values = {k: v.detach().clone() for k, v in model.state_dict().items()}
         sent = {n: client_state[_ROUND + n] for n in self.scope}
+        fraction = float(ctx.config.get("dst", 0.0))
+        if fraction > 0:  # method.dst: this client's drop-and-regrow step, after training
+            new = self._dst_step(model, Mask(sent), client_state, ctx, fraction)
+            sent = {n: new[n].to(values[n].device) for n in self.scope}
         for n in self.scope:
             values[n] = values[n] * sent[n].to(values[n].dtype)
         return Update(values=values, sent=sent), state
+
+    def _dst_step(
+        self, model: nn.Module, mask: Mask, client_state: ClientState, ctx: LocalContext, fraction: float
+    ) -> Mask:
+        """``method.dst``: drop the smallest kept weights, regrow by dense gradient (``rigl``, on
+        the batch ``prepare`` set aside) or at random (``set``, the client's own generator)."""
+        weights = {n: p.detach() for n, p in model.named_parameters() if n in mask}
+        if self.config.dst == "rigl":
+            grads = dense_grads(model, client_state[_DST + "x"], client_state[_DST + "y"], self.scope)
+            return rigl_step(mask, weights, grads, fraction)
+        return set_step(mask, weights, fraction, torch_gen(ctx.seed, "static_mask", "set", ctx.client_id, ctx.round))

@@ -11,6 +11,7 @@ second thread while round r+1 trains.
 
 from __future__ import annotations
 
+import hashlib
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
@@ -64,6 +65,8 @@ class RoundRecord:
     lr: float
     eval_seconds: float = 0.0  # the global model's evaluation (overlaps the next round when pipelined)
     personal_accuracy: float | None = None
+    val_accuracy: float | None = None  # the global model on the clients' pooled validation splits
+    warning: str | None = None  # e.g. training loss stuck at chance (sparsefl.runtime.divergence)
     clients: list[dict[str, Any]] = field(default_factory=list)
     failures: list[dict[str, Any]] = field(default_factory=list)
 
@@ -77,20 +80,33 @@ class RoundFailed(SparseflError):
 
 @dataclass
 class Server:
-    """Holds what the server loop needs: the method, the test set and the engine."""
+    """Holds what the server loop needs: the method, the test set and the engine.
+
+    The global model is evaluated on ``device`` (the test set moves there once); the server's
+    state, aggregation and encoding stay on the CPU.
+    """
 
     cfg: ExperimentConfig
     method: Method
     engine: Engine
     x_test: torch.Tensor
     y_test: torch.Tensor
-    initialised: set[int] = field(default_factory=set)  # clients that have the setup payload
+    # client -> the version of the known masks its last setup payload carried
+    setup_of: dict[int, str] = field(default_factory=dict)
     store: ClientStateStore = field(default_factory=ClientStateStore)  # what the engine keeps between rounds
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+    x_val: torch.Tensor | None = None  # the clients' validation splits, pooled (data.val_fraction > 0)
+    y_val: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         self._eval_model = self.method.new_model()
+        if self.device.type != "cpu":
+            self._eval_model.to(self.device)
+            self.x_test, self.y_test = self.x_test.to(self.device), self.y_test.to(self.device)
+            if self.x_val is not None and self.y_val is not None:
+                self.x_val, self.y_val = self.x_val.to(self.device), self.y_val.to(self.device)
         self._spec = param_spec(self._eval_model)
-        self._known: tuple[ServerState, dict[str, torch.Tensor]] | None = None
+        self._known: tuple[ServerState, dict[str, torch.Tensor], str] | None = None
 
     def checkpoint(self, state: ServerState) -> dict[str, Any]:
         """A copy of what the server loop knows after a round: the server state, the clients
@@ -103,18 +119,18 @@ class Server:
             "extra": state.extra,
         }
         clients = {str(k): v for k, v in self.store.snapshot().items()}
-        return _copied({"server": server, "initialised": sorted(self.initialised), "clients": clients})
+        return _copied({"server": server, "setup_of": dict(self.setup_of), "clients": clients})
 
     def restore(self, ckpt: dict[str, Any] | None, initial: ServerState | None = None) -> ServerState:
         """Back to a :meth:`checkpoint` (client states included), or to ``initial`` for a run
         that starts afresh."""
         if ckpt is None:
             assert initial is not None
-            self.initialised = set()
+            self.setup_of = {}
             self.store.restore({}, 0)
             return initial
         state = state_of(ckpt)
-        self.initialised = set(ckpt["initialised"])
+        self.setup_of = {int(k): v for k, v in ckpt["setup_of"].items()}
         self.store.restore({int(k): v for k, v in ckpt["clients"].items()}, state.round)
         return state
 
@@ -123,8 +139,9 @@ class Server:
         the method's settings for its task and draw its injected fault, if any."""
         cfg = self.cfg
         lr = round_lr(cfg.local.lr, cfg.local.lr_end, rnd, cfg.federation.rounds)
+        version = self.setup_version(state)
         setup = None
-        if any(c not in self.initialised for c in clients):  # encoded only for a first participation
+        if any(self.setup_of.get(c) != version for c in clients):  # a first or stale participation
             setup_update = self.method.setup_payload(state)
             setup = encode_update(setup_update, cfg.comm.down) if setup_update is not None else None
         known = self.known_masks(state)
@@ -139,18 +156,34 @@ class Server:
                 if shared is None:
                     shared = encode_update(self.method.broadcast(state), cfg.comm.down, known=known)
                 payload = shared
-            first = cid not in self.initialised
+            first = self.setup_of.get(cid) != version
             fault = draw_fault(cfg.faults, cfg.seed, rnd, attempt, cid)
             tasks.append(ClientTask(rnd, cid, payload, lr, setup if first else None, fault, dict(configs.get(cid, {}))))
         return tasks
 
     def known_masks(self, state: ServerState) -> dict[str, torch.Tensor]:
-        """The masks every client holds from the setup payload (later messages omit them); kept
-        for the round's state, which every upload of the round is decoded against."""
+        """The masks every client of the round holds from its setup payload (later messages
+        omit them); kept for the round's state, which every upload of the round is decoded
+        against."""
+        return self._known_of(state)[1]
+
+    def setup_version(self, state: ServerState) -> str:
+        """A digest of :meth:`known_masks`: a client whose last setup payload carried another
+        version gets the setup payload again, so a method whose masks change (dynamic sparse
+        training) pays for each change once per client, on the downlink."""
+        return self._known_of(state)[2]
+
+    def _known_of(self, state: ServerState) -> tuple[ServerState, dict[str, torch.Tensor], str]:
         if self._known is None or self._known[0] is not state:
             setup = self.method.setup_payload(state)
-            self._known = (state, {} if setup is None else self.method.known_masks(setup))
-        return self._known[1]
+            known = {} if setup is None else self.method.known_masks(setup)
+            digest = hashlib.sha256()
+            for name in sorted(known):
+                bits = known[name].detach().cpu().to(torch.bool).contiguous()
+                digest.update(f"{name}{tuple(bits.shape)}".encode())
+                digest.update(bits.numpy().tobytes())
+            self._known = (state, known, digest.hexdigest()[:16])
+        return self._known
 
     def decode(self, state: ServerState, result: ClientResult) -> Received:
         """Strictly decode one upload (DecodeError on anything malformed, NaN or Inf included)."""
@@ -191,14 +224,16 @@ class Server:
 
     def evaluate_round(self, new_state: ServerState, record: RoundRecord) -> None:
         """Fill ``record``'s accuracy and loss on the test set (every ``eval_every`` rounds and
-        after the last), with ``local.threads`` intra-op threads wherever it runs."""
+        after the last), and its ``val_accuracy`` on the pooled validation splits where there
+        are any, with ``local.threads`` intra-op threads wherever it runs."""
         fed = self.cfg.federation
         t = time.perf_counter()
         if record.round % fed.eval_every == 0 or record.round == fed.rounds:
             with torch_threads(self.cfg.local.threads):
-                record.accuracy, record.loss = evaluate(
-                    self._eval_model, self.method.eval_params(new_state), self.x_test, self.y_test
-                )
+                params = self.method.eval_params(new_state)
+                record.accuracy, record.loss = evaluate(self._eval_model, params, self.x_test, self.y_test)
+                if self.x_val is not None and self.y_val is not None and len(self.y_val):
+                    record.val_accuracy, _ = evaluate(self._eval_model, params, self.x_val, self.y_val)
         record.eval_seconds = time.perf_counter() - t
 
     def _train_round(self, state: ServerState, rnd: int) -> tuple[ServerState, RoundRecord]:
@@ -207,6 +242,7 @@ class Server:
         t0 = time.perf_counter()
         failures: list[dict[str, Any]] = []
         up = down = 0
+        version = self.setup_version(state)
         for attempt in range(fed.max_round_retries + 1):
             clients = sample_clients(cfg.seed, rnd, fed.num_clients, fed.clients_per_round, attempt)
             tasks = self.make_tasks(state, rnd, clients, attempt)
@@ -221,6 +257,8 @@ class Server:
             for i, (task, out) in enumerate(zip(tasks, outcomes, strict=True)):
                 if isinstance(out, ClientResult):
                     up += out.uplink_bytes
+                    # the client stored its state, the setup's masks included, even if dropped now
+                    self.setup_of[task.client_id] = version
                 verdict = screened[i] if i in screened else self._screen(state, task, out)
                 if isinstance(verdict, str):
                     failures.append(
@@ -229,7 +267,6 @@ class Server:
                     continue
                 assert isinstance(out, ClientResult)
                 ok.append((out, verdict))
-                self.initialised.add(task.client_id)
             ok = self._reject_outliers(state, ok, attempt, failures)
             if len(ok) >= fed.min_clients:
                 break
