@@ -23,7 +23,13 @@ SETTINGS = {
     "zerofl": ["method.sparsity=0.8"],
     "static_mask": ["method.sparsity=0.8"],
     "hidenseek": ["method.sparsity=0.8", "method.synflow_iterations=5"],
+    "fedmask": ["method.sparsity=0.8", "method.synflow_iterations=5"],
+    "fedpm": ["method.sparsity=0.8", "method.synflow_iterations=5"],
     "dynamic": ["method.density=0.5"],
+    "fedtiny": ["method.sparsity=0.8", "method.adjust_every=1", "method.adjust_until=1.0"],
+    "fedrts": ["method.sparsity=0.8", "method.adjust_every=3", "method.adjust_until=1.0"],
+    "feddst": ["method.sparsity=0.8", "method.delta_r=1", "method.alpha=0.2", "method.r_end=1.0"],
+    "prunefl": ["method.interval=2", "method.sparsity=0.5"],
     "kd": ["method.kd=logit", "method.student.name=static_mask", "method.student.sparsity=0.8"],
 }
 

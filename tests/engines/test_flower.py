@@ -396,6 +396,27 @@ def test_clientapp_keeps_client_data_and_carries_task_settings(tmp_path, task_id
     assert source.gathers == len(participants) < tasks
 
 
+@pytest.mark.parametrize(
+    "method,keys",
+    [
+        ("feddst", ["method.delta_r=1", "method.alpha=0.2", "method.r_end=1.0"]),
+        ("prunefl", ["method.interval=2"]),
+    ],
+)
+def test_changing_masks_on_the_in_process_grid_give_the_embedded_bits(tmp_path, task_identity, method, keys):
+    """Masks that change during training (a readjusting client's RigL step, PruneFL's
+    reconfiguration with squared gradients in the uplink) give the embedded engine's bits."""
+    if method not in METHODS:
+        pytest.skip(f"method {method} is not registered yet")
+    extra = ["federation.num_clients=5", "federation.clients_per_round=3", "federation.rounds=3", *keys]
+    emb = run_experiment(_cfg("embedded", method, *extra), tmp_path / "emb")
+    cfg = _cfg("flower-local", method, *extra)
+    grid = InProcessGrid(AppOptions.for_experiment(cfg).to_run_config(), [11, 22])
+    fl = run_experiment(cfg, tmp_path / "fl", engine=_engine(grid, cfg))
+    assert fl["model_sha256"] == emb["model_sha256"]
+    assert _strip(_metrics(tmp_path / "fl")) == _strip(_metrics(tmp_path / "emb"))
+
+
 def _options_key(cfg) -> tuple[str, str]:
     opts = AppOptions.from_run_config(AppOptions.for_experiment(cfg).to_run_config())
     return opts.config_json, opts.overrides
@@ -406,7 +427,8 @@ def test_a_resumed_flower_run_keeps_client_state_on_the_nodes(tmp_path, task_ide
     """A resumed Flower run is a new Flower run, with empty ``context.state``: the client states
     come back from the nodes' state folder (``sparsefl-client-states``), so a stateful method
     resumes exactly as the embedded engine does. Without the folder, it does not."""
-    extra = ["federation.rounds=4"]
+    # fedskel keeps its skeleton (and its own other filters) on the client between re-selections
+    extra = ["federation.rounds=4", *(["method.reselect_every=4"] if method == "fedskel" else [])]
     emb = run_experiment(_cfg("embedded", method, *extra), tmp_path / "emb")
     fl_cfg = _cfg("flower-local", method, *extra)
     run_config = AppOptions.for_experiment(fl_cfg).to_run_config()

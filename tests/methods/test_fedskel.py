@@ -18,13 +18,15 @@ from sparsefl.methods.fedskel import (
     SkeletonHooks,
     assign_tiers,
     channel_importance,
+    rows_mask,
     select_skeleton,
     skeleton_layers,
 )
 from sparsefl.models.nets import CNN
 from sparsefl.protocol.messages import LocalContext, Received, ServerState
 from sparsefl.rng import torch_gen
-from sparsefl.runtime.client import train_local
+from sparsefl.runtime.client import train_local, train_step
+from sparsefl.runtime.sgd import SGD
 
 TINY = ["federation.num_clients=6", "federation.clients_per_round=3", "federation.rounds=3", "data.min_samples=5"]
 
@@ -59,6 +61,24 @@ def test_selection_picks_top_l1_channels():
     h.after_step(1)
     assert torch.equal(h.skeleton["conv1.weight"], select_skeleton(expect, 0.25))
     h.close()
+
+
+def test_sampled_selection_follows_importance_and_the_seed():
+    imp = torch.tensor([100.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0], dtype=torch.float64)
+    a = select_skeleton(imp, 0.25, torch_gen(0, "a"))
+    assert a.sum() == 2 and torch.equal(a, select_skeleton(imp, 0.25, torch_gen(0, "a")))  # seeded
+    picks = torch.stack([select_skeleton(imp, 0.25, torch_gen(0, "s", i)) for i in range(200)]).double()
+    # p(channel 0 first) = 100/107: it is (almost) always in; the rest share the other slot evenly
+    assert picks[:, 0].mean() > 0.9
+    rest = picks[:, 1:].mean(0)
+    assert rest.min() > 0.05 and (rest.max() - rest.min()) < 0.15
+    assert select_skeleton(torch.zeros(8, dtype=torch.float64), 0.25, torch_gen(1, "z")).sum() == 2
+    # the method passes a generator per (seed, client, round) only with selection=sample
+    ctx = LocalContext(3, 2, 0.1, 0, _method().experiment.local, 10)
+    for over, sampled in (("method.selection=sample", True), ("method.selection=top", False)):
+        h = _method(over).hooks(_model(), {}, ctx)
+        assert (h.gen is not None) == sampled
+        h.close()
 
 
 @pytest.mark.parametrize("bn", ["train", "skeleton"])
@@ -119,7 +139,7 @@ def _method(*over: str):
 
 
 def test_personalised_download_and_upload():
-    m = _method("method.bn=skeleton")
+    m = _method("method.bn=skeleton", "method.reselect_every=0")  # between re-selections
     model = m.new_model()
     params = {k: v.clone() for k, v in model.state_dict().items()}
     own = {k: v + 1.0 if v.is_floating_point() else v for k, v in params.items()}
@@ -145,6 +165,56 @@ def test_personalised_download_and_upload():
     up, st = m.upload(model, down, new_state, ctx)
     assert up.sent["conv1.weight"].reshape(32, -1).any(1).tolist() == skel["conv1.weight"].tolist()
     assert torch.equal(st["w/conv2.weight"], sd["conv2.weight"])
+
+
+def test_reselection_downloads_the_full_model_and_reselects():
+    m = _method("method.reselect_every=2")
+    model = m.new_model()
+    params = {k: v.clone() for k, v in model.state_dict().items()}
+    skel = {lay.name: torch.arange(model.get_parameter(lay.name).shape[0]) < 3 for lay in m.layers}
+    extra = {f"skel/4/{k}": v for k, v in skel.items()}
+    extra["skel_round/4"] = torch.tensor(1)
+    # selected in round 1: round 2 sends skeleton rows, round 3 (2 rounds later) the full model
+    assert not m._reselects(ServerState(1, params, extra=extra), 4)
+    assert m.downlink(ServerState(1, params, extra=extra), 4) is not None
+    assert m._reselects(ServerState(2, params, extra=extra), 4)
+    assert m.downlink(ServerState(2, params, extra=extra), 4) is None  # the broadcast: every filter
+    assert m._reselects(ServerState(2, params, extra={}), 5)  # unknown client
+    assert not _method("method.reselect_every=0")._reselects(ServerState(9, params, extra=extra), 4)
+    # the client takes every server value (not its own non-skeleton filters) and forgets its skeleton
+    own = {k: v + 1.0 if v.is_floating_point() else v for k, v in params.items()}
+    cstate = {f"skel/{k}": v for k, v in skel.items()}
+    cstate.update({f"w/{t}": own[t] for lay in m.layers for t in lay.personal})
+    cstate["skel_round"] = torch.tensor(1)
+    new_state = m.receive(model, m.broadcast(ServerState(2, params)), cstate)
+    assert all(torch.equal(v, params[k]) for k, v in model.state_dict().items())
+    assert m._skeleton(new_state) is None and "skel_round" not in new_state
+    ctx = LocalContext(4, 3, 0.1, 0, m.experiment.local, 10)
+    hooks = m.hooks(model, new_state, ctx)
+    assert hooks.skeleton is None  # SetSkel runs again this round
+    hooks.close()
+    assert m._skeleton(new_state) is not None and int(new_state["skel_round"]) == 3
+    # the server records the round a due client selected in
+    vals = {k: v.clone() for k, v in params.items()}
+    sent = {lay.name: rows_mask(skel[lay.name], params[lay.name].shape) for lay in m.layers}
+    out = m.aggregate(ServerState(2, params, extra=extra), [Received(4, Update(vals, sent), 10)])
+    assert int(out.extra["skel_round/4"]) == 3
+    out = m.aggregate(ServerState(1, params, extra=extra), [Received(4, Update(vals, sent), 10)])
+    assert int(out.extra["skel_round/4"]) == 1  # not due: unchanged
+
+
+def test_reselection_round_downlink_is_counted_in_full(tmp_path):
+    """A reselecting client is sent the full model: with re-selection at every participation the
+    downlink bytes equal dense FedAvg's exactly; without re-selection they are smaller."""
+    runs = {}
+    for name, over in (
+        ("fedavg", ["method.name=fedavg"]),
+        ("every", ["method.name=fedskel", "method.reselect_every=1"]),
+        ("never", ["method.name=fedskel", "method.reselect_every=0"]),
+    ):
+        runs[name] = run_experiment(load_config(overrides=[*TINY, "federation.rounds=4", *over]), tmp_path / name)
+    assert runs["every"]["downlink_bytes_total"] == runs["fedavg"]["downlink_bytes_total"]
+    assert runs["never"]["downlink_bytes_total"] < runs["fedavg"]["downlink_bytes_total"]
 
 
 def test_per_filter_aggregation_oracle():
@@ -189,6 +259,7 @@ def test_tiers_deterministic_and_balanced():
         ("method.setskel_steps=0", "method.setskel_steps"),
         ("method.reselect_every=-1", "method.reselect_every"),
         ("method.aggregation='mean'", "method.aggregation"),
+        ("method.selection='random'", "method.selection"),
         ("method.bn='none'", "method.bn"),
         ("method.sparsity=0.5", "method.sparsity"),
         ("method.skeleton_rate=0.5", "method.skeleton_rate"),
@@ -228,6 +299,7 @@ def digits_runs(tmp_path_factory):
     for name, over in (
         ("fedavg", ["method.name=fedavg"]),
         ("fedskel", ["method.name=fedskel"]),
+        ("fedskel_fixed", ["method.name=fedskel", "method.reselect_every=0"]),
         ("fedskel_linear", ["method.name=fedskel", "method.skeleton_linear=true"]),
     ):
         out[name] = run_experiment(load_config(overrides=[*DIGITS, *over]), d / name)
@@ -241,6 +313,7 @@ def test_digits_accuracy_close_to_fedavg(digits_runs):
 
 
 def test_digits_backward_flops_follow_skeleton(digits_runs):
+    # without re-selection, a round where every client already has its skeleton is skeleton-only
     m = _method()
     prof = m.profile
     frac = {lay.name: 0.25 for lay in m.layers}  # 32 -> 8 and 64 -> 16 channels exactly
@@ -249,15 +322,18 @@ def test_digits_backward_flops_follow_skeleton(digits_runs):
     expect = (fwd + bwd) / prof.dense_train()
     seen: set[int] = set()
     checked = 0
-    for r in digits_runs["fedskel_rows"]:
+    for r in digits_runs["fedskel_fixed_rows"]:
         ids = {c["id"] for c in r["clients"]}
         if ids <= seen:  # no client selects its skeleton this round: every step is skeleton-only
             assert r["train_flops"] / r["train_flops_dense"] == pytest.approx(expect, rel=1e-9)
             checked += 1
         seen |= ids
     assert checked >= 5
-    s = digits_runs["fedskel"]
+    s = digits_runs["fedskel_fixed"]
     assert expect < s["train_flops_total"] / s["train_flops_dense_total"] < 1
+    # re-selecting each round: the SetSkel steps (5) cover most of a digits round (1-5 steps)
+    s = digits_runs["fedskel"]
+    assert expect < s["train_flops_total"] / s["train_flops_dense_total"] <= 1
 
 
 def test_digits_uplink_at_most_0_3_of_fedavg_with_linear_skeletons(digits_runs):
@@ -265,7 +341,7 @@ def test_digits_uplink_at_most_0_3_of_fedavg_with_linear_skeletons(digits_runs):
     points). FedSkel itself skeletonises convolutions only, and on the digits CNN fc1 holds 61% of
     the parameters, so the paper-faithful default cannot go below ~0.74 (next test); with
     ``skeleton_linear`` (our extension: hidden linear layers get skeleton rows too) it does.
-    Measured: 0.277 with row-coded masks, accuracy 0.947 vs 0.983."""
+    Measured: accuracy 0.975 vs 0.983 at the defaults (0.939 without re-selection)."""
     ratio = digits_runs["fedskel_linear"]["uplink_bytes_total"] / digits_runs["fedavg"]["uplink_bytes_total"]
     assert ratio <= 0.3, ratio
     assert digits_runs["fedskel_linear"]["final_accuracy"] >= digits_runs["fedavg"]["final_accuracy"] - 0.05
@@ -292,3 +368,33 @@ def test_skeleton_linear_uplink_matches_design(digits_runs):
     rows_t = sum(sd[t].numel() for lay in m.layers for t in lay.personal)
     sent = (total - rows_t + 0.25 * rows_t) / total
     assert sent <= ratio <= sent + 0.03, (ratio, sent)
+
+
+@pytest.mark.slow
+def test_resnet20_digits_within_5_points_of_fedavg(tmp_path):
+    """Skeleton ratio 0.25 on resnet20 at the defaults (re-selection every round, sampled
+    skeletons): within 5 points of dense FedAvg on the same model. Measured 0.969 vs 0.978;
+    without re-selection it collapsed (0.449)."""
+    over = [*DIGITS, "model.name=resnet20"]
+    fa = run_experiment(load_config(overrides=[*over, "method.name=fedavg"]), tmp_path / "fedavg")
+    fs = run_experiment(load_config(overrides=[*over, "method.name=fedskel"]), tmp_path / "fedskel")
+    assert fs["final_accuracy"] >= fa["final_accuracy"] - 0.05, (fs["final_accuracy"], fa["final_accuracy"])
+
+
+def test_clip_norm_clips_the_skeleton_gradients() -> None:
+    """``local.clip_norm`` covers the row-compact gradients the skeleton layers train with."""
+    over = ["federation.num_clients=6", "federation.clients_per_round=3", "data.min_samples=5", "method.name=fedskel"]
+    m = build(load_config(overrides=[*over, "local.momentum=0", "local.weight_decay=0"])).method
+    model = m.new_model()
+    state = {f"skel/{lay.name}": torch.arange(model.get_parameter(lay.name).shape[0]) < 3 for lay in m.layers}
+    state["skel_round"] = torch.tensor(1)
+    hooks = m.hooks(model, state, LocalContext(4, 2, 1.0, 0, m.experiment.local, 32))
+    assert hooks is not None
+    x, y = torch.randn(32, 1, 8, 8, generator=torch_gen(0, "x")), torch.arange(32) % 10
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    try:
+        train_step(hooks, SGD(hooks.parameters(), lr=1.0, momentum=0, weight_decay=0), x, y, 0, clip_norm=1e-3)
+    finally:
+        hooks.close()
+    moved = sum(float((p.detach() - before[n]).pow(2).sum()) for n, p in model.named_parameters()) ** 0.5
+    assert 0 < moved <= 1e-3 * 1.001

@@ -15,8 +15,17 @@ from sparsefl.comm import Update, decode_update, describe, encode_update, spec_o
 from sparsefl.config import load_config
 from sparsefl.engines.embedded import EmbeddedEngine
 from sparsefl.errors import ConfigError
+from sparsefl.experiment.runfolder import RunFolder
 from sparsefl.experiment.runner import build, run_experiment
-from sparsefl.methods.hidenseek import HideNseek, HideNseekConfig, hard_sign, sign_ste, sign_vote
+from sparsefl.methods.hidenseek import (
+    HideNseek,
+    HideNseekConfig,
+    flip_counts,
+    flip_stats,
+    hard_sign,
+    sign_ste,
+    sign_vote,
+)
 from sparsefl.models import ModelSpec
 from sparsefl.protocol.messages import KNOWN, LocalContext, Received, ServerState
 from sparsefl.runtime.server import Server
@@ -271,6 +280,95 @@ def test_method_aggregate_weighted_and_unweighted() -> None:
         assert m.update_norm(state, rec[0]) == pytest.approx(1 / sum(int(state.mask[n].sum()) for n in SCOPE))
 
 
+def test_flip_counts_oracle() -> None:
+    prev = torch.tensor([1.0, 1.0, -1.0, -1.0, 1.0])
+    kept = torch.tensor([True, True, True, True, False])
+    a = torch.tensor([-1.0, 1.0, 1.0, -1.0, -1.0])  # flips 0, 2 (4 is pruned)
+    b = torch.tensor([-1.0, -1.0, -1.0, -1.0, 0.0])  # flips 0, 1
+    new = torch.tensor([-1.0, 1.0, -1.0, -1.0, 1.0])  # only coordinate 0 changed
+    assert flip_counts(prev, new, [a, b], kept) == (4, 2)  # both clients' flips of 0 survived
+
+
+def _votes(m: HideNseek, state: ServerState, flips: dict[int, list[int]]) -> list[Received]:
+    """One upload per client: the global signs with the listed kept positions of fc2 flipped."""
+    k = "fc2.weight"
+    kept = torch.nonzero(state.mask[k].flatten()).flatten()
+    out = []
+    for cid, pos in flips.items():
+        vals = {n: m.signs(state)[n] * state.mask[n] for n in SCOPE}
+        v = vals[k].flatten().clone()
+        v[kept[pos]] *= -1
+        vals[k] = v.view_as(vals[k])
+        vals.update({n: state.params[n].clone() for n in m.roles.per_round})
+        out.append(Received(cid, Update(values=vals, sent={n: state.mask[n] for n in SCOPE}), 10))
+    return out
+
+
+def test_aggregate_records_flip_statistics_each_round() -> None:
+    m = make_method("method.vote=unweighted")
+    state = m.init_state(clone_state(m.spec.build().state_dict()))
+    kept = sum(int(state.mask[n].sum()) for n in SCOPE)
+    # three clients: position 0 flipped by two (survives), 1 and 2 by one each (rejected)
+    new = m.aggregate(state, _votes(m, state, {0: [0, 1], 1: [0, 2], 2: []}))
+    st = flip_stats(new)
+    assert st["flip_survival"] == [pytest.approx(2 / 4)]
+    assert st["client_flips"] == [pytest.approx(4 / 3 / kept)]
+    assert st["sign_change"] == [pytest.approx(1 / kept)]
+    new2 = m.aggregate(new, _votes(m, new, {0: [], 1: []}))  # nobody flips: survival undefined
+    st2 = flip_stats(new2)
+    assert len(st2["flip_survival"]) == 2 and math.isnan(st2["flip_survival"][1]) and st2["sign_change"][1] == 0
+
+
+def test_score_upload_takes_the_sign_of_the_weighted_mean() -> None:
+    m = make_method("method.upload=score", "method.carry=server")
+    state = m.init_state(clone_state(m.spec.build().state_dict()))
+    k = "fc2.weight"
+    mask = state.mask[k]
+    s0 = state.extra[f"score/{k}"]
+    assert (s0[mask] > 0).all() and not bool(s0[~mask].any())  # server scores start at +|.|
+    down = m.broadcast(state)
+    assert torch.equal(down.values[k], s0)  # the scores travel (floats), not the signs
+    first = torch.nonzero(mask.flatten())[0].item()
+
+    def up(v: float, n: int, cid: int) -> Received:
+        vals = {name: torch.full_like(state.params[name], 0.3) * state.mask[name] for name in SCOPE}
+        f = vals[k].flatten().clone()
+        f[first] = v
+        vals[k] = f.view_as(vals[k])
+        vals.update({name: state.params[name].clone() for name in m.roles.per_round})
+        return Received(cid, Update(values=vals, sent={name: state.mask[name] for name in SCOPE}), n)
+
+    # -0.9 * 10 + 0.5 * 10 < 0: the sign flips although most clients (2 of 3) kept it
+    new = m.aggregate(state, [up(-0.9, 10, 0), up(0.2, 5, 1), up(0.3, 5, 2)])
+    assert new.extra[f"sign/{k}"].flatten()[first] == -1.0
+    assert new.extra[f"score/{k}"].flatten()[first].item() == pytest.approx((-9 + 1 + 1.5) / 20)
+    # a client round starts from the global scores and uploads its scores as floats
+    _, upd, _, cs = client_round(m, new, {})
+    assert torch.equal(upd.values[k][mask], cs[f"score/{k}"][mask])
+
+
+def test_client_carry_keeps_magnitudes_resigned_to_the_global_signs() -> None:
+    m = make_method("method.carry=client")
+    state = m.init_state(clone_state(m.spec.build().state_dict()))
+    _, _, _, cs = client_round(m, state, {})
+    cs = {**cs, **{f"score/{k}": cs[f"score/{k}"] * 3 for k in SCOPE}}  # some beyond the clip
+    prev = {k: cs[f"score/{k}"].clone() for k in SCOPE}
+    assert any(bool((v.abs() > 1).any()) for v in prev.values())
+    # the global signs move on: the next round starts from |previous score| * global sign
+    state2 = ServerState(
+        1, state.params, state.mask, {**state.extra, "sign/fc2.weight": -state.extra["sign/fc2.weight"]}
+    )
+    spec = spec_of(m.spec.template.state_dict())
+    known = {k[len(KNOWN) :]: v for k, v in cs.items() if k.startswith(KNOWN)}
+    down = decode_update(encode_update(m.broadcast(state2), "auto", known=server_known(m, state2)), spec, known=known)
+    cs2 = m.receive(m.new_model(), down, cs)
+    init = m._initial_scores(cs2, LocalContext(0, 2, 0.05, 0, m.experiment.local, 16))
+    for k in SCOPE:
+        mask = state.mask[k]
+        g = state2.extra[f"sign/{k}"]
+        assert torch.equal(init[k][mask], (prev[k].abs().clamp(max=1.0) * g)[mask])  # clipped to ste_clip
+
+
 # ------------------------------------------------------------------------------------------------
 # frozen weights and magnitudes, through the real server loop
 # ------------------------------------------------------------------------------------------------
@@ -333,6 +431,8 @@ def test_frozen_weights_bit_identical_and_magnitudes_unchanged() -> None:
         ("method.score_init=constant,method.score_scale=1.5", "method.score_scale"),  # start outside the clip
         ("method.vote=mean", "method.vote"),
         ("method.weight_init=xavier", "method.weight_init"),
+        ("method.upload=sign,method.carry=server", "method.carry"),
+        ("method.upload=bits", "method.upload"),
         ("method.typo=1", "method.typo"),
     ],
 )
@@ -344,8 +444,8 @@ def test_config_errors_name_the_key(override: str, key: str) -> None:
 def test_config_defaults_and_valid_combinations() -> None:
     c = load_config(overrides=["method.name=hidenseek"]).method
     assert isinstance(c, HideNseekConfig)
-    assert (c.sparsity, c.synflow_iterations, c.ste, c.ste_clip, c.vote, c.personalize) == (
-        0.9, 100, "clipped", 1.0, "weighted", False,
+    assert (c.sparsity, c.synflow_iterations, c.ste, c.ste_clip, c.vote, c.personalize, c.upload, c.carry) == (
+        0.9, 100, "clipped", 1.0, "weighted", False, "sign", "client",
     )  # fmt: skip
     ok = load_config(overrides=["method.name=hidenseek", "method.score_scale=1.5", "method.ste=identity"]).method
     assert ok.score_scale == 1.5
@@ -382,8 +482,14 @@ def test_e2e_uplink_at_most_a_25th_of_dense(runs: dict[str, dict]) -> None:
 
 
 @pytest.mark.slow
-def test_e2e_accuracy_clearly_above_chance_30_rounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
-    """The "must show" run: 30 rounds, 90% sparsity (the report gives the measured numbers)."""
-    s = run_experiment(load_config(overrides=[*HIDENSEEK, "federation.rounds=30"]), tmp_path / "hns")
-    assert s["best_accuracy"] >= 0.4, s  # 10 classes: chance is 0.1
-    assert s["final_accuracy"] >= 0.3, s
+def test_e2e_documented_settings_reach_075_in_30_rounds(tmp_path) -> None:  # type: ignore[no-untyped-def]
+    """The documented settings (defaults, ``local.epochs=3``): 30 rounds, 90% sparsity, >= 0.75
+    final accuracy (docs/methods/hidenseek.md gives the measured numbers), with the flip
+    statistics recorded for every round."""
+    over = [*HIDENSEEK, "federation.rounds=30", "local.epochs=3"]
+    s = run_experiment(load_config(overrides=over), tmp_path / "hns")
+    assert s["final_accuracy"] >= 0.75, s
+    ck = RunFolder(tmp_path / "hns").latest_checkpoint()
+    assert ck is not None
+    stats = flip_stats(ServerState(30, {}, extra=ck["server"]["extra"]))
+    assert len(stats["flip_survival"]) == 30 and 0 < sum(stats["sign_change"])

@@ -15,7 +15,7 @@ def register(sub: argparse._SubParsersAction) -> None:  # type: ignore[type-arg]
         help="run a benchmark suite (methods x sparsity x partitions x seeds) and write a report",
         description="Run a suite; finished runs are skipped and interrupted ones resumed.",
     )
-    p.add_argument("--suite", required=True, help="quick, paper, or a suite TOML file")
+    p.add_argument("--suite", required=True, help="a built-in suite (quick, paper, dst, kd) or a suite TOML file")
     p.add_argument("--out", type=Path, required=True, help="output folder (results.csv, report.md/html, runs/)")
     p.add_argument("--jobs", type=int, default=1, help="experiments run in parallel processes (default 1)")
     p.set_defaults(func=run)
@@ -31,8 +31,9 @@ def run(args: argparse.Namespace, console: Console) -> int:
         raise ConfigError("--jobs", args.jobs, "an integer >= 1")
     check_output(args.out, "--out")
     suite = load_suite(args.suite)
-    total = len(suite.plan())
-    console.print(f"suite [bold]{suite.name}[/]: {total} runs, {args.jobs} at a time -> {args.out}")
+    sweeps, total = len(suite.sweep_plan()), len(suite.plan()) + len(suite.sweep_plan())
+    tuned = f" ({sweeps} of them tuning sweeps)" if sweeps else ""
+    console.print(f"suite [bold]{suite.name}[/]: {total} runs{tuned}, {args.jobs} at a time -> {args.out}")
     with Progress(
         TextColumn("[bold]runs"), MofNCompleteColumn(), BarColumn(), TextColumn("{task.fields[last]}"),
         TimeElapsedColumn(), console=console,
@@ -42,11 +43,14 @@ def run(args: argparse.Namespace, console: Console) -> int:
         def done(run, summary):  # type: ignore[no-untyped-def]
             acc = summary.get("final_accuracy")
             tag = "error" if "error" in summary else (summary.get("status") or "")
-            last = f"{run.folder_name}: {tag} acc={acc:.4f}" if acc is not None else f"{run.folder_name}: {tag}"
+            name = f"{run.subdir}/{run.folder_name}"
+            last = f"{name}: {tag} acc={acc:.4f}" if acc is not None else f"{name}: {tag}"
             bar.update(task, advance=1, last=last)
             if not console.is_terminal:  # a log file gets one line per finished run instead of a bar
                 finished = int(bar.tasks[0].completed)
                 console.print(f"[{finished}/{total}] {last} ({bar.tasks[0].elapsed or 0:.0f} s elapsed)")
+            for w in summary.get("warnings") or []:  # a run that did not learn is never silent
+                console.print(f"[yellow]warning: {name}: {w}[/]")
 
         rows = run_suite(suite, args.out, jobs=args.jobs, on_done=done)
     from rich.table import Table
@@ -61,5 +65,6 @@ def run(args: argparse.Namespace, console: Console) -> int:
     failed = (Path(args.out) / "failed.txt").read_text().strip()
     if failed:
         console.print(f"[red]failed runs:[/]\n{failed}")
-    console.print(f"wrote {args.out}/results.csv, report.md, report.html")
+    tuning = " (and sweeps.csv, tuning.json)" if sweeps else ""
+    console.print(f"wrote {args.out}/results.csv, report.md, report.html{tuning}")
     return 1 if failed else 0

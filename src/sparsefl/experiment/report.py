@@ -1,20 +1,29 @@
 """The benchmark report: ``report.md`` and ``report.html`` with mean +- std over seeds, PNG plots,
-and a verdict for each literature claim the suite lists.
+the values tuning chose, and a verdict for each literature claim the suite lists.
 
 A claim (``[[claims]]`` in the suite) compares two run labels on one metric:
 
 ```toml
 [[claims]]
-text = "ZeroFL is more accurate than SWAT with dense uploads at the same sparsity"
-source = "ZeroFL (ICLR 2022), Table 1"
-a = "zerofl-r0.1"           # the label expected to win
-b = "swat-dense"            # the label it is compared with
-metric = "final_accuracy"   # any numeric results.csv column
-expect = "higher"           # or "lower" (e.g. uplink_bytes)
+text = "ZeroFL (Diff. on Top-K-Weights, r_mask 0.2) beats SWAT with dense uploads"
+source = "ZeroFL (ICLR 2022), Table 1, Speech Commands, 90%: +2.3 points"
+comparator = "SWAT with dense uploads, same sparsity and budget"
+budget = "20 rounds x 10 clients x 10 local steps"
+a = "zerofl-diff-r0.2"      # the label the claim is about
+b = "swat-dense"            # the label it is compared with, or a number (e.g. chance, 0.1)
+metric = "score"            # any numeric results.csv column (default: score)
+expect = "higher"           # "lower" (e.g. uplink_bytes) or "within" (needs margin)
+margin = 0.0                # higher: a - b > margin; lower: a - b < -margin; within: |a - b| <= margin
 ```
 
-It is checked in every context (sparsity x partition x alpha) where both labels have results;
-the verdict says whether the means over seeds go the expected way, with the numbers.
+It is checked in every context (sparsity x partition x alpha; ``same_sparsity = false`` pairs a
+with b at any sparsity) where both labels ran. The rule: runs are paired by seed; with ``n``
+pairs the paired differences ``d = a - b`` give the 95% Student t interval
+``mean(d) +- t(0.975, n - 1) * sd(d) / sqrt(n)``. The claim *holds* when the whole interval lies
+on the claimed side (``higher``: above ``margin``; ``lower``: below ``-margin``; ``within``:
+inside ``[-margin, margin]``), *fails* when it lies wholly on the other side (``higher``: below
+``margin``; ``lower``: above ``-margin``; ``within``: wholly outside), and is *undecided*
+otherwise; one pair gives no interval ("undecided: 1 seed").
 
 Also here, for single runs: ``metrics.csv`` (:func:`write_metrics_csv`) and the side-by-side
 table of ``sparsefl show A B ...`` (:func:`compare_runs`).
@@ -40,21 +49,23 @@ from sparsefl.state import atomic_write_text
 if TYPE_CHECKING:
     from rich.table import Table
 
-GroupKey = tuple[str, float, str, Any]
+GroupKey = tuple[str, float, str, Any, str]
 
 
 def _key(r: dict[str, Any]) -> GroupKey:
-    return (r["label"], float(r["sparsity"]), r["partition"], r["alpha"])
+    """(label, sparsity, partition, alpha, the suite's other matrix values): runs of one key
+    differ only by seed."""
+    return (r["label"], float(r["sparsity"]), r["partition"], r["alpha"], r.get("matrix") or "")
 
 
 def _ctx(k: GroupKey) -> str:
-    _, sp, part, alpha = k
+    _, sp, part, alpha, matrix = k
     a = f" alpha={alpha}" if alpha not in ("", None) else ""
-    return f"sparsity={sp:g} {part}{a}"
+    return f"sparsity={sp:g} {part}{a}" + (f" {matrix}" if matrix else "")
 
 
 def _ms(values: list[float]) -> tuple[float, float]:
-    vals = [float(v) for v in values if v is not None]
+    vals = [float(v) for v in values if v not in (None, "")]
     if not vals:
         return math.nan, math.nan
     return statistics.fmean(vals), (statistics.stdev(vals) if len(vals) > 1 else 0.0)
@@ -70,10 +81,11 @@ def group(rows: list[dict[str, Any]]) -> dict[GroupKey, list[dict[str, Any]]]:
 
 def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
     """Header and rows of the main table (mean +- std over seeds)."""
-    head = ["label", "method", "sparsity", "partition", "seeds", "final acc", "best acc", "uplink MB",
-            "downlink MB", "train GFLOP (vs dense)", "client s", "wall s"]  # fmt: skip
+    head = ["label", "method", "sparsity", "partition", "seeds", "score", "final acc", "best acc", "uplink MB",
+            "downlink MB", "train GFLOP (vs dense)", "client s", "wall s", "tuned"]  # fmt: skip
     out = []
     for k, rs in group(rows).items():
+        sc, ss = _ms([r.get("score") for r in rs])
         fa, fs = _ms([r["final_accuracy"] for r in rs])
         ba, bs = _ms([r["best_accuracy"] for r in rs])
         up, _ = _ms([r["uplink_bytes"] for r in rs])
@@ -84,22 +96,71 @@ def summary_table(rows: list[dict[str, Any]]) -> tuple[list[str], list[list[str]
         ws, _ = _ms([r["wall_seconds"] for r in rs])
         part = rs[0]["partition"] + (f" a={rs[0]['alpha']}" if rs[0]["alpha"] not in ("", None) else "")
         out.append([
-            k[0], rs[0]["method"], f"{k[1]:g}", part, str(len(rs)), f"{fa:.4f} ± {fs:.4f}", f"{ba:.4f} ± {bs:.4f}",
-            f"{up / 1e6:.2f}", f"{dn / 1e6:.2f}", f"{fl / 1e9:.2f} ({fl / fd:.3f})" if fd else "-",
-            f"{cs:.1f}", f"{ws:.1f}",
+            k[0], rs[0]["method"], f"{k[1]:g}", part, str(len(rs)), f"{sc:.4f} ± {ss:.4f}", f"{fa:.4f} ± {fs:.4f}",
+            f"{ba:.4f} ± {bs:.4f}", f"{up / 1e6:.2f}", f"{dn / 1e6:.2f}",
+            f"{fl / 1e9:.2f} ({fl / fd:.3f})" if fd else "-", f"{cs:.1f}", f"{ws:.1f}",
+            "; ".join(dict.fromkeys(str(r.get("tuned") or "") for r in rs if r.get("tuned"))) or "-",
         ])  # fmt: skip
     return head, out
 
 
+#: Student t quantiles t(0.975, df) for df = 1..30; beyond, a Cornish-Fisher expansion.
+T975 = (
+    12.7062, 4.3027, 3.1824, 2.7764, 2.5706, 2.4469, 2.3646, 2.3060, 2.2622, 2.2281, 2.2010, 2.1788, 2.1604,
+    2.1448, 2.1314, 2.1199, 2.1098, 2.1009, 2.0930, 2.0860, 2.0796, 2.0739, 2.0687, 2.0639, 2.0595, 2.0555,
+    2.0518, 2.0484, 2.0452, 2.0423,
+)  # fmt: skip
+
+
+def t975(df: int) -> float:
+    """The 0.975 quantile of Student's t with ``df`` degrees of freedom (two-sided 95%)."""
+    if df < 1:
+        raise ValueError("df must be >= 1")
+    if df <= len(T975):
+        return T975[df - 1]
+    # Cornish-Fisher expansion of t around the normal quantile z: exact to 1e-5 from df = 31
+    z = 1.959963984540054
+    g1 = (z**3 + z) / 4
+    g2 = (5 * z**5 + 16 * z**3 + 3 * z) / 96
+    g3 = (3 * z**7 + 19 * z**5 + 17 * z**3 - 15 * z) / 384
+    return z + g1 / df + g2 / df**2 + g3 / df**3
+
+
+def paired_verdict(diffs: list[float], expect: str, margin: float = 0.0) -> dict[str, Any]:
+    """The verdict on paired differences ``a - b`` (see the module docstring): ``n``, ``diff``
+    (their mean), ``lo`` and ``hi`` (the 95% t interval; None for one pair) and ``verdict``."""
+    n = len(diffs)
+    mean = statistics.fmean(diffs) if diffs else math.nan
+    if n < 2:
+        verdict = "undecided: 1 seed" if n else "not measured: no seed ran both"
+        return {"n": n, "diff": mean, "lo": None, "hi": None, "verdict": verdict}
+    half = t975(n - 1) * statistics.stdev(diffs) / math.sqrt(n)
+    lo, hi = mean - half, mean + half
+    if expect == "higher":
+        verdict = "holds" if lo > margin else "fails" if hi < margin else "undecided"
+    elif expect == "lower":
+        verdict = "holds" if hi < -margin else "fails" if lo > -margin else "undecided"
+    else:  # within
+        verdict = "holds" if -margin <= lo and hi <= margin else "fails" if lo > margin or hi < -margin else "undecided"
+    return {"n": n, "diff": mean, "lo": lo, "hi": hi, "verdict": verdict}
+
+
 def check_claims(claims: tuple[dict[str, Any], ...], rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
-    """Each claim's verdict per context where both labels ran."""
+    """Each claim's verdict per context where both labels ran, from runs paired by seed."""
     groups = group(rows)
     verdicts = []
     for c in claims:
-        metric, expect = c.get("metric", "final_accuracy"), c.get("expect", "higher")
+        metric, expect = c.get("metric", "score"), c.get("expect", "higher")
+        margin = float(c.get("margin", 0.0))
         found = []
         for ka, ra in groups.items():
             if ka[0] != c["a"]:
+                continue
+            if not isinstance(c["b"], str):  # a fixed reference (e.g. chance): every seed pairs with it
+                pairs = [(float(r[metric]), float(c["b"])) for r in ra if r.get(metric) not in (None, "")]
+                ma = statistics.fmean(p[0] for p in pairs) if pairs else math.nan
+                v = paired_verdict([x - y for x, y in pairs], expect, margin)
+                found.append({"context": _ctx(ka), "a": ma, "b": float(c["b"]), **v})
                 continue
             for kb, rb in groups.items():
                 if kb[0] != c["b"]:
@@ -107,13 +168,15 @@ def check_claims(claims: tuple[dict[str, Any], ...], rows: list[dict[str, Any]])
                 same_sp = c.get("same_sparsity", True)
                 if kb[2:] != ka[2:] or (same_sp and kb[1] != ka[1]):
                     continue
-                ma, sa = _ms([r[metric] for r in ra])
-                mb, sb = _ms([r[metric] for r in rb])
-                ok = ma > mb if expect == "higher" else ma < mb
-                # the gap is "clear" when it exceeds both labels' standard deviation over seeds
-                clear = abs(ma - mb) > max(sa, sb)
-                found.append({"context": _ctx(ka), "a": ma, "b": mb, "reproduced": ok, "clear": clear})
-        verdicts.append({**c, "metric": metric, "expect": expect, "results": found})
+                by_seed = {r.get("seed"): r[metric] for r in rb if r.get(metric) not in (None, "")}
+                pairs = [(float(r[metric]), float(by_seed[r.get("seed")])) for r in ra
+                         if r.get(metric) not in (None, "") and r.get("seed") in by_seed]  # fmt: skip
+                ma = statistics.fmean(p[0] for p in pairs) if pairs else math.nan
+                mb = statistics.fmean(p[1] for p in pairs) if pairs else math.nan
+                v = paired_verdict([x - y for x, y in pairs], expect, margin)
+                ctx = _ctx(ka) + ("" if kb[1] == ka[1] else f" (b at sparsity={kb[1]:g})")
+                found.append({"context": ctx, "a": ma, "b": mb, **v})
+        verdicts.append({**c, "metric": metric, "expect": expect, "margin": margin, "results": found})
     return verdicts
 
 
@@ -141,7 +204,7 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     panels = list(dict.fromkeys(k[2:] for k in groups))
 
     def panel_title(ctx: tuple[Any, ...]) -> str:
-        return f"{ctx[0]}" + ("" if ctx[1] in ("", None) else f" alpha={ctx[1]}")
+        return f"{ctx[0]}" + ("" if ctx[1] in ("", None) else f" alpha={ctx[1]}") + (f" {ctx[2]}" if ctx[2] else "")
 
     def legend_name(k: GroupKey) -> str:
         """The label, with its sparsity when the label ran at several."""
@@ -196,9 +259,8 @@ def plots(out: Path, rows: list[dict[str, Any]]) -> list[tuple[str, str]]:
     fig, ax = plt.subplots(figsize=(6, 4))
     by_label: dict[str, list[tuple[float, float]]] = defaultdict(list)
     for k, rs in groups.items():
-        by_label[f"{k[0]} ({k[2]}{'' if k[3] in ('', None) else ' a=' + str(k[3])})"].append(
-            (k[1], _ms([r["final_accuracy"] for r in rs])[0])
-        )
+        where = f"{k[2]}{'' if k[3] in ('', None) else ' a=' + str(k[3])}{' ' + k[4] if k[4] else ''}"
+        by_label[f"{k[0]} ({where})"].append((k[1], _ms([r["final_accuracy"] for r in rs])[0]))
     for i, (lab, pts) in enumerate(by_label.items()):
         pts.sort()
         ax.plot([p[0] for p in pts], [p[1] for p in pts], marker="o", label=lab, color=colors[i % len(colors)])
@@ -265,11 +327,60 @@ def _html_table(head: list[str], rows: list[list[str]]) -> str:
     return f"<table><thead><tr>{th}</tr></thead><tbody>{trs}</tbody></table>"
 
 
+def _expected(v: dict[str, Any]) -> str:
+    """A claim's expectation in words: ``a higher than b``, ``a within 0.05 of b``."""
+    by = f" by more than {v['margin']:g}" if v["margin"] and v["expect"] != "within" else ""
+    if v["expect"] == "within":
+        return f"{v['a']} within {v['margin']:g} of {v['b']}"
+    return f"{v['a']} {v['expect']} than {v['b']}{by}"
+
+
+def claim_table(verdicts: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the claims table: one row per claim and context."""
+    head = ["claim", "source", "comparator", "budget", "context", "metric", "expected", "seeds", "a", "b",
+            "a - b [95% CI]", "verdict"]  # fmt: skip
+    rows = []
+    for v in verdicts:
+        common = [v["text"], v.get("source", ""), v.get("comparator", ""), v.get("budget", "")]
+        if not v["results"]:
+            rows.append([*common, "-", v["metric"], _expected(v), "0", "-", "-", "-", "not measured (no runs of both)"])
+        for r in v["results"]:
+            ci = "" if r["lo"] is None else f" [{r['lo']:+.4g}, {r['hi']:+.4g}]"
+            rows.append([*common, r["context"], v["metric"], _expected(v), str(r["n"]), f"{r['a']:.4g}",
+                         f"{r['b']:.4g}", f"{r['diff']:+.4g}{ci}", r["verdict"]])  # fmt: skip
+    return head, rows
+
+
+def tuning_table(tuning: list[dict[str, Any]]) -> tuple[list[str], list[list[str]]]:
+    """Header and rows of the tuning table: every candidate's validation score and the choice."""
+    head = ["label", "context", "candidates (mean validation score)", "chosen"]
+    rows = []
+    for t in tuning:
+        cands = "; ".join(f"{c['point']}: {c['val_score']:.4f}" for c in t["candidates"]) or "-"
+        rows.append([t["label"], t["context"] or "-", cands, t["chosen"] or "none (no sweep run scored)"])
+    return head, rows
+
+
+RULES = """Each run's **score** is the mean test accuracy of its last {k} evaluations. A claim is
+checked per context on runs paired by seed: the 95% Student t interval of the mean paired
+difference (a - b) decides. It *holds* when the whole interval lies on the claimed side
+(beyond the claim's margin), *fails* when it lies wholly on the other side, and is *undecided*
+otherwise; one seed gives no interval. Swept keys were tuned on a validation split of the
+clients' data ({vf:g} of each client's samples, seeds {ts}), never on the test set: the value with
+the best mean validation score of the global model over the last {k} evaluations was kept."""
+
+
 def write_report(
-    out: Path, suite: Any, rows: list[dict[str, Any]], elapsed: float | None = None, jobs: int | None = None
+    out: Path,
+    suite: Any,
+    rows: list[dict[str, Any]],
+    elapsed: float | None = None,
+    jobs: int | None = None,
+    tuning: list[dict[str, Any]] | None = None,
 ) -> None:
     """Write report.md, report.html and the plots into ``out`` (``elapsed``: seconds this
-    invocation of the suite took, with ``jobs`` processes; runs finished earlier were skipped)."""
+    invocation of the suite took, with ``jobs`` processes; runs finished earlier were skipped;
+    ``tuning``: the choices of :func:`~sparsefl.experiment.bench.choose`)."""
     import datetime
     import os
     import platform
@@ -278,19 +389,14 @@ def write_report(
 
     head, table = summary_table(rows)
     made = plots(out, rows) if rows else []
-    verdicts = check_claims(suite.claims, rows)
-    claim_head = ["claim", "source", "context", "metric", "expected", "a", "b", "reproduced?", "gap vs seed spread"]
-    claim_rows = []
-    for v in verdicts:
-        if not v["results"]:
-            claim_rows.append([v["text"], v.get("source", ""), "-", v["metric"], v["expect"], "-", "-",
-                               "not measured (labels missing)", "-"])  # fmt: skip
-        for r in v["results"]:
-            claim_rows.append([
-                v["text"], v.get("source", ""), r["context"], v["metric"], f"{v['a']} {v['expect']} than {v['b']}",
-                f"{r['a']:.4g}", f"{r['b']:.4g}", "yes" if r["reproduced"] else "NO",
-                "clear" if r["clear"] else "within the spread",
-            ])  # fmt: skip
+    claim_head, claim_rows = claim_table(check_claims(suite.claims, rows))
+    tune_head, tune_rows = tuning_table(tuning or [])
+    warned = [[r["label"], f"seed {r['seed']}", str(r["warnings"])] for r in rows if r.get("warnings")]
+    rules = RULES.format(
+        k=getattr(suite, "score_evals", 3),
+        vf=getattr(suite, "val_fraction", 0.1),
+        ts=", ".join(str(x) for x in getattr(suite, "tuning_seeds", ())) or "-",
+    )
     machine = f"{platform.machine()}, {platform.processor() or 'cpu'}, {os.cpu_count()} CPUs, torch {torch.__version__}"
     when = datetime.datetime.now(datetime.timezone.utc).strftime("%Y-%m-%d %H:%M UTC")
     took = ""
@@ -309,11 +415,17 @@ def write_report(
         "",
         "## Claims from the literature, checked against these runs",
         "",
-        "A claim's direction is reproduced when the mean over seeds goes the claimed way; the gap is",
-        "*clear* when it exceeds both labels' standard deviation over seeds, else it is *within the",
-        "spread* and the direction is not established either way.",
+        rules,
         "",
         _md_table(claim_head, claim_rows) if claim_rows else "(the suite lists no claims)",
+        "",
+        "## Tuned values",
+        "",
+        _md_table(tune_head, tune_rows) if tune_rows else "(the suite tunes nothing)",
+        "",
+        "## Warnings",
+        "",
+        _md_table(["label", "seed", "warning"], warned) if warned else "(no run warned)",
         "",
         "## Plots",
         "",
@@ -335,7 +447,12 @@ def write_report(
         f"wall time in all.{html.escape(took)} Mean ± standard deviation over seeds.</p>",
         _html_table(head, table),
         "<h2>Claims from the literature, checked against these runs</h2>",
+        f"<p>{html.escape(rules)}</p>",
         _html_table(claim_head, claim_rows) if claim_rows else "<p>(none)</p>",
+        "<h2>Tuned values</h2>",
+        _html_table(tune_head, tune_rows) if tune_rows else "<p>(none)</p>",
+        "<h2>Warnings</h2>",
+        _html_table(["label", "seed", "warning"], warned) if warned else "<p>(none)</p>",
         "<h2>Plots</h2>",
         *[f'<figure><img src="{name}"><figcaption>{html.escape(cap)}</figcaption></figure>' for name, cap in made],
         f"<h2>Suite</h2><pre>{html.escape(suite.text)}</pre>",

@@ -4,9 +4,11 @@ Yu, Nguyen, Anwar, Jannesari, "Adaptive Dynamic Pruning for Non-IID Federated Le
 2106.06921). Every convolution followed by a BatchNorm gets a small gate predictor
 (Feature-Boosting-and-Suppression style, Gao et al., ICLR 2019) that keeps, per sample, the
 ``density`` fraction of channels with the highest predicted saliency (winner-take-all); the
-client uploads only the channels it used. ``variant=threshold`` prunes channels by a learned
-threshold instead. Inference FLOPs are measured on the test inputs, since the computation
-depends on them. Options and every choice where the paper is silent: ``docs/methods/dynamic.md``.
+client uploads only the channels its gating kept most often over the round (the ``density``
+fraction of each layer), so the upload shrinks with ``density``. ``variant=threshold`` zeroes
+small conv weights instead (the codecs send a zeroed weight in next to no bytes). Inference
+FLOPs are measured on the test inputs, since the computation depends on them. Options and every
+choice where the paper is silent: ``docs/methods/dynamic.md``.
 """
 
 from __future__ import annotations
@@ -33,10 +35,12 @@ from sparsefl.rng import seeded_torch
 
 Tensor = torch.Tensor
 Variant = Literal["gating", "threshold"]
+UploadRule = Literal["kept", "used"]
 
 #: Namespace of the saliency predictors in the gated model's state_dict.
 GATES = "gates"
-# Client-state key prefix: + conv module name -> bool (C_out,) union of kept channels this round.
+# Client-state key prefix: + conv module name -> int64 (C_out,) samples that kept each channel
+# this round.
 _USED = "dynamic.used."
 
 
@@ -55,6 +59,11 @@ class DynamicConfig(MethodConfig):
     l1: float = opt(0.0, "gating: weight of the mean L1 norm of the gates added to the loss", ge=0)
     gate_shortcut: bool = opt(False, "gating: also gate 1x1 projection shortcuts (shortcut/downsample modules)")
     threshold: float = opt(1e-3, "threshold: conv weights with |w| <= this are zeroed after every local epoch", ge=0)
+    upload: UploadRule = opt(
+        "kept",
+        "gating: kept uploads each layer's density fraction of channels kept most often this round; "
+        "used uploads every channel kept for any sample (everything that received gradient)",
+    )
 
     def __post_init__(self) -> None:
         if self.sparsity != 0:
@@ -129,8 +138,8 @@ class GatedModel(nn.Module):
     kept_fraction:
         Conv name -> mean fraction of output channels kept over the samples of the last forward.
     recorder:
-        When not None, conv name -> bool ``(C_out,)`` union of kept channels, updated in place on
-        every forward (set by :class:`DynamicHooks` during training).
+        When not None, conv name -> int64 ``(C_out,)`` count of samples that kept each channel,
+        updated on every forward (set by :class:`DynamicHooks` during training).
     last_gates:
         Conv name -> the gates ``g`` of the last forward (``(N, C_out)``, differentiable), for the
         L1 penalty.
@@ -196,9 +205,9 @@ class GatedModel(nn.Module):
             self.last_gates[conv_name] = g
             self.kept_fraction[conv_name] = float(keep.float().mean())
             if self.recorder is not None:
-                used = keep.any(dim=0)
+                count = keep.sum(dim=0)
                 prev = self.recorder.get(conv_name)
-                self.recorder[conv_name] = used if prev is None else prev | used
+                self.recorder[conv_name] = count if prev is None else prev + count
 
         return hook
 
@@ -216,7 +225,7 @@ class GatedModel(nn.Module):
 
 
 class DynamicHooks(LocalHooks):
-    """Gated local SGD: records the union of kept channels into ``client_state`` (keys
+    """Gated local SGD: records how many samples kept each channel into ``client_state`` (keys
     ``dynamic.used.<conv name>``), adds the optional L1 penalty, reports the kept fractions."""
 
     def __init__(self, model: GatedModel, profile: ModelProfile, client_state: ClientState, l1: float) -> None:
@@ -378,20 +387,50 @@ class Dynamic(Method):
         model.load_state_dict(down.values, strict=True)
         return {k: v for k, v in client_state.items() if not k.startswith(_USED)}
 
+    @property
+    def why_not_batched(self) -> str | None:
+        """Not batched: the gates record per step which channels each client used."""
+        return (
+            "dynamic: the channel gates record after every step which channels the client used "
+            "(and the threshold variant zeroes channels per epoch), which is not described functionally"
+        )
+
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
         """Gated SGD (gating) or epoch-wise threshold zeroing (threshold)."""
         if self.config.variant == "gating":
             assert isinstance(model, GatedModel)
             for c, _ in self.pairs:  # every gated channel starts unused this round
                 out = self._mods[c].out_channels  # type: ignore[union-attr]
-                client_state[_USED + c] = torch.zeros(int(out), dtype=torch.bool)  # type: ignore[arg-type]
+                client_state[_USED + c] = torch.zeros(int(out), dtype=torch.int64)  # type: ignore[arg-type]
             return DynamicHooks(model, self.profile, client_state, self.config.l1)
         spe = steps_per_epoch(ctx.num_examples, ctx.local.batch_size)
         return ThresholdHooks(model, self.profile, self.config.threshold, spe)
 
+    def _uploaded_channels(self, counts: Mapping[str, Tensor]) -> dict[str, Tensor]:
+        """Per gated conv, the bool ``(C_out,)`` channels an upload sends, from the number of
+        samples that kept each channel this round.
+
+        ``upload=used``: every channel kept for at least one sample (all that received gradient).
+        ``upload=kept``: the :func:`keep_count` channels kept for the most samples (ties to the
+        lower index), among those kept at least once: the channels this client's data selects.
+        """
+        out: dict[str, Tensor] = {}
+        for conv, _ in self.pairs:
+            c = counts[conv].to(torch.int64)
+            used = c > 0
+            if self.config.upload == "used" or len(c) == 0:
+                out[conv] = used
+                continue
+            k = keep_count(self.config.density, len(c))
+            # stable descending sort: equal counts keep channel order, so ties go to the lower index
+            top = torch.sort(c, descending=True, stable=True).indices[:k]
+            keep = torch.zeros_like(used).scatter_(0, top, True)
+            out[conv] = keep & used
+        return out
+
     def sent_masks(self, used: Mapping[str, Tensor], params: Mapping[str, Tensor]) -> dict[str, Tensor]:
-        """The ``sent`` masks of an upload from the union of kept channels per gated conv:
-        filters (and conv bias), BN weight/bias, predictor rows/bias of the used channels."""
+        """The ``sent`` masks of an upload from the uploaded channels per gated conv (bool
+        ``(C_out,)``): filters (and conv bias), BN weight/bias, predictor rows/bias."""
         sent: dict[str, Tensor] = {}
         for conv, bn in self.pairs:
             u = used[conv].to(torch.bool)
@@ -405,14 +444,15 @@ class Dynamic(Method):
     def upload(
         self, model: nn.Module, down: Update, client_state: ClientState, ctx: LocalContext
     ) -> tuple[Update, ClientState]:
-        """Gating: only the parameters that received gradient (union of kept channels), zero
-        elsewhere; threshold: the dense weights."""
+        """Gating: the parameters of the channels :meth:`_uploaded_channels` selects, zero
+        elsewhere; threshold: the weights, zeroed ones included (dense FedAvg, as the artifact)."""
         values = {k: v.detach().clone() for k, v in model.state_dict().items()}
         state = {k: v for k, v in client_state.items() if not k.startswith(_USED)}
         if self.config.variant != "gating":
+            # dense: the lossless codecs already send a mostly-zero tensor as its nonzeros
             return Update(values=values), state
-        used = {c: client_state.get(_USED + c, torch.zeros(0, dtype=torch.bool)) for c, _ in self.pairs}
-        sent = self.sent_masks(used, values)
+        counts = {c: client_state.get(_USED + c, torch.zeros(0, dtype=torch.int64)) for c, _ in self.pairs}
+        sent = self.sent_masks(self._uploaded_channels(counts), values)
         for name, m in sent.items():
             values[name] = values[name] * m.to(values[name].dtype)
         return Update(values=values, sent=sent), state

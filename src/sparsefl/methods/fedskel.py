@@ -4,10 +4,15 @@ Each client picks a skeleton: per convolution, the output channels whose feature
 largest accumulated L1 norm over a short full-backprop SetSkel phase. Afterwards (UpdateSkel)
 the backward runs only through the skeleton, the client uploads only its skeleton filters, the
 server averages each filter over the clients that sent it, and a client takes the server's
-values for its skeleton filters only, keeping its other filters (personalisation). Reference
-code: BUAA-CI-LAB/FedSkel. Options (``skeleton_ratio`` or ``tiers``, ``setskel_steps``,
-``reselect_every``, ``aggregation``, ``skeleton_linear``) and every choice where the paper is
-silent: ``docs/methods/fedskel.md``.
+values for its skeleton filters only, keeping its other filters (personalisation).
+
+A client re-selects its skeleton every round it takes part (``reselect_every=1``), on the full
+model the server then sends it; and it samples the skeleton in proportion to importance
+(``selection=sample``) rather than taking the top channels, since every client ranks the channels
+alike and a fixed top set would leave most filters untrained for good. Reference code:
+BUAA-CI-LAB/FedSkel. Options (``skeleton_ratio`` or ``tiers``, ``setskel_steps``,
+``reselect_every``, ``selection``, ``aggregation``, ``skeleton_linear``) and every choice where
+the paper is silent: ``docs/methods/fedskel.md``.
 """
 
 from __future__ import annotations
@@ -30,10 +35,13 @@ from sparsefl.methods.base import LocalHooks, Method
 from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import ClientState, LocalContext, Received, ServerState
 from sparsefl.registry import METHODS
-from sparsefl.rng import np_rng
+from sparsefl.rng import np_rng, torch_gen
 
 _CONV = (nn.Conv1d, nn.Conv2d, nn.Conv3d)
 _BN = nn.modules.batchnorm._BatchNorm
+# without re-selection 1 - ratio of a client's filters keep their first-round values for good,
+# which collapses deep models (docs/methods/fedskel.md, "Re-selection")
+RESELECT_EVERY = 1
 
 
 @dataclass(frozen=True)
@@ -50,7 +58,12 @@ class FedSkelConfig(MethodConfig):
         le=1,
     )
     setskel_steps: int = opt(5, "local steps of full backprop that accumulate the channel importance", ge=1)
-    reselect_every: int = opt(0, "re-select a client's skeleton every k of its rounds (0 = never)", ge=0)
+    reselect_every: int = opt(
+        RESELECT_EVERY,
+        "re-select a client's skeleton once k rounds have passed since it selected (0 = never); with "
+        "per_filter the server then sends that client the full model",
+        ge=0,
+    )
     aggregation: Literal["per_filter", "mean_full"] = opt(
         "per_filter", "per_filter: average each filter over its senders; mean_full: reference's mean of full models"
     )
@@ -58,6 +71,11 @@ class FedSkelConfig(MethodConfig):
         "train", "BatchNorm after a conv: train all channels (reference, default) or only skeleton channels"
     )
     skeleton_linear: bool = opt(False, "also skeletonise hidden linear layers by output feature (departure)")
+    selection: Literal["top", "sample"] = opt(
+        "sample",
+        "sample: channels sampled in proportion to importance, seeded per client and round (a departure); "
+        "top: the most important channels (the reference)",
+    )
     backward: Literal["compact", "mask"] = opt(
         "compact",
         "skeleton backward: compact (gathered-channel kernels, sparsefl.kernels.skeleton) or mask (the "
@@ -79,13 +97,20 @@ def skeleton_size(channels: int, ratio: float) -> int:
     return max(1, min(channels, int(math.floor(ratio * channels + 0.5))))
 
 
-def select_skeleton(importance: torch.Tensor, ratio: float) -> torch.Tensor:
+def select_skeleton(importance: torch.Tensor, ratio: float, gen: torch.Generator | None = None) -> torch.Tensor:
     """Bool mask over channels: the ``skeleton_size`` channels with the largest importance.
 
-    Ties go to the lower channel index (stable sort), so the choice is deterministic.
+    Ties go to the lower channel index (stable sort), so the choice is deterministic. With
+    ``gen``, the channels are sampled without replacement with probability proportional to their
+    importance instead (Gumbel top-k on ``log importance``), so that clients whose activations
+    rank the channels alike still pick different skeletons.
     """
     k = skeleton_size(importance.numel(), ratio)
-    order = torch.sort(importance.detach().to(torch.float64).cpu(), descending=True, stable=True).indices
+    key = importance.detach().to(torch.float64).cpu()
+    if gen is not None:
+        u = torch.rand(key.shape, generator=gen, dtype=torch.float64).clamp_min(1e-300)
+        key = torch.log(key.clamp_min(1e-300)) - torch.log(-torch.log(u))  # log p + Gumbel(0, 1)
+    order = torch.sort(key, descending=True, stable=True).indices
     mask = torch.zeros(importance.numel(), dtype=torch.bool)
     mask[order[:k]] = True
     return mask
@@ -190,6 +215,7 @@ class SkeletonHooks(LocalHooks):
         round: int = 0,
         mask_bn_output: bool = False,
         backward: str = "mask",
+        gen: torch.Generator | None = None,
     ) -> None:
         super().__init__(model, profile)
         self.layers = layers
@@ -197,6 +223,7 @@ class SkeletonHooks(LocalHooks):
         self.setskel_steps = setskel_steps
         self.client_state = client_state
         self.round = round
+        self.gen = gen
         self.skeleton: dict[str, torch.Tensor] | None = None
         self.importance: dict[str, torch.Tensor] = {}
         self._masked_step = False
@@ -234,7 +261,8 @@ class SkeletonHooks(LocalHooks):
 
     def _activate(self, skeleton: dict[str, torch.Tensor]) -> None:
         """Start skeleton-only backprop: from now on the optimiser updates skeleton rows only."""
-        self.skeleton = {k: v.clone() for k, v in skeleton.items()}
+        device = next(self.model.parameters()).device  # skeletons are chosen on the CPU
+        self.skeleton = {k: v.to(device).clone() for k, v in skeleton.items()}
         self._views: dict[tuple[str, int, bool], torch.Tensor] = {}
         for layer in self.layers:
             ch = self.skeleton[layer.name]
@@ -259,7 +287,7 @@ class SkeletonHooks(LocalHooks):
             if imp is None:  # no training step saw this layer: rank all channels equal
                 w = self._tensors[layer.name]
                 imp = torch.zeros(w.shape[0], dtype=torch.float64)
-            skel[layer.name] = select_skeleton(imp, self.ratio)
+            skel[layer.name] = select_skeleton(imp, self.ratio, self.gen)
         self._activate(skel)
 
     # -- LocalHooks interface
@@ -327,10 +355,23 @@ class FedSkel(Method):
         return self.config.skeleton_ratio
 
     # ---------------------------------------------------------------------------------- server
+    def _reselects(self, state: ServerState, client_id: int) -> bool:
+        """Whether ``client_id`` selects a new skeleton in the round after ``state`` (``per_filter``):
+        the server does not know its skeleton yet, or ``reselect_every`` rounds have passed since
+        it selected. Such a client is sent the full model (the reference's SetSkel phase runs on it)."""
+        if any(f"skel/{client_id}/{layer.name}" not in state.extra for layer in self.layers):
+            return True
+        every = self.config.reselect_every
+        if every == 0:
+            return False
+        since = state.extra.get(f"skel_round/{client_id}")
+        return since is None or state.round + 1 - int(since) >= every
+
     def downlink(self, state: ServerState, client_id: int) -> Update | None:
-        """The broadcast (full model) until the server knows the client's skeleton, then its
-        skeleton rows of every personalised tensor plus the dense rest (``per_filter`` only)."""
-        if self.config.aggregation != "per_filter":
+        """The broadcast (full model) when the client selects a skeleton this round
+        (:meth:`_reselects`), else its skeleton rows of every personalised tensor plus the dense
+        rest (``per_filter`` only)."""
+        if self.config.aggregation != "per_filter" or self._reselects(state, client_id):
             return None
         sent = {}
         for layer in self.layers:
@@ -343,7 +384,8 @@ class FedSkel(Method):
 
     def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
         """``per_filter``: per-coordinate mean over senders; ``mean_full``: unweighted mean of
-        full models. Records each sender's skeleton (from its sent masks) in ``extra``."""
+        full models. Records each sender's skeleton (from its sent masks) in ``extra``, and the
+        round it was selected in when it was new this round."""
         names = list(state.params)
         ups = [r.update for r in received]
         if self.config.aggregation == "mean_full":
@@ -352,6 +394,8 @@ class FedSkel(Method):
         new = agg.per_coordinate(ups, [r.num_examples for r in received], state.params, names)
         extra = dict(state.extra)
         for r in received:
+            if self._reselects(state, r.client_id):
+                extra[f"skel_round/{r.client_id}"] = torch.tensor(state.round + 1, dtype=torch.int64)
             for layer in self.layers:
                 s = r.update.sent.get(layer.name)
                 if s is not None:
@@ -370,10 +414,18 @@ class FedSkel(Method):
     ) -> ClientState:
         """Load the downlink; for a client with a skeleton, take the server's values for its
         skeleton rows only and keep its own values elsewhere (the reference's
-        ``update_skel_weight``). Returns a fresh copy of the state for this round."""
+        ``update_skel_weight``). With ``per_filter``, a full model in place of skeleton rows means
+        the server asks for a new skeleton: the client takes every value and forgets its skeleton,
+        so :meth:`hooks` runs SetSkel. Returns a fresh copy of the state for this round."""
         state = dict(client_state)
         values = dict(down.values)
         skel = self._skeleton(state)
+        if skel is not None and self.config.aggregation == "per_filter":
+            if not any(t in down.sent for layer in self.layers for t in layer.personal):
+                for layer in self.layers:
+                    state.pop(f"skel/{layer.name}", None)
+                state.pop("skel_round", None)
+                skel = None
         if skel is not None:
             for layer in self.layers:
                 ch = skel[layer.name]
@@ -385,11 +437,21 @@ class FedSkel(Method):
         model.load_state_dict(values, strict=True)
         return state
 
+    @property
+    def why_not_batched(self) -> str | None:
+        """Not batched: the skeleton is chosen during training and restricts the update to rows."""
+        return (
+            "fedskel: the skeleton is chosen from activations during training and restricts the "
+            "optimiser to its rows, which the batched executor does not describe"
+        )
+
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks:
-        """SetSkel at the first participation (or when re-selection is due), else skeleton-only."""
+        """SetSkel at the first participation or when re-selection is due, else skeleton-only
+        (``per_filter``: the server decided, see :meth:`receive`; ``mean_full``: the client's clock)."""
         skel = self._skeleton(client_state)
         every = self.config.reselect_every
-        if skel is not None and every > 0 and "skel_round" in client_state:
+        mean_full = self.config.aggregation == "mean_full"
+        if mean_full and skel is not None and every > 0 and "skel_round" in client_state:
             if ctx.round - int(client_state["skel_round"]) >= every:
                 skel = None
         return SkeletonHooks(
@@ -403,6 +465,9 @@ class FedSkel(Method):
             ctx.round,
             mask_bn_output=self.config.bn == "skeleton",
             backward=self.config.backward,
+            gen=torch_gen(ctx.seed, "fedskel", "select", ctx.client_id, ctx.round)
+            if self.config.selection == "sample"
+            else None,
         )
 
     def upload(

@@ -5,8 +5,13 @@ via Server-side Pruning and Sign Supermask", arXiv 2206.04385), which has no pub
 server prunes the randomly initialised model once with SynFlow; the kept weights stay frozen and
 clients learn a sign supermask in {-1, +1} over them (scores trained through a straight-through
 estimator), uploading one bit per kept weight; the server takes a majority vote of the signs.
-Every choice beyond the abstract is an option and is listed in ``docs/methods/hidenseek.md``;
-no number of the paper is claimed.
+
+A client's flips are mostly its own (non-IID data), so a vote keeps few of them; each client
+therefore keeps its score magnitudes across rounds (``carry=client``), re-signed to the global
+signs, so evidence near the sign boundary is not thrown away each round. The server records the
+fraction of flips that survive the vote (``extra["stats/flip_survival"]``). Every choice beyond
+the abstract is an option and is listed, with the study behind the defaults, in
+``docs/methods/hidenseek.md``; no number of the paper is claimed.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import LocalHooks, Method
+from sparsefl.methods.base import Functional, LocalHooks, Method
 from sparsefl.models import ModelSpec
 from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import KNOWN, ClientState, LocalContext, Received, ServerState, StateDict
@@ -66,11 +71,22 @@ class HideNseekConfig(MethodConfig):
     score_lr: float = opt(5.0, "learning rate of the scores at round 1 (follows local.lr's schedule)", gt=0)
     train_bn: bool = opt(False, "also train and send BatchNorm affine parameters and Conv/Linear biases")
     vote: Literal["weighted", "unweighted"] = opt(
-        "weighted", "sign majority vote weighted by client samples, or one vote per client"
+        "weighted", "weight each client's vote (or scores) by its samples, or one vote per client"
+    )
+    upload: Literal["sign", "score"] = opt(
+        "sign", "sign: 1 bit per kept weight, majority vote; score: float32 scores, the sign of their mean"
+    )
+    carry: Literal["none", "client", "server"] = opt(
+        "client",
+        "where scores persist across rounds: none (fresh from the global signs), client (a client's "
+        "magnitudes, clipped to ste_clip and re-signed to the global signs), server (the mean scores, "
+        "sent down; upload=score)",
     )
     personalize: bool = opt(False, "clients keep their scores across rounds and are validated on their own signs")
 
     def __post_init__(self) -> None:
+        if self.carry == "server" and self.upload != "score":
+            raise ConfigError("method.carry", self.carry, "'none' or 'client' unless method.upload='score'")
         if self.ste == "clipped" and self.score_init == "constant" and self.score_scale > self.ste_clip:
             raise ConfigError(
                 "method.score_scale",
@@ -129,6 +145,26 @@ def sign_vote(prev: Tensor, votes: Sequence[Tensor], weights: Sequence[int]) -> 
         v += torch.sign(u).to(torch.int64) * int(w)
     one = torch.ones_like(prev)
     return torch.where(v > 0, one, torch.where(v < 0, -one, prev))
+
+
+def flip_counts(prev: Tensor, new: Tensor, votes: Sequence[Tensor], kept: Tensor) -> tuple[int, int]:
+    """``(flips, survived)``: kept coordinates where a client's vote differs from ``prev``,
+    summed over the clients, and how many of those the new global signs ``new`` took."""
+    changed = (new != prev) & kept
+    flips = survived = 0
+    for u in votes:
+        f = (hard_sign(u) != prev) & kept
+        flips += int(f.sum())
+        survived += int((f & changed).sum())
+    return flips, survived
+
+
+def flip_stats(state: ServerState) -> dict[str, list[float]]:
+    """HideNseek's per-round flip statistics in ``state`` (one entry per aggregated round):
+    ``flip_survival``, the fraction of the clients' sign flips (against the round's global signs)
+    that the new global signs kept; ``client_flips``, the mean fraction of kept weights a client
+    flipped; ``sign_change``, the fraction of kept weights whose global sign changed."""
+    return {k[len("stats/") :]: v.tolist() for k, v in state.extra.items() if k.startswith("stats/")}
 
 
 # --------------------------------------------------------------------------------------------------
@@ -333,6 +369,50 @@ class SignSupermaskHooks(LocalHooks):
     def densities(self) -> Mapping[str, LayerDensity]:
         return self._densities
 
+    def functional(self) -> Functional | None:
+        """The sign-supermask step as a :class:`Functional`: the scores (``score/{name}``) and the
+        trained tensors are trained; ``W0`` (``w0/{name}``) and the kept positions
+        (``flat/{name}``) travel as buffers; the scores' gradients are scaled by ``grad_scale``.
+        :class:`SignedWeightFn`'s numbers, written with plain operations: the value
+        ``where(s >= 0, W0, -W0)`` plus ``W0 * (c - c.detach())`` (exactly 0) for the STE's
+        gradient, ``c = s * 1[|s| <= clip]``."""
+        base = Functional.of_model(self.model, self._trained, self._densities)
+        clip = self.clip
+        shapes = {k: self._full[k].shape for k in self.scores}
+        model_names = list(base.buffers)
+        model = self.model
+        params = {**{f"score/{k}": s for k, s in self.scores.items()}, **base.params}
+        buffers = dict(base.buffers)
+        for k in self.scores:
+            buffers[f"w0/{k}"] = self._w0[k][0]
+            flat = self._flat[k]
+            if flat is not None:
+                buffers[f"flat/{k}"] = flat
+
+        def forward(p: Mapping[str, Tensor], b: Mapping[str, Tensor], x: Tensor) -> Tensor:
+            weights = {}
+            for k, shape in shapes.items():
+                s, w0 = p[f"score/{k}"], b[f"w0/{k}"]
+                c = s if clip is None else s * (s.abs() <= clip).to(s.dtype)
+                vals = torch.where(s >= 0, w0, -w0) + w0 * (c - c.detach())
+                if f"flat/{k}" in b:
+                    vals = vals.new_zeros(shape.numel()).index_copy(0, b[f"flat/{k}"], vals)
+                weights[k] = vals.view(shape)
+            tensors = {n: b[n] for n in model_names}
+            tensors.update({n: p[n] for n in base.params})
+            tensors.update(weights)
+            return functional_call(model, tensors, (x,))
+
+        scale = {f"score/{k}": self.grad_scale for k in self.scores} if self.grad_scale != 1.0 else {}
+        return Functional(
+            params=params,
+            buffers=buffers,
+            forward=forward,
+            grad_scale=scale,
+            densities=self._densities,
+            key=("hidenseek", clip),
+        )
+
     def trained_scores(self) -> dict[str, Tensor]:
         """The full score tensors: the trained kept positions, the initial pruned ones."""
         out = {}
@@ -417,6 +497,11 @@ class HideNseek(Method):
                 w = w / math.sqrt(dens) if dens > 0 else w
             params[k] = w
         extra = {f"sign/{k}": torch.ones_like(params[k]) for k in self.roles.scope}
+        if cfg.carry == "server":
+            for k in self.roles.scope:
+                g = torch_gen(self.experiment.seed, "hidenseek", "server_scores", k)
+                mag = torch.randn(params[k].shape, generator=g).abs() if cfg.score_init == "abs_normal" else 1.0
+                extra[f"score/{k}"] = (cfg.score_scale * mag * masks[k]).to(torch.float32)
         return ServerState(round=0, params=params, mask=Mask(masks), extra=extra)
 
     def signs(self, state: ServerState) -> dict[str, Tensor]:
@@ -436,10 +521,13 @@ class HideNseek(Method):
         return Update(values={k: state.params[k] for k in names}, sent={k: mask[k] for k in self.roles.scope})
 
     def broadcast(self, state: ServerState) -> Update:
-        """The global signs on the kept positions (known mask: 1 bit each) and the per-round
-        tensors."""
+        """The global signs on the kept positions (known mask: 1 bit each; ``carry=server``: the
+        global float scores) and the per-round tensors."""
         mask = self._mask(state)
-        values = {k: g * mask[k].to(g.dtype) for k, g in self.signs(state).items()}
+        if self.config.carry == "server":
+            values = {k: state.extra[f"score/{k}"] * mask[k] for k in self.roles.scope}
+        else:
+            values = {k: g * mask[k].to(g.dtype) for k, g in self.signs(state).items()}
         values.update({k: state.params[k] for k in self.roles.per_round})
         return Update(values=values, sent={k: mask[k] for k in self.roles.scope})
 
@@ -451,17 +539,41 @@ class HideNseek(Method):
         }
 
     def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
-        """Sign majority vote (ties keep the previous sign); FedAvg on the per-round tensors; the
-        frozen tensors are carried over untouched."""
-        w = [r.num_examples if self.config.vote == "weighted" else 1 for r in received]
+        """Sign majority vote (ties keep the previous sign), or with ``upload=score`` the sign of
+        the mean score (0 keeps the previous sign); FedAvg on the per-round tensors; the frozen
+        tensors are carried over untouched. Appends the round's flip statistics to
+        ``extra["stats/..."]`` (see :func:`flip_stats`)."""
+        cfg = self.config
+        w = [r.num_examples if cfg.vote == "weighted" else 1 for r in received]
         mask = self._mask(state)
         extra = dict(state.extra)
+        flips = survived = changed = kept = 0
         for k, prev in self.signs(state).items():
             votes = [
                 r.update.values[k] * mask[k].to(r.update.values[k].dtype) for r in received if k in r.update.values
             ]
             ws = [wi for wi, r in zip(w, received) if k in r.update.values]
-            extra[f"sign/{k}"] = sign_vote(prev, votes, ws)
+            if cfg.upload == "score" and votes:
+                mean = sum(wi * v.to(torch.float64) for wi, v in zip(ws, votes)) / sum(ws)
+                new = torch.where(mean > 0, 1.0, torch.where(mean < 0, -1.0, prev.to(torch.float64))).to(prev.dtype)
+                if cfg.carry == "server":
+                    extra[f"score/{k}"] = mean.to(torch.float32)
+            else:
+                new = sign_vote(prev, votes, ws)
+            f, sv = flip_counts(prev, new, votes, mask[k])
+            flips, survived = flips + f, survived + sv
+            changed += int(((new != prev) & mask[k]).sum())
+            kept += int(mask[k].sum())
+            extra[f"sign/{k}"] = new
+        n = max(1, len(received))
+        row = {
+            "flip_survival": survived / flips if flips else float("nan"),
+            "client_flips": flips / n / max(1, kept),
+            "sign_change": changed / max(1, kept),
+        }
+        for name, v in row.items():
+            old = extra.get(f"stats/{name}", torch.zeros(0, dtype=torch.float64))
+            extra[f"stats/{name}"] = torch.cat([old, torch.tensor([v], dtype=torch.float64)])
         params = dict(state.params)
         if self.roles.per_round and received:
             new = agg.weighted_mean(
@@ -515,13 +627,28 @@ class HideNseek(Method):
                 out[k] = client_state[f"score/{k}"].clone()
                 continue
             g = client_state[f"global_sign/{k}"]
+            if cfg.carry == "server":  # the downlink holds the global scores themselves
+                out[k] = g.to(torch.float32).clone()
+                continue
+            if cfg.carry == "client" and f"score/{k}" in client_state:
+                mag = client_state[f"score/{k}"].abs()
+                if cfg.ste == "clipped":  # a score beyond the clip would never get a gradient again
+                    mag = mag.clamp(max=cfg.ste_clip)
+                out[k] = mag * torch.where(g < 0, -1.0, 1.0)
+                continue
             if cfg.score_init == "constant":
                 s0 = torch.full(g.shape, cfg.score_scale, dtype=torch.float32)
             else:
                 gen = torch_gen(ctx.seed, "hidenseek", "scores", ctx.client_id, ctx.round, k)
                 s0 = torch.randn(g.shape, generator=gen).abs() * cfg.score_scale
-            out[k] = s0 * torch.where(g < 0, -1.0, 1.0)  # pruned positions (g = 0): +s0, unused
+            # drawn on the CPU (the same scores on every device), used where the model is
+            out[k] = s0.to(g.device) * torch.where(g < 0, -1.0, 1.0)  # pruned positions (g = 0): +s0, unused
         return out
+
+    @property
+    def why_not_batched(self) -> str | None:
+        """Batched: :class:`SignSupermaskHooks` describes its step (:meth:`LocalHooks.functional`)."""
+        return None
 
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> SignSupermaskHooks:
         """Sign-supermask training for this round (scores from the global signs, or the client's
@@ -557,7 +684,8 @@ class HideNseek(Method):
         sent: dict[str, Tensor] = {}
         for k in self.roles.scope:
             m = client_state[f"{KNOWN}{k}"]
-            values[k] = hard_sign(client_state[f"score/{k}"]) * m.to(torch.float32)
+            s = client_state[f"score/{k}"]
+            values[k] = (s if self.config.upload == "score" else hard_sign(s)) * m.to(torch.float32)
             sent[k] = m
         sd = model.state_dict()
         values.update({k: sd[k].detach().clone() for k in self.roles.per_round})
@@ -573,6 +701,8 @@ __all__ = [
     "SignedWeightFn",
     "SignSupermaskHooks",
     "effective_params",
+    "flip_counts",
+    "flip_stats",
     "hard_sign",
     "sign_ste",
     "sign_vote",

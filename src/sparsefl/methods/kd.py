@@ -4,15 +4,17 @@
 ``method.student.*``) with :class:`~sparsefl.methods.base.Wrapper`: every hook is the
 student's, except that the teacher travels once per client in the setup payload and the
 student's training hooks gain the distillation loss (:class:`KDHooks`: logit KD after Hinton,
-Vinyals & Dean 2015, or feature KD with 1x1 projections), with gradient clipping over the
-student and the projections together. Options and choices: ``docs/methods/kd.md``.
+Vinyals & Dean 2015, or feature KD with 1x1 projections). The projections are optimised with
+the student, so the local loop's gradient clipping (``local.clip_norm``, shared by every method
+so that KD and its no-KD baseline train under one rule) covers both. Options and choices:
+``docs/methods/kd.md``.
 """
 
 from __future__ import annotations
 
 import copy
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Literal
 
@@ -24,7 +26,7 @@ from sparsefl.accounting import LayerDensity, ModelProfile
 from sparsefl.comm import Update, encode_update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
-from sparsefl.methods.base import LocalHooks, Method, Wrapper
+from sparsefl.methods.base import Functional, LocalHooks, Method, Wrapper
 from sparsefl.models import ModelSpec
 from sparsefl.protocol.messages import ClientState, LocalContext, ServerState
 from sparsefl.registry import METHODS, MODELS
@@ -142,8 +144,8 @@ def make_projections(student_widths: Sequence[int], teacher_widths: Sequence[int
 
 class KDHooks(LocalHooks):
     """Wraps any method's :class:`LocalHooks`: everything is delegated, the loss gains the
-    distillation term, the optimiser gains the projections, and gradients are clipped over the
-    student's and the projections' parameters together.
+    distillation term, and the optimiser (and so ``local.clip_norm``'s clipping) gains the
+    projections.
 
     Parameters
     ----------
@@ -151,8 +153,8 @@ class KDHooks(LocalHooks):
         The student method's hooks.
     teacher:
         The frozen teacher (never updated; run in eval mode under ``no_grad``).
-    mode, alpha, temperature, beta, clip:
-        See docs/methods/kd.md (``clip`` 0 = no clipping).
+    mode, alpha, temperature, beta:
+        See docs/methods/kd.md.
     feature_layers:
         Module names whose outputs are distilled (``mode="feature"``), in both models.
     projections:
@@ -170,7 +172,6 @@ class KDHooks(LocalHooks):
         alpha: float,
         temperature: float,
         beta: float = 0.5,
-        clip: float = 1.0,
         feature_layers: Sequence[str] = (),
         projections: nn.ModuleList | None = None,
         state: ClientState | None = None,
@@ -182,7 +183,6 @@ class KDHooks(LocalHooks):
         self.alpha = alpha
         self.temperature = temperature
         self.beta = beta
-        self.clip = clip
         self.projections = projections if projections is not None else nn.ModuleList()
         self.feature_layers = list(feature_layers)
         self._student_feats = _Capture(inner.model, self.feature_layers) if mode == "feature" else None
@@ -227,11 +227,7 @@ class KDHooks(LocalHooks):
         return self.alpha * soft + (1 - self.alpha) * hard
 
     def after_backward(self, step: int) -> None:
-        """The student's own hook (e.g. gradient masking), then clipping over student and
-        projection parameters together."""
         self.inner.after_backward(step)
-        if self.clip > 0:
-            torch.nn.utils.clip_grad_norm_(self.parameters(), self.clip)
 
     def after_step(self, step: int) -> None:
         self.inner.after_step(step)
@@ -242,8 +238,33 @@ class KDHooks(LocalHooks):
     def update_rows(self) -> Mapping[Tensor, Tensor]:
         return self.inner.update_rows()
 
+    def row_grads(self) -> Mapping[Tensor, Tensor]:
+        return self.inner.row_grads()
+
     def densities(self) -> Mapping[str, LayerDensity]:
         return self.inner.densities()
+
+    def functional(self) -> Functional | None:
+        """Logit KD on the student's :class:`Functional`: its loss gains the distillation term
+        (the teacher, the method's and so every client's, runs in eval mode without gradients);
+        None for feature KD, whose loss reads the student's intermediate features."""
+        inner = self.inner.functional()
+        if inner is None or self.mode == "none":
+            return inner
+        if self.mode != "logit":
+            return None
+        teacher, hard, alpha, temperature = self.teacher, inner.loss, self.alpha, self.temperature
+        teacher.eval()
+
+        def loss(logits: Tensor, y: Tensor, x: Tensor) -> Tensor:
+            if next(teacher.parameters()).device != x.device:
+                teacher.to(x.device)  # the batched executor may train elsewhere than the client's model
+            with torch.no_grad():
+                t_logits = teacher(x)
+            soft = logit_kd_loss(logits, t_logits, temperature)
+            return alpha * soft + (1 - alpha) * hard(logits, y, x)
+
+        return replace(inner, loss=loss, key=("kd", inner.key))
 
     def close(self) -> None:
         if self._student_feats is not None:
@@ -273,7 +294,6 @@ class KDConfig(MethodConfig):
     kd_temperature: float = opt(4.0, "softmax temperature T of the logit loss", gt=0)
     kd_alpha: float = opt(0.5, "weight of the distillation term (1 - alpha on the student's loss)", ge=0, le=1)
     kd_beta: float = opt(0.5, "feature KD: weight of the (1 - cosine) term", ge=0)
-    kd_clip: float = opt(1.0, "max-norm gradient clipping over student + projections (0 = off)", ge=0)
     kd_feature_layers: tuple[str, ...] = opt((), "feature KD: module names distilled (default: ResNet stages / BNs)")
 
     def __post_init__(self) -> None:
@@ -372,7 +392,8 @@ class KD(Wrapper):
         missing = [n for n in names if _TEACHER + n not in client_state]
         if missing:
             raise ValueError(f"kd: this client has not received the teacher (missing {_TEACHER + missing[0]})")
-        teacher = copy.deepcopy(self.teacher)
+        # on the device of the tensors it received (the client's model's)
+        teacher = copy.deepcopy(self.teacher).to(client_state[_TEACHER + names[0]].device)
         teacher.load_state_dict({n: client_state[_TEACHER + n] for n in names}, strict=True)
         teacher.eval()
         for p in teacher.parameters():
@@ -411,15 +432,28 @@ class KD(Wrapper):
             setup = own if own.values else None
         return self.student.receive(model, down, client_state, setup)
 
-    def projections(self, client_state: ClientState, client_id: int) -> nn.ModuleList:
-        """The client's feature projections: from its state, or fresh (seeded) the first time."""
+    def projections(
+        self, client_state: ClientState, client_id: int, device: torch.device | None = None
+    ) -> nn.ModuleList:
+        """The client's feature projections on ``device`` (default: the CPU): from its state, or
+        fresh (seeded, drawn on the CPU) the first time."""
         with seeded_torch(self.experiment.seed, "kd", "proj", client_id):
             projs = make_projections(*self._widths)
+        if device is not None:
+            projs.to(device)
         if all(f"{_PROJ}{i}.weight" in client_state for i in range(len(projs))):
             with torch.no_grad():
                 for i, p in enumerate(projs):
                     p.weight.copy_(client_state[f"{_PROJ}{i}.weight"])
         return projs
+
+    @property
+    def why_not_batched(self) -> str | None:
+        """Batched with logit KD (or none) around a student that runs batched."""
+        if self.config.kd == "feature":
+            return "kd: feature distillation reads the student's intermediate features (not captured batched)"
+        inner = self.student.why_not_batched
+        return None if inner is None else f"kd: its student cannot run batched ({inner})"
 
     def hooks(self, model: nn.Module, client_state: ClientState, ctx: LocalContext) -> LocalHooks | None:
         """The student's hooks wrapped in :class:`KDHooks`; left alone when the student trains
@@ -429,9 +463,10 @@ class KD(Wrapper):
         if inner is None or self.teacher is None or not any(id(p) in own for p in inner.parameters()):
             return inner
         cfg = self.config
-        projs = self.projections(client_state, ctx.client_id) if cfg.kd == "feature" else None
+        device = next(model.parameters()).device
+        projs = self.projections(client_state, ctx.client_id, device) if cfg.kd == "feature" else None
         return KDHooks(
-            inner, self._teacher_from(client_state), cfg.kd, cfg.kd_alpha, cfg.kd_temperature, cfg.kd_beta, cfg.kd_clip,
+            inner, self._teacher_from(client_state), cfg.kd, cfg.kd_alpha, cfg.kd_temperature, cfg.kd_beta,
             self.feature_layers, projs, client_state,
         )  # fmt: skip
 

@@ -1,5 +1,6 @@
-"""Models without torchvision: mlp, cnn (LeNet-style), CIFAR-style resnet8/20/32, resnet18
-(3x3 stem), vgg11/vgg16 with BatchNorm. Input shape and class count come from the data.
+"""Models without torchvision: mlp, cnn (LeNet-style), CIFAR-style resnet8/20/32, resnet18/34/50
+(3x3 stem; resnet18_imagenet with the ImageNet stem), vgg11/vgg16 with BatchNorm. Input shape
+and class count come from the data.
 
 Every builder has the signature ``(input_shape, num_classes, width) -> nn.Module``; the Python
 API accepts any user ``nn.Module`` in their place.

@@ -90,8 +90,40 @@ class BasicBlock(nn.Module):
         return torch.relu(out + self.shortcut(x))
 
 
+class Bottleneck(nn.Module):
+    """ResNet bottleneck block (He et al. 2016): 1x1 conv-BN-ReLU, 3x3 conv-BN-ReLU (carrying the
+    stride), 1x1 conv-BN to ``expansion * width`` channels (+ shortcut), ReLU; a 1x1 conv + BN
+    shortcut when the shape changes (option B)."""
+
+    expansion = 4
+
+    def __init__(self, cin: int, width: int, stride: int) -> None:
+        super().__init__()
+        cout = width * self.expansion
+        self.conv1 = nn.Conv2d(cin, width, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(width)
+        self.conv2 = nn.Conv2d(width, width, 3, stride=stride, padding=1, bias=False)
+        self.bn2 = nn.BatchNorm2d(width)
+        self.conv3 = nn.Conv2d(width, cout, 1, bias=False)
+        self.bn3 = nn.BatchNorm2d(cout)
+        self.shortcut: nn.Module = nn.Identity()
+        if stride != 1 or cin != cout:
+            self.shortcut = nn.Sequential(nn.Conv2d(cin, cout, 1, stride=stride, bias=False), nn.BatchNorm2d(cout))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        out = torch.relu(self.bn1(self.conv1(x)))
+        out = torch.relu(self.bn2(self.conv2(out)))
+        out = self.bn3(self.conv3(out))
+        return torch.relu(out + self.shortcut(x))
+
+
 class ResNet(nn.Module):
-    """A ResNet of basic blocks with a 3x3 stride-1 stem and no max-pool (for small images)."""
+    """A ResNet of basic or bottleneck blocks.
+
+    ``stem="cifar"`` (default): a 3x3 stride-1 conv and no max-pool, for small images (the
+    CIFAR ResNets of the KD study); ``stem="imagenet"``: the ImageNet ResNet's 7x7 stride-2 conv
+    and 3x3 stride-2 max-pool, which leaves a 32x32 input 8x8 after the stem.
+    """
 
     def __init__(
         self,
@@ -100,18 +132,26 @@ class ResNet(nn.Module):
         widths: list[int],
         blocks: list[int],
         name: str,
+        block: type[BasicBlock] | type[Bottleneck] = BasicBlock,
+        stem: str = "cifar",
     ) -> None:
         super().__init__()
         c, _, _ = _need_image(name, input_shape)
-        self.conv1 = nn.Conv2d(c, widths[0], 3, padding=1, bias=False)
+        self.stem = stem
+        if stem == "imagenet":
+            self.conv1 = nn.Conv2d(c, widths[0], 7, stride=2, padding=3, bias=False)
+        else:
+            self.conv1 = nn.Conv2d(c, widths[0], 3, padding=1, bias=False)
         self.bn1 = nn.BatchNorm2d(widths[0])
+        self.pool: nn.Module = MaxPool2d(3, stride=2, padding=1) if stem == "imagenet" else nn.Identity()
         layers = []
         cin = widths[0]
+        expansion = getattr(block, "expansion", 1)
         for i, (w, n) in enumerate(zip(widths, blocks)):
             stage = []
             for j in range(n):
-                stage.append(BasicBlock(cin, w, 2 if (i > 0 and j == 0) else 1))
-                cin = w
+                stage.append(block(cin, w, 2 if (i > 0 and j == 0) else 1))
+                cin = w * expansion
             layers.append(nn.Sequential(*stage))
         self.layers = nn.Sequential(*layers)
         self.fc = nn.Linear(cin, num_classes)
@@ -120,7 +160,7 @@ class ResNet(nn.Module):
                 nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        x = torch.relu(self.bn1(self.conv1(x)))
+        x = self.pool(torch.relu(self.bn1(self.conv1(x))))
         x = self.layers(x)
         return self.fc(torch.flatten(nn.functional.adaptive_avg_pool2d(x, 1), 1))
 
@@ -139,10 +179,35 @@ for _depth in (8, 20, 32):
     MODELS.register(f"resnet{_depth}")(_cifar_resnet(_depth))
 
 
+_WIDE = (64, 128, 256, 512)
+
+
 @MODELS.register("resnet18")
 def resnet18(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
     """ResNet-18 (4 stages of 2 basic blocks, 64-512 channels) with a 3x3 stem for small images."""
-    return ResNet(input_shape, num_classes, [_w(c, width) for c in (64, 128, 256, 512)], [2, 2, 2, 2], "resnet18")
+    return ResNet(input_shape, num_classes, [_w(c, width) for c in _WIDE], [2, 2, 2, 2], "resnet18")
+
+
+@MODELS.register("resnet18_imagenet")
+def resnet18_imagenet(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
+    """ResNet-18 with the ImageNet stem (7x7 stride-2 conv, 3x3 stride-2 max-pool): the stem a
+    32x32-stem network is compared against."""
+    widths = [_w(c, width) for c in _WIDE]
+    return ResNet(input_shape, num_classes, widths, [2, 2, 2, 2], "resnet18_imagenet", stem="imagenet")
+
+
+@MODELS.register("resnet34")
+def resnet34(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
+    """ResNet-34 (stages of 3/4/6/3 basic blocks, 64-512 channels) with a 3x3 stem for small images."""
+    return ResNet(input_shape, num_classes, [_w(c, width) for c in _WIDE], [3, 4, 6, 3], "resnet34")
+
+
+@MODELS.register("resnet50")
+def resnet50(input_shape: tuple[int, ...], num_classes: int, width: float = 1.0) -> nn.Module:
+    """ResNet-50 (stages of 3/4/6/3 bottleneck blocks, 256-2048 output channels) with a 3x3 stem
+    for small images."""
+    widths = [_w(c, width) for c in _WIDE]
+    return ResNet(input_shape, num_classes, widths, [3, 4, 6, 3], "resnet50", block=Bottleneck)
 
 
 _VGG = {
