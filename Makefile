@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 OUT    ?= runs/default
 
-.PHONY: setup run test test-slow lint data bench-quick bench-paper bench-codec clean
+.PHONY: setup run test test-slow lint data bench-quick bench-paper bench-dst bench-kd bench-gpu bench-codec clean
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
@@ -40,6 +40,23 @@ data:
 
 bench-paper: setup data
 	$(VENV)/bin/sparsefl bench --suite paper --out bench-paper --jobs 2
+
+bench-dst: setup data
+	$(VENV)/bin/sparsefl bench --suite dst --out bench-dst --jobs 2
+
+# the kd suite's dense teachers first (its description says why), then the suite
+bench-kd: setup data
+	for m in resnet34 resnet50; do $(VENV)/bin/sparsefl run --set data.name=fashion-mnist \
+	  --set model.name=$$m --set model.width=0.25 --set data.alpha=1.0 \
+	  --set federation.num_clients=20 --set federation.clients_per_round=5 \
+	  --set federation.rounds=20 --set federation.eval_every=5 --set local.steps=10 \
+	  --set local.lr=0.05 --set local.lr_end=0.005 --set local.clip_norm=1.0 \
+	  --out kd-teachers/$$m || exit 1; done
+	$(VENV)/bin/sparsefl bench --suite kd --out bench-kd --jobs 2
+
+# on a CUDA machine (docs/gpu.md); --quick runs anywhere in under a minute
+bench-gpu: setup
+	$(PY) benchmarks/gpu.py --json bench-gpu.json
 
 bench-codec: setup
 	$(PY) benchmarks/codec.py --fuzz 100000 --jobs 2
