@@ -21,6 +21,8 @@ Sections (each a markdown table on stdout; the JSON holds the same rows):
   round, resnet20, 60,000 28x28x1 training images; the real set from ``--fmnist-dir``, else
   seeded random images of that size): seconds per round (rounds after the first) and the
   projected time of 500 rounds.
+* ``determinism``: the default experiment run twice on the device (30 rounds; 3 with
+  ``--quick``): whether both give the same ``model_sha256``.
 
 Round times are medians over the timed rounds (the first round of each variant is a warm-up);
 the variants of a row alternate round by round. ``--quick`` runs every section with tiny sizes
@@ -275,6 +277,16 @@ def section_batched(sizes: dict, device_opt: str) -> list[dict]:
     return rows
 
 
+def section_determinism(device_opt: str, rounds: int, workdir: Path) -> dict:
+    """The default experiment (digits, cnn, fedavg) run twice on the device: the same
+    ``model_sha256`` both times is what the deterministic kernels promise."""
+    shas = []
+    for i in range(2):
+        cfg = load_config(overrides=[f"federation.rounds={rounds}", f"device='{device_opt}'"])
+        shas.append(sparsefl.run(cfg, workdir / f"twice-{i}")["model_sha256"])
+    return {"rounds": rounds, "sha_first": shas[0], "sha_second": shas[1], "same": shas[0] == shas[1]}
+
+
 def section_fmnist(sizes: dict, device_opt: str, fmnist_dir: str | None, workdir: Path) -> dict:
     f = sizes["fmnist"]
     if fmnist_dir:
@@ -416,6 +428,12 @@ def main(argv: list[str] | None = None) -> int:
         )
     )
     print(f"\ndata: {out['fmnist']['data']}")
+    with tempfile.TemporaryDirectory() as tmp:
+        out["determinism"] = section_determinism(device_opt, 3 if args.quick else 30, Path(tmp))
+    d = out["determinism"]
+    print(
+        f"\n## The default run twice ({d['rounds']} rounds)\n\nsame model_sha256: {d['same']} ({d['sha_first'][:16]})"
+    )
     if args.json:
         args.json.write_text(json.dumps(out, indent=2) + "\n")
     return 0

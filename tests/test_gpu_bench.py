@@ -44,3 +44,5 @@ def test_quick_run_writes_every_section(tmp_path):
     _positive(fm, "seconds_per_round", "projected_500_rounds_s", "wall_s")
     assert fm["projected_500_rounds_s"] == 500 * fm["seconds_per_round"]
     assert fm["executor"] in ("sequential", "batched") and fm["rounds"] >= 2
+    det = res["determinism"]
+    assert det["same"] is True and det["sha_first"] == det["sha_second"] and det["rounds"] == 3
