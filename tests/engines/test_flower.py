@@ -401,11 +401,14 @@ def test_clientapp_keeps_client_data_and_carries_task_settings(tmp_path, task_id
     [
         ("feddst", ["method.delta_r=1", "method.alpha=0.2", "method.r_end=1.0"]),
         ("prunefl", ["method.interval=2"]),
+        ("fedtiny", ["method.adjust_every=1", "method.adjust_until=1.0"]),
+        ("fedrts", ["method.adjust_every=1", "method.adjust_until=1.0"]),
     ],
 )
 def test_changing_masks_on_the_in_process_grid_give_the_embedded_bits(tmp_path, task_identity, method, keys):
     """Masks that change during training (a readjusting client's RigL step, PruneFL's
-    reconfiguration with squared gradients in the uplink) give the embedded engine's bits."""
+    reconfiguration with squared gradients in the uplink, FedTiny's and FedRTS's server-side
+    adjustments from clients' top-K gradients) give the embedded engine's bits."""
     if method not in METHODS:
         pytest.skip(f"method {method} is not registered yet")
     extra = ["federation.num_clients=5", "federation.clients_per_round=3", "federation.rounds=3", *keys]

@@ -22,15 +22,6 @@ from sparsefl.protocol.messages import ServerState
 from sparsefl.pruning.dst import consensus_mask
 from sparsefl.registry import METHODS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 #: the default digits run, 5 rounds at 90% sparsity; 3 local epochs so 5 rounds learn
 RUN = ["method.name=feddst", "method.sparsity=0.9", "federation.rounds=5", "local.epochs=3"]
 
@@ -42,6 +33,24 @@ RUN = ["method.name=feddst", "method.sparsity=0.9", "federation.rounds=5", "loca
 def test_bad_options_are_one_config_error(bad):
     with pytest.raises(ConfigError):
         load_config(overrides=["method.name=feddst", bad])
+
+
+@pytest.mark.parametrize(
+    "overrides",
+    [
+        ["method.name=feddst", "method.delta_r=5"],  # r_end 0.5 of 10 rounds: round 5 is the end
+        ["method.name=fedtiny", "method.adjust_every=8"],  # adjust_until 0.75: round 7
+        ["method.name=fedrts", "method.adjust_every=7"],
+        ["method.name=static_mask", "method.dst=rigl", "method.dst_every=9"],
+    ],
+)
+def test_a_schedule_that_never_changes_the_mask_exits_2_naming_the_key(overrides, tmp_path, capsys):
+    argv = [x for o in [*overrides, "federation.rounds=10"] for x in ("--set", o)]
+    assert main(["run", *argv, "--out", str(tmp_path / "run")]) == 2
+    assert not (tmp_path / "run").exists()
+    err = capsys.readouterr().err.strip()
+    key = overrides[-1].split("=")[0]
+    assert len(err.splitlines()) == 1 and f"'{key}'" in err and "never changes" in err, err
 
 
 def test_listed_by_the_cli_with_its_paper(capsys):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
 
 import numpy as np
 import pytest
@@ -35,14 +34,6 @@ from sparsefl.models import ModelSpec
 from sparsefl.protocol.messages import Received
 from sparsefl.protocol.sampling import sample_clients
 from sparsefl.rng import np_rng
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 
 class Tiny(nn.Module):

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 from pathlib import Path
-from typing import Any
 
 import pytest
 import torch
@@ -25,20 +24,12 @@ from sparsefl.methods.fedtiny import (
     GradRecordingHooks,
     bn_adapted_loss,
     candidate_masks,
-    layer_k,
 )
 from sparsefl.models import ModelSpec
 from sparsefl.protocol.messages import Received
 from sparsefl.protocol.sampling import sample_clients
 from sparsefl.pruning.allocation import num_kept
-
-
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
+from sparsefl.pruning.dst import layer_k
 
 
 class Tiny(nn.Module):

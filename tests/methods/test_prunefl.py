@@ -24,15 +24,6 @@ from sparsefl.methods.prunefl import greedy_mask, time_costs
 from sparsefl.pruning.allocation import num_kept
 from sparsefl.registry import METHODS
 
-
-@pytest.fixture(autouse=True)
-def _one_thread():
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 #: the default digits run for 5 rounds (round 1 prunes), 3 local epochs, one reconfiguration (round 4)
 RUN = ["method.name=prunefl", "federation.rounds=5", "local.epochs=3", "method.interval=3"]
 

@@ -33,14 +33,6 @@ sys.path.insert(0, str(ROOT / "tests"))
 from conftest import tiny_overrides  # noqa: E402
 
 
-@pytest.fixture(autouse=True)
-def _one_thread() -> Any:
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
-
-
 class Tiny(nn.Module):
     def __init__(self) -> None:
         super().__init__()

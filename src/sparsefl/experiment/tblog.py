@@ -19,6 +19,7 @@ SCALARS = (
     "accuracy",
     "loss",
     "personal_accuracy",
+    "val_accuracy",
     "uplink_bytes",
     "downlink_bytes",
     "train_flops",

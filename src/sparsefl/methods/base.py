@@ -17,6 +17,7 @@ the client's own data -> ``hooks`` around the training loop -> ``upload`` what t
 
 from __future__ import annotations
 
+import math
 from collections.abc import Callable, Hashable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
@@ -29,6 +30,7 @@ from torch.func import functional_call
 from sparsefl.accounting import LayerDensity, ModelProfile, inference_flops
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig
+from sparsefl.errors import ConfigError
 from sparsefl.models import ModelSpec
 from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import (
@@ -339,6 +341,20 @@ def mask_setup(state: ServerState) -> Update | None:
 def setup_masks(setup: Update) -> dict[str, torch.Tensor]:
     """The masks of a :func:`mask_setup` payload (a :meth:`Method.known_masks`)."""
     return dict(setup.sent)
+
+
+def schedule_end(rounds: int, every: tuple[str, int], until: tuple[str, float]) -> int:
+    """The last round, ``floor(until * rounds)``, of a mask schedule that changes the mask every
+    ``every`` rounds with a share that decays to 0 at that round; each pair is (key, value).
+
+    Raises ConfigError naming the ``every`` key when no multiple of it comes before the end round:
+    such a schedule never changes the mask, which is a static mask under another method's name."""
+    (every_key, n), (until_key, fraction) = every, until
+    end = math.floor(fraction * rounds + 1e-9)
+    if n >= end:
+        allowed = f"fewer than the end round {until_key} x federation.rounds = {end}; else the mask never changes"
+        raise ConfigError(every_key, n, allowed)
+    return end
 
 
 #: Every hook a method may override (what :class:`Wrapper` forwards).

@@ -17,7 +17,6 @@ mask differs from it and is encoded in full on its uplink. Options and every cho
 
 from __future__ import annotations
 
-import math
 from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Literal
@@ -29,10 +28,9 @@ from sparsefl.accounting import ModelProfile
 from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import LocalHooks, Method, mask_setup, setup_masks
-from sparsefl.methods.static_mask import StaticMaskHooks
+from sparsefl.methods.base import LocalHooks, Method, mask_setup, schedule_end, setup_masks
+from sparsefl.methods.static_mask import StaticMaskHooks, consensus_aggregate
 from sparsefl.models import ModelSpec
-from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import (
     ClientData,
     ClientState,
@@ -43,7 +41,7 @@ from sparsefl.protocol.messages import (
     TaskConfig,
 )
 from sparsefl.pruning import allocate, cosine_fraction, rigl_step
-from sparsefl.pruning.dst import consensus_mask, dense_grads, vote_shares
+from sparsefl.pruning.dst import dense_grads
 from sparsefl.registry import METHODS
 from sparsefl.rng import torch_gen
 
@@ -94,7 +92,9 @@ class FedDST(Method):
         #: state_dict names the mask covers: every Conv and Linear weight
         self.scope: list[str] = default_scope(spec.template)
         #: the last round at which masks change (RigL's T_end, in rounds)
-        self.r_end: int = math.floor(self.config.r_end * experiment.federation.rounds + 1e-9)
+        self.r_end: int = schedule_end(
+            experiment.federation.rounds, ("method.delta_r", self.config.delta_r), ("method.r_end", self.config.r_end)
+        )
 
     # ---------------------------------------------------------------------------------- schedule
     def _fraction(self, rnd: int) -> float:
@@ -134,16 +134,9 @@ class FedDST(Method):
     def aggregate(self, state: ServerState, received: Sequence[Received]) -> ServerState:
         """Sparse weighted average (each weight over the clients that kept it), then the
         magnitude consensus of the aggregate at the fixed per-layer counts."""
-        assert state.mask is not None
-        rnd = state.round + 1
         if not received:
-            return ServerState(round=rnd, params=state.params, mask=state.mask, extra=state.extra)
-        updates, sizes = [r.update for r in received], [r.num_examples for r in received]
-        new = agg.per_coordinate(updates, sizes, state.params, list(state.params))
-        votes = vote_shares([u.sent for u in updates], sizes, state.mask)
-        counts = {n: int(m.sum()) for n, m in state.mask.items()}
-        mask = consensus_mask(new, votes, counts, state.mask.applied(state.params))
-        return ServerState(round=rnd, params=mask.applied(new), mask=mask, extra=state.extra)
+            return ServerState(round=state.round + 1, params=state.params, mask=state.mask, extra=state.extra)
+        return consensus_aggregate(state, received)
 
     def eval_params(self, state: ServerState) -> StateDict:
         """The masked global parameters."""

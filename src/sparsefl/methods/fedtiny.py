@@ -40,7 +40,7 @@ from sparsefl.comm import Update
 from sparsefl.config import ExperimentConfig, MethodConfig, opt
 from sparsefl.errors import ConfigError
 from sparsefl.masks import Mask, default_scope
-from sparsefl.methods.base import Functional, LocalHooks, Method, mask_setup, setup_masks
+from sparsefl.methods.base import Functional, LocalHooks, Method, mask_setup, schedule_end, setup_masks
 from sparsefl.methods.static_mask import StaticMaskHooks
 from sparsefl.models import ModelSpec
 from sparsefl.protocol import aggregate as agg
@@ -55,6 +55,7 @@ from sparsefl.protocol.messages import (
 )
 from sparsefl.pruning import allocate, cosine_fraction, drop_and_grow
 from sparsefl.pruning.allocation import ALLOCATIONS, topk_mask
+from sparsefl.pruning.dst import layer_k
 from sparsefl.registry import METHODS
 from sparsefl.rng import torch_gen
 
@@ -140,12 +141,6 @@ class GradRecordingHooks(StaticMaskHooks):
         return None
 
 
-def layer_k(fraction: float, kept: int, removed: int) -> int:
-    """Weights replaced in one layer: ``floor(fraction * kept)``, capped by the removed count
-    (the count :func:`~sparsefl.pruning.dst.drop_and_grow` uses)."""
-    return max(0, min(math.floor(fraction * kept + 1e-9), removed))
-
-
 def top_removed(grad: Tensor, mask: Tensor, k: int) -> Tensor:
     """Bool mask of the ``k`` removed positions with the largest ``|grad|`` (ties: lower index),
     on ``mask``'s device (the selection itself runs on the CPU, as :func:`topk_mask`)."""
@@ -200,7 +195,11 @@ class ServerMaskDst(Method):
         if not self.scope:
             raise ConfigError("model.name", experiment.model.name, "a model with Conv or Linear layers to prune")
         #: T_end: the last round at which the mask may change
-        self.t_end = max(1, math.floor(self.config.adjust_until * experiment.federation.rounds + 1e-9))
+        self.t_end = schedule_end(
+            experiment.federation.rounds,
+            ("method.adjust_every", self.config.adjust_every),
+            ("method.adjust_until", self.config.adjust_until),
+        )
 
     # ------------------------------------------------------------------------------- schedule
     def _adjusts(self, rnd: int) -> bool:

@@ -36,7 +36,7 @@ from sparsefl.errors import ConfigError
 from sparsefl.kernels.masked import CsrLinears, KernelMode
 from sparsefl.kernels.structured import CompactTraining
 from sparsefl.masks import Mask
-from sparsefl.methods.base import Functional, LocalHooks, Method, mask_setup
+from sparsefl.methods.base import Functional, LocalHooks, Method, mask_setup, schedule_end
 from sparsefl.models import ModelSpec
 from sparsefl.protocol import aggregate as agg
 from sparsefl.protocol.messages import (
@@ -250,6 +250,18 @@ class StaticMaskHooks(LocalHooks):
 # --------------------------------------------------------------------------------------------------
 
 
+def consensus_aggregate(state: ServerState, received: Sequence[Received]) -> ServerState:
+    """FedDST's server step: each weight averaged over the clients that kept it, then the
+    magnitude consensus of the result at the mask's per-layer counts (``received`` non-empty)."""
+    assert state.mask is not None
+    updates, sizes = [r.update for r in received], [r.num_examples for r in received]
+    new = agg.per_coordinate(updates, sizes, state.params, list(state.params))
+    votes = vote_shares([u.sent for u in updates], sizes, state.mask)
+    counts = {n: int(m.sum()) for n, m in state.mask.items()}
+    mask = consensus_mask(new, votes, counts, state.mask.applied(state.params))
+    return ServerState(round=state.round + 1, params=mask.applied(new), mask=mask, extra=state.extra)
+
+
 @METHODS.register("static_mask", StaticMaskConfig, summary="Sparse FedAvg on a server-chosen mask (PruneFL/SSFL-style)")
 class StaticMask(Method):
     """Static-mask sparse FedAvg (PruneFL / SSFL-style pruning at initialisation, or gradual
@@ -269,6 +281,11 @@ class StaticMask(Method):
                 cfg.prune_until,
                 f"at most federation.rounds ({experiment.federation.rounds}) so the target is reached",
             )
+        #: method.dst's last drop-and-regrow round (0 without dst)
+        self._dst_end = 0
+        if cfg.dst != "none":
+            every, until = ("method.dst_every", cfg.dst_every), ("method.dst_until", cfg.dst_until)
+            self._dst_end = schedule_end(experiment.federation.rounds, every, until)
         self._crit_cls = CRITERIA.get(cfg.criterion)
         #: criterion options the method sets (the MT floor), passed to every pruning call
         self._floor = {} if cfg.min_keep_fraction is None else {"min_keep_fraction": cfg.min_keep_fraction}
@@ -338,8 +355,7 @@ class StaticMask(Method):
     def _dst_fraction(self, rnd: int) -> float:
         """``method.dst``: RigL's cosine-decayed share at drop-and-regrow rounds, else 0."""
         cfg = self.config
-        until = int(cfg.dst_until * self.experiment.federation.rounds + 1e-9)
-        return cosine_fraction(rnd, until, cfg.dst_fraction) if rnd % cfg.dst_every == 0 else 0.0
+        return cosine_fraction(rnd, self._dst_end, cfg.dst_fraction) if rnd % cfg.dst_every == 0 else 0.0
 
     # ---------------------------------------------------------------------------------- server
     def init_state(self, params: StateDict, proxy: tuple[Tensor, Tensor] | None = None) -> ServerState:
@@ -398,13 +414,7 @@ class StaticMask(Method):
             return self._aggregate_scores(state, received)
         names = list(state.params)
         if self.config.dst != "none" and received:
-            # each weight averaged over its keepers; the mask is their magnitude consensus (FedDST)
-            updates, sizes = [r.update for r in received], [r.num_examples for r in received]
-            new = agg.per_coordinate(updates, sizes, state.params, names)
-            votes = vote_shares([u.sent for u in updates], sizes, state.mask)
-            counts = {n: int(m.sum()) for n, m in state.mask.items()}
-            mask = consensus_mask(new, votes, counts, state.mask.applied(state.params))
-            return ServerState(round=state.round + 1, params=mask.applied(new), mask=mask, extra=state.extra)
+            return consensus_aggregate(state, received)
         new = agg.weighted_mean([r.update for r in received], [r.num_examples for r in received], names)
         mask = state.mask
         rnd = state.round + 1

@@ -43,6 +43,7 @@ __all__ = [
     "drop_and_grow",
     "dropped",
     "grown",
+    "layer_k",
     "rigl_step",
     "set_step",
 ]
@@ -54,6 +55,12 @@ def _fraction_for(fraction: float | Mapping[str, float], name: str) -> float:
     if not 0.0 <= f <= 1.0 or math.isnan(f):
         raise ConfigError("fraction", f, "a number with 0 <= fraction <= 1 (share of a layer's kept weights)")
     return f
+
+
+def layer_k(fraction: float, kept: int, removed: int) -> int:
+    """Weights one drop-and-regrow step replaces in a layer: ``floor(fraction * kept)``, capped
+    by the removed count (a layer cannot regrow more positions than it has removed)."""
+    return max(0, min(math.floor(fraction * kept + 1e-9), removed))
 
 
 def drop_and_grow(
@@ -93,7 +100,7 @@ def drop_and_grow(
         flat = m.reshape(-1)
         n_kept = int(flat.sum())
         n_removed = flat.numel() - n_kept
-        k = min(math.floor(f * n_kept + 1e-9), n_removed)
+        k = layer_k(f, n_kept, n_removed)
         if k <= 0:
             out[name] = m.clone()
             continue
