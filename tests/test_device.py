@@ -250,7 +250,7 @@ def _method_cases(tmp_path) -> list[tuple[str, list[str]]]:  # type: ignore[no-u
     teacher = tmp_path / "teacher.safetensors"
     b = build(load_config(overrides=tiny_overrides()))
     save_file({k: v.contiguous() for k, v in b.spec.build().state_dict().items()}, str(teacher))
-    # schedules that change the mask in both rounds (3 rounds: a default one never fires)
+    # schedules that fire from round 1 in 3 rounds (a default one never fires, which is an error)
     schedules = {
         "feddst": ["method.delta_r=1", "method.r_end=1.0"],
         "fedtiny": ["method.adjust_every=1", "method.adjust_until=1.0"],

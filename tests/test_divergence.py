@@ -7,6 +7,9 @@ import math
 import subprocess
 import sys
 
+from sparsefl.config import load_config
+from sparsefl.experiment.runner import run_experiment
+from sparsefl.methods.base import Method
 from sparsefl.runtime.divergence import divergence_warning, round_train_loss, stalled
 
 LN10 = math.log(10)
@@ -61,3 +64,13 @@ def test_a_slow_start_or_a_falling_distillation_loss_is_not_warned():
     # at chance with no progress (a learning rate far too small), or NaN: warned
     assert divergence_warning([2.3026, 2.3025, 2.3024, 2.3024, 2.3023], 10, 1e-6) is not None
     assert divergence_warning([2.4, *[float("nan")] * 4], 10, 100.0) is not None
+
+
+def test_a_loss_that_is_not_cross_entropy_is_not_checked(tmp_path, monkeypatch):
+    # the run above, as a method whose loss adds other terms (KD) would train it: no warning
+    monkeypatch.setattr(Method, "loss_is_cross_entropy", property(lambda self: False))
+    sets = ["local.lr=1e-7", "federation.num_clients=6", "federation.clients_per_round=3",
+            "federation.rounds=6", "data.min_samples=5", "device=cpu"]  # fmt: skip
+    summary = run_experiment(load_config(overrides=sets), tmp_path / "run")
+    assert summary["warnings"] == []
+    assert all(json.loads(x)["warning"] is None for x in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines())

@@ -28,7 +28,14 @@ RUN = ["method.name=feddst", "method.sparsity=0.9", "federation.rounds=5", "loca
 
 @pytest.mark.parametrize(
     "bad",
-    ["method.alpha=1.5", "method.delta_r=0", "method.r_end=0", "method.mask_init=er", "method.sparsity=1"],
+    [
+        "method.alpha=1.5",
+        "method.alpha=0",
+        "method.delta_r=0",
+        "method.r_end=0",
+        "method.mask_init=er",
+        "method.sparsity=1",
+    ],
 )
 def test_bad_options_are_one_config_error(bad):
     with pytest.raises(ConfigError):
@@ -42,10 +49,16 @@ def test_bad_options_are_one_config_error(bad):
         ["method.name=fedtiny", "method.adjust_every=8"],  # adjust_until 0.75: round 7
         ["method.name=fedrts", "method.adjust_every=7"],
         ["method.name=static_mask", "method.dst=rigl", "method.dst_every=9"],
+        # round 1 is FedTiny's coarse-mask round, or the clients' scoring round: only round 2 is left
+        ["federation.rounds=3", "method.name=fedtiny", "method.adjust_until=1.0", "method.adjust_every=3"],
+        ["federation.rounds=3", "method.name=static_mask", "method.criterion=snip", "method.score_source=client"]
+        + ["method.dst=rigl", "method.dst_until=1.0", "method.dst_every=3"],
+        ["federation.rounds=5", "method.name=kd", "method.kd=none", "method.student.name=feddst"]
+        + ["method.student.delta_r=3"],
     ],
 )
 def test_a_schedule_that_never_changes_the_mask_exits_2_naming_the_key(overrides, tmp_path, capsys):
-    argv = [x for o in [*overrides, "federation.rounds=10"] for x in ("--set", o)]
+    argv = [x for o in ["federation.rounds=10", *overrides] for x in ("--set", o)]
     assert main(["run", *argv, "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
     err = capsys.readouterr().err.strip()

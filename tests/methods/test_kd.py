@@ -189,6 +189,13 @@ def test_kd_loss_is_the_mix_of_student_loss_and_distillation(teacher_path: Path)
     assert float(hooks.loss(logits, y, x).detach()) == pytest.approx(float(want.detach()), rel=1e-5)
 
 
+def test_the_divergence_check_skips_a_distillation_loss(teacher_path: Path) -> None:
+    # alpha T^2 KL + (1 - alpha) CE is not on the cross-entropy's scale: ln C says nothing of it
+    assert not make(teacher_path).loss_is_cross_entropy
+    assert not make(teacher_path, "method.kd=feature").loss_is_cross_entropy
+    assert make(None, "method.kd=none").loss_is_cross_entropy
+
+
 def test_composes_with_static_mask(teacher_path: Path) -> None:
     m = make(teacher_path, "method.student.name=static_mask", "method.student.sparsity=0.95")
     assert m.config.sparsity == 0.95

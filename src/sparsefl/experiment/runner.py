@@ -290,8 +290,9 @@ def _run(
             before queuing the next, so a failed one stops the run and nothing after it is
             recorded."""
             server.evaluate_round(state_of(snapshot), record)
-            losses = [round_train_loss(r["clients"]) for r in records] + [round_train_loss(record.clients)]
-            record.warning = divergence_warning(losses, b.spec.num_classes, cfg.local.lr)
+            if b.method.loss_is_cross_entropy:
+                losses = [round_train_loss(r["clients"]) for r in records] + [round_train_loss(record.clients)]
+                record.warning = divergence_warning(losses, b.spec.num_classes, cfg.local.lr)
             if record.warning is not None and log is not None:
                 log(f"{folder.path}: round {record.round}: {record.warning}")
             records.append(record.to_json())

@@ -314,6 +314,13 @@ class Method:
         return Update(values={k: v.detach().clone() for k, v in model.state_dict().items()}), client_state
 
     @property
+    def loss_is_cross_entropy(self) -> bool:
+        """Whether the training loss clients report is the task's cross-entropy (as the default
+        local loss), so a loss at chance level, ``ln C``, means nothing was learnt: the premise
+        of the divergence warning, which methods adding other terms (KD) do not meet."""
+        return True
+
+    @property
     def why_not_batched(self) -> str | None:
         """Why this method's clients cannot train in the batched executor, or None when they can
         (their :meth:`LocalHooks.functional` describes the step). Default: None for the plain
@@ -343,18 +350,23 @@ def setup_masks(setup: Update) -> dict[str, torch.Tensor]:
     return dict(setup.sent)
 
 
-def schedule_end(rounds: int, every: tuple[str, int], until: tuple[str, float]) -> int:
-    """The last round, ``floor(until * rounds)``, of a mask schedule that changes the mask every
-    ``every`` rounds with a share that decays to 0 at that round; each pair is (key, value).
+def schedule_end(rounds: int, every: tuple[str, int], until: tuple[str, float], first: int = 1) -> int:
+    """The end round, ``floor(until * rounds)``, of a mask schedule that changes the mask on the
+    multiples of ``every`` from round ``first`` with a share that decays to 0 at the end round;
+    each pair is (key, value).
 
-    Raises ConfigError naming the ``every`` key when no multiple of it comes before the end round:
-    such a schedule never changes the mask, which is a static mask under another method's name."""
+    Raises ConfigError naming the ``every`` key when no such multiple comes before the end round:
+    that schedule never changes the mask, a static mask under another method's name."""
     (every_key, n), (until_key, fraction) = every, until
     end = math.floor(fraction * rounds + 1e-9)
-    if n >= end:
-        allowed = f"fewer than the end round {until_key} x federation.rounds = {end}; else the mask never changes"
-        raise ConfigError(every_key, n, allowed)
-    return end
+    if -(-first // n) * n < end:
+        return end
+    where = f"the end round {end} = floor({until_key} {fraction} x federation.rounds {rounds})"
+    if end > first:
+        allowed = f"a period with a multiple in rounds {first} to {end - 1}, before {where} (or raise either)"
+    else:
+        allowed = f"none: {where} leaves no round from {first} on (raise either)"
+    raise ConfigError(every_key, n, allowed + "; as set, the mask never changes")
 
 
 #: Every hook a method may override (what :class:`Wrapper` forwards).
@@ -374,6 +386,11 @@ class Wrapper(Method):
     ) -> None:
         super().__init__(config, experiment, spec, profile)
         self.inner = inner
+
+    @property
+    def loss_is_cross_entropy(self) -> bool:
+        """The inner method's."""
+        return self.inner.loss_is_cross_entropy
 
 
 def _forward(name: str):  # type: ignore[no-untyped-def]

@@ -59,7 +59,7 @@ class FedDSTConfig(MethodConfig):
     sparsity: float = opt(0.8, "fraction of the scope's weights removed, fixed through training", ge=0, lt=1)
     mask_init: Literal["erk", "uniform"] = opt("erk", "layer densities of the mask: erk or uniform per layer")
     delta_r: int = opt(10, "readjust the masks every this many rounds", ge=1)
-    alpha: float = opt(0.01, "initial share of each layer's kept weights that a readjustment replaces", ge=0, le=1)
+    alpha: float = opt(0.01, "initial share of each layer's kept weights that a readjustment replaces", gt=0, le=1)
     r_end: float = opt(0.5, "fraction of the rounds after which masks stop changing", gt=0, le=1)
 
 

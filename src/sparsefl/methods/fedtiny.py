@@ -185,6 +185,8 @@ class ServerMaskDst(Method):
     """
 
     config: DstConfig
+    #: the first round that may end with an adjustment (a subclass may spend earlier ones)
+    first_adjustable = 1
 
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
@@ -199,6 +201,7 @@ class ServerMaskDst(Method):
             experiment.federation.rounds,
             ("method.adjust_every", self.config.adjust_every),
             ("method.adjust_until", self.config.adjust_until),
+            first=self.first_adjustable,
         )
 
     # ------------------------------------------------------------------------------- schedule
@@ -389,6 +392,7 @@ class FedTiny(ServerMaskDst):
 
     config_cls = FedTinyConfig
     config: FedTinyConfig
+    first_adjustable = 2  # round 1 chooses the coarse mask (ABNS)
 
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile

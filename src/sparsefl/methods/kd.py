@@ -324,7 +324,12 @@ class KD(Wrapper):
     def __init__(
         self, config: MethodConfig, experiment: ExperimentConfig, spec: ModelSpec, profile: ModelProfile
     ) -> None:
-        student = METHODS.get(config.student.name)(config.student, experiment, spec, profile)
+        try:
+            student = METHODS.get(config.student.name)(config.student, experiment, spec, profile)
+        except ConfigError as e:  # the student's keys live under method.student.*
+            if not e.key.startswith("method."):
+                raise
+            raise ConfigError("method.student." + e.key.removeprefix("method."), e.value, e.allowed) from None
         super().__init__(config, experiment, spec, profile, student)
         self.teacher: nn.Module | None = None
         self.feature_layers: list[str] = []
@@ -446,6 +451,11 @@ class KD(Wrapper):
                 for i, p in enumerate(projs):
                     p.weight.copy_(client_state[f"{_PROJ}{i}.weight"])
         return projs
+
+    @property
+    def loss_is_cross_entropy(self) -> bool:
+        """Not with distillation: the reported loss mixes in the KD term, whose scale is its own."""
+        return self.config.kd == "none" and self.student.loss_is_cross_entropy
 
     @property
     def why_not_batched(self) -> str | None:

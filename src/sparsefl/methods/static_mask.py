@@ -115,7 +115,7 @@ class StaticMaskConfig(MethodConfig):
         "local dynamic sparse training: after local training clients drop their smallest kept weights and regrow "
         "as many by gradient (rigl) or at random (set); the server keeps FedDST's magnitude consensus",
     )
-    dst_fraction: float = opt(0.1, "dst: initial share of each layer's kept weights replaced (decays)", ge=0, le=1)
+    dst_fraction: float = opt(0.1, "dst: initial share of each layer's kept weights replaced (decays)", gt=0, le=1)
     dst_every: int = opt(5, "dst: drop and regrow every this many rounds", ge=1)
     dst_until: float = opt(0.75, "dst: fraction of the rounds after which the mask stays", gt=0, le=1)
 
@@ -281,11 +281,6 @@ class StaticMask(Method):
                 cfg.prune_until,
                 f"at most federation.rounds ({experiment.federation.rounds}) so the target is reached",
             )
-        #: method.dst's last drop-and-regrow round (0 without dst)
-        self._dst_end = 0
-        if cfg.dst != "none":
-            every, until = ("method.dst_every", cfg.dst_every), ("method.dst_until", cfg.dst_until)
-            self._dst_end = schedule_end(experiment.federation.rounds, every, until)
         self._crit_cls = CRITERIA.get(cfg.criterion)
         #: criterion options the method sets (the MT floor), passed to every pruning call
         self._floor = {} if cfg.min_keep_fraction is None else {"min_keep_fraction": cfg.min_keep_fraction}
@@ -309,6 +304,12 @@ class StaticMask(Method):
         #: ``setup``: the mask is sent in the setup payload (again to a client whose copy is older
         #: when it changes: gradual or dst) and is then known; ``message``: it travels every time
         self.transport: Literal["setup", "message"] = "message" if self.client_scored else "setup"
+        #: method.dst's end round (0 without dst); a client-scored mask spends round 1 on scoring
+        self._dst_end = 0
+        if cfg.dst != "none":
+            every, until = ("method.dst_every", cfg.dst_every), ("method.dst_until", cfg.dst_until)
+            first = 2 if self.client_scored else 1
+            self._dst_end = schedule_end(experiment.federation.rounds, every, until, first=first)
 
     # ------------------------------------------------------------------------------------ helpers
     def _model_with(self, params: Mapping[str, Tensor]) -> nn.Module:
