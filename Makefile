@@ -47,10 +47,9 @@ bench-dst: setup data
 # the kd suite's dense teachers first (its description says why), then the suite
 bench-kd: setup data
 	for m in resnet34 resnet50; do $(VENV)/bin/sparsefl run --set data.name=fashion-mnist \
-	  --set model.name=$$m --set model.width=0.25 --set data.alpha=1.0 \
-	  --set federation.num_clients=20 --set federation.clients_per_round=5 \
-	  --set federation.rounds=20 --set federation.eval_every=5 --set local.steps=10 \
-	  --set local.lr=0.05 --set local.lr_end=0.005 --set local.clip_norm=1.0 \
+	  --set model.name=$$m --set model.width=0.25 --set federation.num_clients=1 \
+	  --set federation.clients_per_round=1 --set federation.rounds=10 --set federation.eval_every=5 \
+	  --set local.steps=100 --set local.batch_size=64 --set local.lr=0.05 --set local.lr_end=0.005 \
 	  --out kd-teachers/$$m || exit 1; done
 	$(VENV)/bin/sparsefl bench --suite kd --out bench-kd --jobs 2
 
